@@ -1,0 +1,1 @@
+"""What clients import: client, codec, encoder, memory injection, proxy, trajectory logger."""

@@ -1,0 +1,1 @@
+"""The memory3 gRPC service: servicers, storage, auth, configuration."""

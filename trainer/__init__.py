@@ -1,0 +1,1 @@
+"""Two-stage pretraining of the reference model; offline proxy RL."""

@@ -1,0 +1,90 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class MemorySpec(_message.Message):
+    __slots__ = ("memory_layers", "kv_heads", "head_dim", "tokens_per_head", "reference_length", "codec")
+    MEMORY_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_HEAD_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    memory_layers: _containers.RepeatedScalarFieldContainer[int]
+    kv_heads: int
+    head_dim: int
+    tokens_per_head: int
+    reference_length: int
+    codec: str
+    def __init__(self, memory_layers: _Optional[_Iterable[int]] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tokens_per_head: _Optional[int] = ..., reference_length: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
+
+class EmbedderSpec(_message.Message):
+    __slots__ = ("name", "dimension", "metric")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dimension: int
+    metric: str
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ...) -> None: ...
+
+class Bank(_message.Message):
+    __slots__ = ("name", "model_fingerprint", "memory_spec", "embedder", "created_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SPEC_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_fingerprint: str
+    memory_spec: MemorySpec
+    embedder: EmbedderSpec
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., memory_spec: _Optional[_Union[MemorySpec, _Mapping]] = ..., embedder: _Optional[_Union[EmbedderSpec, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateBankRequest(_message.Message):
+    __slots__ = ("bank",)
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    bank: Bank
+    def __init__(self, bank: _Optional[_Union[Bank, _Mapping]] = ...) -> None: ...
+
+class GetBankRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListBanksRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListBanksResponse(_message.Message):
+    __slots__ = ("banks", "next_page_token")
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    banks: _containers.RepeatedCompositeFieldContainer[Bank]
+    next_page_token: str
+    def __init__(self, banks: _Optional[_Iterable[_Union[Bank, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteBankRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteBankResponse(_message.Message):
+    __slots__ = ("references_deleted",)
+    REFERENCES_DELETED_FIELD_NUMBER: _ClassVar[int]
+    references_deleted: int
+    def __init__(self, references_deleted: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,42 @@
+"""Who is calling: the ``authorization`` metadata (``Bearer <key>`` or the bare key) names either
+the admin (key from configuration) or a tenant (key issued by the Tenants service)."""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+from .errors import PermissionDenied, Unauthenticated
+from .tenant_store import TenantStore
+
+
+def _presented_key(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            value = value.strip()
+            return value[7:].strip() if value.lower().startswith("bearer ") else value
+    raise Unauthenticated("missing API key: send it in the 'authorization' metadata")
+
+
+class Authenticator:
+    def __init__(self, tenants: TenantStore, admin_key: str | None) -> None:
+        self.tenants = tenants
+        self.admin_key = admin_key
+
+    def _is_admin(self, key: str) -> bool:
+        return bool(self.admin_key) and hmac.compare_digest(key.encode(), self.admin_key.encode())
+
+    async def tenant(self, context: grpc.aio.ServicerContext) -> int:
+        """The caller's tenant id; the admin key has no tenant and is refused here."""
+        key = _presented_key(context)
+        if self._is_admin(key):
+            raise PermissionDenied("the admin key manages tenants; use a tenant's API key for data")
+        return await self.tenants.tenant_for_key(key)
+
+    async def require_admin(self, context: grpc.aio.ServicerContext) -> None:
+        key = _presented_key(context)
+        if self._is_admin(key):
+            return
+        await self.tenants.tenant_for_key(key)  # unknown keys stay UNAUTHENTICATED
+        raise PermissionDenied("this RPC needs the admin key")

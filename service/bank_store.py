@@ -1,0 +1,161 @@
+"""Banks: one memory bank per (tenant, name), each with its own partition of memory_references
+and its own HNSW index over embeddings of the bank's dimension (see migration 0001 for why)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from memory3.sdk.memory_spec import MemorySpec
+
+from .errors import AlreadyExists, InvalidArgument, NotFound
+
+BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+METRICS = {
+    # metric: (pgvector operator, operator class, distance -> score SQL)
+    "cosine": ("<=>", "vector_cosine_ops", "1 - ({d})"),
+    "l2": ("<->", "vector_l2_ops", "-({d})"),
+    "ip": ("<#>", "vector_ip_ops", "-({d})"),
+}
+
+
+@dataclass(frozen=True)
+class Bank:
+    id: int
+    tenant_id: int
+    name: str
+    model_fingerprint: str
+    spec: MemorySpec
+    embedder_name: str
+    embedder_dim: int
+    metric: str
+    created_at: datetime
+
+    @property
+    def partition(self) -> str:
+        """Name of the bank's own table (a partition of memory_references)."""
+        return f"memory_references_b{self.id}"
+
+    def same_definition(self, other: "Bank") -> bool:
+        return (self.model_fingerprint, self.spec, self.embedder_name, self.embedder_dim, self.metric) == (
+            other.model_fingerprint, other.spec, other.embedder_name, other.embedder_dim, other.metric,
+        )
+
+
+def check_bank_name(name: str) -> None:
+    if not BANK_NAME.match(name or ""):
+        raise InvalidArgument("bank name must be 1-128 characters of letters, digits, '_', '.', '-'")
+
+
+def _bank_from_row(row) -> Bank:
+    spec = row.memory_spec if isinstance(row.memory_spec, dict) else json.loads(row.memory_spec)
+    return Bank(
+        row.id, row.tenant_id, row.name, row.model_fingerprint, MemorySpec.from_dict(spec),
+        row.embedder_name, row.embedder_dim, row.metric, row.created_at,
+    )
+
+
+_COLUMNS = "id, tenant_id, name, model_fingerprint, memory_spec, embedder_name, embedder_dim, metric, created_at"
+
+
+class BankStore:
+    def __init__(self, engine: AsyncEngine, hnsw_m: int = 16, hnsw_ef_construction: int = 64) -> None:
+        self.engine = engine
+        self.hnsw_m = hnsw_m
+        self.hnsw_ef_construction = hnsw_ef_construction
+
+    async def create(self, bank: Bank) -> tuple[Bank, bool]:
+        """Create the bank (and its partition and index); (bank, created). Same definition: idempotent."""
+        check_bank_name(bank.name)
+        async with self.engine.begin() as conn:
+            # Serialise creators of the same name so two concurrent creates cannot both make one.
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"bank:{bank.tenant_id}:{bank.name}"}
+            )
+            existing = await self._get(conn, bank.tenant_id, bank.name)
+            if existing is not None:
+                if existing.same_definition(bank):
+                    return existing, False
+                raise AlreadyExists(f"bank {bank.name!r} already exists with a different definition")
+            row = (
+                await conn.execute(
+                    text(
+                        "INSERT INTO banks (tenant_id, name, model_fingerprint, memory_spec, embedder_name,"
+                        " embedder_dim, metric) VALUES (:t, :n, :f, CAST(:s AS jsonb), :en, :ed, :m)"
+                        f" RETURNING {_COLUMNS}"
+                    ),
+                    {
+                        "t": bank.tenant_id, "n": bank.name, "f": bank.model_fingerprint,
+                        "s": json.dumps(bank.spec.to_dict()), "en": bank.embedder_name,
+                        "ed": bank.embedder_dim, "m": bank.metric,
+                    },
+                )
+            ).first()
+            created = _bank_from_row(row)
+            await self._create_partition(conn, created)
+        return created, True
+
+    async def _create_partition(self, conn: AsyncConnection, bank: Bank) -> None:
+        # Identifiers come from integers and a closed table of metrics, never from user text.
+        _, opclass, _ = METRICS[bank.metric]
+        table = bank.partition
+        await conn.execute(
+            text(f"CREATE TABLE {table} PARTITION OF memory_references FOR VALUES IN ({int(bank.id)})")
+        )
+        await conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN memory SET STORAGE EXTERNAL"))
+        await conn.execute(
+            text(
+                f"CREATE INDEX {table}_hnsw ON {table} USING hnsw "
+                f"((embedding::vector({int(bank.embedder_dim)})) {opclass}) "
+                f"WITH (m = {int(self.hnsw_m)}, ef_construction = {int(self.hnsw_ef_construction)})"
+            )
+        )
+        await conn.execute(text(f"CREATE INDEX {table}_metadata ON {table} USING gin (metadata jsonb_path_ops)"))
+
+    async def _get(self, conn: AsyncConnection, tenant_id: int, name: str) -> Bank | None:
+        row = (
+            await conn.execute(
+                text(f"SELECT {_COLUMNS} FROM banks WHERE tenant_id = :t AND name = :n"), {"t": tenant_id, "n": name}
+            )
+        ).first()
+        return _bank_from_row(row) if row else None
+
+    async def get(self, tenant_id: int, name: str) -> Bank:
+        """The caller's bank; another tenant's bank of the same name does not exist for the caller."""
+        check_bank_name(name)
+        async with self.engine.connect() as conn:
+            bank = await self._get(conn, tenant_id, name)
+        if bank is None:
+            raise NotFound(f"bank {name!r} not found")
+        return bank
+
+    async def list(self, tenant_id: int, page_size: int, after: str) -> tuple[list[Bank], str]:
+        page_size = min(max(page_size or 100, 1), 1000)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"SELECT {_COLUMNS} FROM banks WHERE tenant_id = :t AND name > :after "
+                    "ORDER BY name LIMIT :lim"
+                ),
+                {"t": tenant_id, "after": after or "", "lim": page_size + 1},
+            )
+            banks = [_bank_from_row(r) for r in rows]
+        more = len(banks) > page_size
+        banks = banks[:page_size]
+        return banks, (banks[-1].name if more else "")
+
+    async def delete(self, tenant_id: int, name: str) -> int:
+        """Drop the bank with its partition; returns how many references went with it."""
+        async with self.engine.begin() as conn:
+            bank = await self._get(conn, tenant_id, name)
+            if bank is None:
+                raise NotFound(f"bank {name!r} not found")
+            count = (await conn.execute(text(f"SELECT count(*) FROM {bank.partition}"))).scalar()
+            await conn.execute(text(f"DROP TABLE {bank.partition}"))
+            await conn.execute(text("DELETE FROM banks WHERE id = :id"), {"id": bank.id})
+        return int(count)

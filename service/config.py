@@ -1,0 +1,57 @@
+"""The service's configuration: one table, each key with its default, env override and doc.
+
+Every key reads from ``MEMORY3_<KEY>`` (e.g. ``MEMORY3_PORT``); the database URL also reads the
+conventional ``DATABASE_URL``. No other module reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMORY3_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "MEMORY3_DATABASE_URL"),
+        description="PostgreSQL (with pgvector) URL; unset: an embedded PostgreSQL under data_dir",
+    )
+    data_dir: Path = Field(
+        default=Path("~/.local/share/memory3").expanduser(),
+        description="Where the embedded PostgreSQL keeps its data between runs",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the gRPC server binds")
+    port: int = Field(default=50051, description="gRPC port (0: pick a free one)")
+    admin_key: str | None = Field(
+        default=None, description="Key for the admin-only Tenants service; unset: admin RPCs are refused"
+    )
+    max_message_bytes: int = Field(
+        default=8 * MiB, description="Largest single gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)"
+    )
+    chunk_bytes: int = Field(default=1 * MiB, description="Size of memory payload chunks in streamed responses")
+    max_memory_bytes: int = Field(default=64 * MiB, description="Largest encoded memory of one reference")
+    max_text_bytes: int = Field(default=64 * 1024, description="Largest reference text (UTF-8 bytes)")
+    max_metadata_bytes: int = Field(default=16 * 1024, description="Largest metadata map of one reference")
+    max_top_k: int = Field(default=1024, description="Largest top_k a Retrieve may ask for")
+    max_fetch_ids: int = Field(default=10_000, description="Most ids in one Fetch or Delete")
+    write_batch_rows: int = Field(default=256, description="Rows staged per binary COPY batch in a Write")
+    db_pool_size: int = Field(default=10, description="Database connections kept open")
+    db_max_overflow: int = Field(default=20, description="Extra connections allowed under load")
+    hnsw_m: int = Field(default=16, description="HNSW graph degree of each bank's index")
+    hnsw_ef_construction: int = Field(default=64, description="HNSW build-time candidate list size")
+    hnsw_ef_search: int = Field(default=100, description="HNSW query-time candidate list size")
+    embedder_device: str = Field(default="cpu", description="torch device of the built-in text embedder")
+    grace_seconds: float = Field(default=10.0, description="How long shutdown waits for in-flight calls")
+    key_cache_seconds: float = Field(default=2.0, description="How long a verified API key is trusted unrechecked")
+    log_level: str = Field(default="INFO", description="Python logging level")
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment, with explicit overrides (CLI flags, tests) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

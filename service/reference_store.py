@@ -66,7 +66,7 @@ class WriteCounts:
 
 
 _STAGING_COLUMNS = "seq, external_id, text, metadata, embedding, memory, memory_size, memory_crc32, content_hash"
-_STAGING_TYPES = ["int8", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
+_STAGING_TYPES = ["int8", "text", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
 
 
 @dataclass

@@ -1,0 +1,265 @@
+"""Clients of the memory3 service: :class:`AsyncClient` (asyncio) and :class:`Client` (blocking).
+
+Idempotent calls retry on UNAVAILABLE through gRPC's own retry policy; Write streams are
+idempotent per (bank, external id), so the client re-sends a failed batch itself. Writes go in
+batches with a bounded number in flight (back-pressure: a slow server slows the writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import AsyncIterable, Iterable, Sequence
+
+import grpc
+
+from memory3.v1 import banks_pb2, banks_pb2_grpc, memories_pb2, memories_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+
+from .types import BankInfo, BankStats, Reference, StoredReference, WriteSummary
+from .wire import DEFAULT_CHUNK_BYTES, FrameAssembler, bank_from_proto, bank_to_proto, write_requests
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+_RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+_IDEMPOTENT = {
+    "memory3.v1.Banks": ["CreateBank", "GetBank", "ListBanks"],
+    "memory3.v1.Memories": ["Retrieve", "Fetch", "Delete", "Stats"],
+}
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {"name": [{"service": s, "method": m} for s, ms in _IDEMPOTENT.items() for m in ms], "retryPolicy": _RETRY_POLICY}
+        ]
+    }
+)
+
+
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", SERVICE_CONFIG),
+    ]
+
+
+class AsyncClient:
+    """asyncio client. ``api_key`` is a tenant key (data) or the admin key (tenants)."""
+
+    def __init__(
+        self,
+        target: str,
+        api_key: str,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        write_retries: int = 5,
+        timeout: float | None = 60.0,
+    ) -> None:
+        self.target = target
+        self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self.chunk_bytes = chunk_bytes
+        self.write_retries = write_retries
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self.banks = banks_pb2_grpc.BanksStub(self.channel)
+        self.memories = memories_pb2_grpc.MemoriesStub(self.channel)
+        self.tenants = tenants_pb2_grpc.TenantsStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _call(self, **extra):
+        return {"metadata": self._metadata, "timeout": self.timeout, **extra}
+
+    # banks
+    async def create_bank(self, bank: BankInfo) -> BankInfo:
+        reply = await self.banks.CreateBank(banks_pb2.CreateBankRequest(bank=bank_to_proto(bank)), **self._call())
+        return bank_from_proto(reply)
+
+    async def get_bank(self, name: str) -> BankInfo:
+        return bank_from_proto(await self.banks.GetBank(banks_pb2.GetBankRequest(name=name), **self._call()))
+
+    async def list_banks(self) -> list[BankInfo]:
+        banks, token = [], ""
+        while True:
+            reply = await self.banks.ListBanks(banks_pb2.ListBanksRequest(page_token=token), **self._call())
+            banks += [bank_from_proto(b) for b in reply.banks]
+            token = reply.next_page_token
+            if not token:
+                return banks
+
+    async def delete_bank(self, name: str) -> int:
+        reply = await self.banks.DeleteBank(banks_pb2.DeleteBankRequest(name=name), **self._call())
+        return reply.references_deleted
+
+    # memories
+    async def write(self, bank: str, references: Sequence[Reference]) -> WriteSummary:
+        """One atomic Write stream; retried whole on UNAVAILABLE (writes are idempotent)."""
+        references = list(references)
+        for attempt in range(self.write_retries + 1):
+            try:
+                reply = await self.memories.Write(
+                    iter(write_requests(bank, references, self.chunk_bytes)), **self._call()
+                )
+                return WriteSummary(reply.inserted, reply.updated, reply.unchanged, reply.memory_bytes)
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.write_retries:
+                    raise
+                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+        raise AssertionError("unreachable")
+
+    async def write_many(
+        self,
+        bank: str,
+        references: Iterable[Reference] | AsyncIterable[Reference],
+        *,
+        batch_size: int = 64,
+        max_in_flight: int = 2,
+        progress=None,
+    ) -> WriteSummary:
+        """Write an iterable of references in batches, at most ``max_in_flight`` batches at once."""
+        total = WriteSummary()
+        in_flight: set[asyncio.Task] = set()
+
+        async def flush(batch: list[Reference]) -> None:
+            nonlocal total
+            summary = await self.write(bank, batch)
+            total += summary
+            if progress is not None:
+                progress.update(len(batch))
+
+        async def submit(batch: list[Reference]) -> None:
+            while len(in_flight) >= max_in_flight:
+                done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    in_flight.discard(task)
+                    task.result()
+            in_flight.add(asyncio.ensure_future(flush(batch)))
+
+        batch: list[Reference] = []
+        if hasattr(references, "__aiter__"):
+            async for ref in references:
+                batch.append(ref)
+                if len(batch) >= batch_size:
+                    await submit(batch)
+                    batch = []
+        else:
+            for ref in references:
+                batch.append(ref)
+                if len(batch) >= batch_size:
+                    await submit(batch)
+                    batch = []
+        if batch:
+            await submit(batch)
+        for task in in_flight:
+            await task
+        return total
+
+    async def retrieve(
+        self,
+        bank: str,
+        *,
+        text: str | None = None,
+        vector: Sequence[float] | None = None,
+        top_k: int = 5,
+        filter: dict[str, str] | None = None,
+        max_overlap: float = 0.0,
+        include_memory: bool = False,
+        include_text: bool = True,
+    ) -> list[StoredReference]:
+        """Nearest references to a text (bank's built-in embedder) or a vector, nearest first."""
+        request = memories_pb2.RetrieveRequest(
+            bank=bank, top_k=top_k, filter=filter or {}, max_overlap=max_overlap,
+            include_memory=include_memory, include_text=include_text,
+        )
+        if vector is not None:
+            request.vector.values.extend(vector)
+        else:
+            request.text = text or ""
+        assembler = FrameAssembler(include_memory)
+        async for frame in self.memories.Retrieve(request, **self._call()):
+            assembler.feed(frame)
+        return assembler.finish()
+
+    async def fetch(
+        self, bank: str, external_ids: Sequence[str], *, include_memory: bool = True, allow_missing: bool = False
+    ) -> list[StoredReference]:
+        request = memories_pb2.FetchRequest(
+            bank=bank, external_ids=list(external_ids), include_memory=include_memory, allow_missing=allow_missing
+        )
+        assembler = FrameAssembler(include_memory)
+        async for frame in self.memories.Fetch(request, **self._call()):
+            assembler.feed(frame)
+        return assembler.finish()
+
+    async def delete(self, bank: str, external_ids: Sequence[str]) -> int:
+        reply = await self.memories.Delete(
+            memories_pb2.DeleteRequest(bank=bank, external_ids=list(external_ids)), **self._call()
+        )
+        return reply.deleted
+
+    async def stats(self, bank: str) -> BankStats:
+        reply = await self.memories.Stats(memories_pb2.StatsRequest(bank=bank), **self._call())
+        return BankStats(reply.references, reply.with_memory, reply.memory_bytes, reply.text_bytes)
+
+    # tenants (admin key)
+    async def create_tenant(self, name: str) -> str:
+        return (await self.tenants.CreateTenant(tenants_pb2.CreateTenantRequest(name=name), **self._call())).name
+
+    async def list_tenants(self) -> list[str]:
+        reply = await self.tenants.ListTenants(tenants_pb2.ListTenantsRequest(), **self._call())
+        return [t.name for t in reply.tenants]
+
+    async def issue_key(self, tenant: str, label: str = "") -> tuple[str, str]:
+        reply = await self.tenants.IssueKey(tenants_pb2.IssueKeyRequest(tenant=tenant, label=label), **self._call())
+        return reply.key_id, reply.api_key
+
+    async def revoke_key(self, key_id: str) -> bool:
+        return (await self.tenants.RevokeKey(tenants_pb2.RevokeKeyRequest(key_id=key_id), **self._call())).revoked
+
+
+class Client:
+    """Blocking client: the same calls as :class:`AsyncClient`, run on a private event loop thread."""
+
+    def __init__(self, target: str, api_key: str, **options) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="memory3-client", daemon=True)
+        self._thread.start()
+        self._async = self._run(self._make(target, api_key, options))
+
+    @staticmethod
+    async def _make(target, api_key, options) -> AsyncClient:
+        return AsyncClient(target, api_key, **options)
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def __getattr__(self, name):
+        method = getattr(self._async, name)
+        if not asyncio.iscoroutinefunction(method):
+            return method
+        return lambda *args, **kwargs: self._run(method(*args, **kwargs))
+
+    def close(self) -> None:
+        self._run(self._async.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

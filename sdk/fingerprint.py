@@ -1,0 +1,85 @@
+"""Model fingerprint: which model (config + weights) a memory belongs to.
+
+Explicit memories are the model's own key/values; if a single weight changes they are stale and
+must be rebuilt (DESIGN.md). The fingerprint is a SHA-256 over
+
+* the model config as sorted JSON, without fields that do not change what the model computes
+  (its path, the transformers version, the attention implementation, run-time output flags);
+* every parameter and buffer, in name order: name, dtype, shape and raw bytes.
+
+Hashing all weights of a large model takes a while, so the digest is cached per model object and
+reused while no tensor has changed. "Changed" is detected through each tensor's version counter
+(bumped by every in-place write: optimizer steps, ``load_state_dict``, ``p.add_()`` under
+``no_grad``) and its storage pointer (bumped by re-assigning ``.data`` or moving the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+
+import torch
+
+VOLATILE_CONFIG_FIELDS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "_attn_implementation",
+        "_attn_implementation_internal",
+        "_commit_hash",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "torchscript",
+    }
+)
+"""Config keys left out of the fingerprint: they name or steer a run, not the function computed."""
+
+_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and buffers (persistent or not), each once, sorted by name."""
+    seen: dict[str, torch.Tensor] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        seen[name] = tensor
+    for name, tensor in model.named_buffers(remove_duplicate=False):
+        seen[name] = tensor
+    return sorted(seen.items())
+
+
+def _state_key(tensors: list[tuple[str, torch.Tensor]]) -> tuple:
+    return tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in tensors)
+
+
+def config_digest_text(config) -> str:
+    """The config as canonical JSON (sorted keys, volatile fields removed)."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    for key in VOLATILE_CONFIG_FIELDS:
+        data.pop(key, None)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hex SHA-256 of a model's config and weights; cached until a tensor changes."""
+    tensors = _named_tensors(model)
+    key = _state_key(tensors)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update(b"config\0")
+    digest.update(config_digest_text(config).encode() if config is not None else b"null")
+    with torch.no_grad():
+        for name, tensor in tensors:
+            digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+            flat = tensor.detach().contiguous().reshape(-1)
+            if flat.numel():
+                digest.update(flat.view(torch.uint8).cpu().numpy().tobytes())
+    hexdigest = digest.hexdigest()
+    _CACHE[model] = (key, hexdigest)
+    return hexdigest

@@ -1,0 +1,94 @@
+"""Rotary position embedding (RoPE) as the model defines it, and the parallel-positions convention.
+
+Both the encoder and the injection path need to move keys between positions: the encoder undoes
+RoPE to score tokens without positional encoding, the injector moves stored memory keys so the
+context comes after the memories' shared interval. The frequencies are read from the model's own
+rotary embedding module (``inv_freq`` and ``attention_scaling`` buffers of the
+``*RotaryEmbedding`` module Hugging Face models carry), not re-derived from config math, so RoPE
+scaling variants that only change the frequencies (linear, llama3, yarn, longrope...) come for free.
+The rotation uses the ``rotate_half`` layout (first half / second half of the rotary dims), the one
+of Llama, Mistral, Qwen, Gemma and most HF causal LMs; partial rotary (rotary dims < head dim)
+rotates the leading dims only, like those models do. Dynamic RoPE (frequencies that depend on
+sequence length) is read at its current state.
+
+Parallel positions (Memory3, arXiv 2407.01178) — the ONE place this convention lives:
+
+* a reference is encoded alone at positions ``0 .. reference_length - 1`` (marker included):
+  :func:`reference_position_ids`;
+* all memories read together share that interval, and the context starts at
+  ``spec.context_position_offset``. Because RoPE rotations compose (R(a) R(b) = R(a + b)) and
+  attention only sees relative positions, the injector does not shift the context: it rotates each
+  stored memory key by :func:`memory_key_shift` (= ``-context_position_offset``) once, when the
+  memories are set. A query at natural position ``t`` then sees a memory key from reference
+  position ``p`` at distance ``t - (p - offset) = (t + offset) - p``, exactly as if the context sat
+  at ``offset + t``. This works with ``generate()`` and any KV cache without touching position ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .memory_spec import MemorySpec
+
+
+def reference_position_ids(length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Position ids of a reference's tokens while it is encoded: ``0 .. length - 1`` (1, length)."""
+    return torch.arange(length, device=device, dtype=torch.long).unsqueeze(0)
+
+
+def memory_key_shift(spec: MemorySpec) -> int:
+    """Rotation (in positions) applied to stored memory keys at injection time."""
+    return -spec.context_position_offset
+
+
+def find_rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's rotary embedding module: the first submodule with an ``inv_freq`` buffer."""
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            return module
+    raise ValueError(f"{type(model).__name__} has no rotary embedding module (no `inv_freq` buffer); RoPE is required")
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """RoPE frequencies of one model; rotates ``(..., tokens, head_dim)`` tensors by positions."""
+
+    inv_freq: torch.Tensor  # (rotary_dim / 2,) float32
+    attention_scaling: float = 1.0
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> "Rotary":
+        module = find_rotary_embedding(model)
+        inv_freq = module.inv_freq.detach().to(torch.float32).clone()
+        return cls(inv_freq, float(getattr(module, "attention_scaling", 1.0) or 1.0))
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+        """Apply the rotation R(positions) to ``x`` (no attention scaling), computed in float32.
+
+        ``positions`` broadcasts against ``x.shape[:-1]`` (an int rotates every vector alike);
+        negative positions rotate backwards, so ``rotate(rotate(x, p), -p) == x``.
+        """
+        positions = torch.as_tensor(positions, device=x.device)
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        rot, rest = x[..., : self.rotary_dim].to(torch.float32), x[..., self.rotary_dim :]
+        half = rot.shape[-1] // 2
+        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = (rot * cos + rotated_half * sin).to(x.dtype)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+    def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Undo the model's RoPE (rotation and its attention scaling): pre-RoPE vectors, float32."""
+        x32 = self.rotate(x.to(torch.float32), -positions)
+        if self.attention_scaling != 1.0:
+            x32 = torch.cat(
+                (x32[..., : self.rotary_dim] / self.attention_scaling, x32[..., self.rotary_dim :]), dim=-1
+            )
+        return x32

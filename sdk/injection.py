@@ -1,0 +1,310 @@
+"""Memory injection: explicit memories read into a Hugging Face causal LM's attention, no fork.
+
+How (DESIGN.md, Memory3 arXiv 2407.01178):
+
+* transformers 5 calls attention through a registry (``AttentionInterface``) with each layer's
+  query/key/value *after* RoPE and *after* the KV cache update, plus ``module.layer_idx``. This
+  module registers two wrappers, ``memory3_sdpa`` and ``memory3_eager``, each with the same mask
+  builder as the implementation it wraps (``AttentionMaskInterface``), so the model builds exactly
+  the mask it always builds. A wrapper looks for a hook on the attention module; with none, it
+  calls the wrapped implementation untouched (bit-for-bit the plain model).
+* :class:`MemoryInjector` switches the model to the wrapper of its current implementation
+  (``model.set_attn_implementation``) and back, and hooks the attention modules. In memory layers
+  (``spec.memory_layers``) it concatenates the current memories' K/V **in front of** the context's
+  K/V and prepends mask columns so every query position sees every real memory slot; padded slots
+  (rows with fewer memories) are masked. Other layers are untouched. The KV cache only ever holds
+  the context: memories are added on each call, so they can be swapped between ``generate`` steps
+  (every 64 tokens) without touching the cache.
+* Parallel positions: memory keys are rotated once, at :meth:`MemoryInjector.set_memories`, by
+  :func:`memory3.sdk.rope.memory_key_shift`; see :mod:`memory3.sdk.rope` for why that equals
+  placing the context after the memories' shared interval.
+
+The eager wrapper calls the model's own ``eager_attention_forward`` (from its modeling module),
+falling back to a plain implementation of the same maths. Flash/flex attention are not wrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from .fingerprint import model_fingerprint
+from .memory import ExplicitMemory
+from .memory_spec import MemorySpec
+from .rope import Rotary, memory_key_shift
+
+HOOK_ATTR = "_memory3_attention_hook"
+"""Attribute set on attention modules (those with a ``layer_idx``) while a hook is active."""
+
+WRAPPED_IMPLEMENTATIONS = ("sdpa", "eager")
+WRAPPER_PREFIX = "memory3_"
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+Hook = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+"""hook(base_fn, base_name, module, query, key, value, attention_mask, **kwargs) -> (out, weights)."""
+
+
+# --------------------------------------------------------------------------- attention plumbing
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def plain_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention for models whose modeling file has no ``eager_attention_forward``."""
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def base_attention(module: torch.nn.Module, base_name: str) -> AttentionFn:
+    """The implementation a wrapper stands in for: registry sdpa, or the model's own eager."""
+    if base_name == "sdpa":
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    modeling = sys.modules.get(type(module).__module__)
+    return getattr(modeling, "eager_attention_forward", None) or plain_eager_attention
+
+
+def _make_wrapper(base_name: str) -> AttentionFn:
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        base_fn = base_attention(module, base_name)
+        hook = module.__dict__.get(HOOK_ATTR)
+        if hook is None:
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        return hook(base_fn, base_name, module, query, key, value, attention_mask, **kwargs)
+
+    attention.__name__ = f"{WRAPPER_PREFIX}{base_name}_attention"
+    return attention
+
+
+for _base in WRAPPED_IMPLEMENTATIONS:
+    AttentionInterface.register(WRAPPER_PREFIX + _base, _make_wrapper(_base))
+AttentionMaskInterface.register(WRAPPER_PREFIX + "sdpa", sdpa_mask)
+AttentionMaskInterface.register(WRAPPER_PREFIX + "eager", eager_mask)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules the attention registry is called with: those carrying an int ``layer_idx``."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+@contextlib.contextmanager
+def attention_hook(model: torch.nn.Module, hook: Hook) -> Iterator[str]:
+    """Run ``hook`` in place of the model's attention (sdpa or eager) inside the block.
+
+    Yields the wrapped implementation's name. The model's implementation and its modules are
+    restored on exit, also after an exception.
+    """
+    base_name = model.config._attn_implementation
+    if base_name not in WRAPPED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"memory3 hooks wrap {WRAPPED_IMPLEMENTATIONS} attention; the model uses {base_name!r} "
+            "(already hooked, or an unsupported implementation: call model.set_attn_implementation('sdpa'))"
+        )
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules with a `layer_idx`")
+    model.set_attn_implementation(WRAPPER_PREFIX + base_name)
+    for module in modules:
+        module.__dict__[HOOK_ATTR] = hook
+    try:
+        yield base_name
+    finally:
+        for module in modules:
+            module.__dict__.pop(HOOK_ATTR, None)
+        model.set_attn_implementation(base_name)
+
+
+# --------------------------------------------------------------------------- injection
+
+
+def _context_mask(attention_mask, base_name, module, query, kv_len, kwargs) -> torch.Tensor:
+    """The context part of the mask as a 4D tensor, materialised where the model passed None.
+
+    None means: eager — attend everywhere; sdpa — causal (lower-right aligned) when there is more
+    than one query and the layer is causal, else attend everywhere.
+    """
+    if attention_mask is not None:
+        return attention_mask
+    q_len, device = query.shape[2], query.device
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    if base_name == "sdpa" and q_len > 1 and is_causal:
+        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+        allowed = torch.arange(kv_len, device=device)[None, :] <= rows
+    else:
+        allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    allowed = allowed.view(1, 1, q_len, kv_len)
+    if base_name == "eager":
+        return torch.zeros(allowed.shape, dtype=query.dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(query.dtype).min
+        )
+    return allowed
+
+
+def extend_mask(
+    attention_mask: torch.Tensor | None,
+    base_name: str,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    kv_len: int,
+    slot_valid: torch.Tensor,
+    kwargs: dict,
+) -> torch.Tensor | None:
+    """Prepend memory columns to the attention mask: real memory slots visible to every query.
+
+    ``slot_valid``: (batch, memory slots) bool. Keeps the mask's kind (bool for sdpa, additive
+    float for eager) and returns None when no mask is needed at all (decoding one token with every
+    slot real and no padding), so sdpa keeps its fastest path.
+    """
+    batch, q_len = query.shape[0], query.shape[2]
+    if attention_mask is None and bool(slot_valid.all()):
+        sdpa_causal = base_name == "sdpa" and q_len > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True))
+        if not sdpa_causal:
+            return None
+    ctx = _context_mask(attention_mask, base_name, module, query, kv_len, kwargs)
+    if ctx.shape[-1] != kv_len:
+        raise ValueError(f"attention mask covers {ctx.shape[-1]} keys but the layer has {kv_len}")
+    rows = max(batch, ctx.shape[0])
+    heads = ctx.shape[1]
+    mem = slot_valid[:, None, None, :].to(ctx.device)
+    if ctx.dtype != torch.bool:
+        mem = torch.zeros(mem.shape, dtype=ctx.dtype, device=ctx.device).masked_fill(~mem, torch.finfo(ctx.dtype).min)
+    mem = mem.expand(rows, heads, q_len, slot_valid.shape[1])
+    return torch.cat((mem, ctx.expand(rows, heads, q_len, kv_len)), dim=-1)
+
+
+class MemoryInjector:
+    """Reads explicit memories into a causal LM's memory layers while it runs.
+
+    >>> with MemoryInjector(model, spec) as injector:
+    ...     injector.set_memories([[m1, m2, m3], [m4]])   # one list per batch row
+    ...     out = model.generate(**batch)
+
+    Memories may be replaced or cleared between calls; with none set (or all rows empty) the model
+    computes exactly what it computes without the injector. A single memory list is broadcast to
+    every batch row (beam search, ``num_return_sequences``). ``verify_fingerprint`` refuses
+    memories encoded by a different model (config or weights).
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: MemorySpec, verify_fingerprint: bool = True):
+        config = model.config
+        n_layers = config.num_hidden_layers
+        if max(spec.memory_layers) >= n_layers:
+            raise ValueError(f"memory layer {max(spec.memory_layers)} does not exist in a {n_layers}-layer model")
+        self.model = model
+        self.spec = spec
+        self.rotary = Rotary.from_model(model)
+        self.verify_fingerprint = verify_fingerprint
+        self._context: contextlib.AbstractContextManager | None = None
+        self._keys: torch.Tensor | None = None  # (memory layers, batch, kv heads, slots, head dim)
+        self._values: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None  # (batch, slots) bool
+        self.counts: list[int] = []
+
+    # ---------------------------------------------------------------- lifecycle
+    def activate(self) -> "MemoryInjector":
+        if self._context is not None:
+            raise RuntimeError("injector is already active")
+        context = attention_hook(self.model, self._attend)
+        context.__enter__()
+        self._context = context
+        return self
+
+    def deactivate(self) -> None:
+        if self._context is not None:
+            context, self._context = self._context, None
+            context.__exit__(None, None, None)
+        self.clear()
+
+    def __enter__(self) -> "MemoryInjector":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    @property
+    def active(self) -> bool:
+        return self._context is not None
+
+    # ---------------------------------------------------------------- memories
+    def clear(self) -> None:
+        """Drop all memories: the model runs as if there were none."""
+        self._keys = self._values = self._valid = None
+        self.counts = []
+
+    def set_memories(self, memories: Sequence[Sequence[ExplicitMemory]]) -> None:
+        """Use these memories from now on: ``memories[b]`` for batch row ``b`` (any count each).
+
+        Rows with fewer memories get masked slots. Keys are rotated to parallel positions here,
+        once, and everything is moved to the model's dtype and device.
+        """
+        memories = [list(row) for row in memories]
+        counts = [len(row) for row in memories]
+        if not counts or max(counts) == 0:
+            self.clear()
+            self.counts = counts
+            return
+        expected = self.spec.shape
+        fingerprint = model_fingerprint(self.model) if self.verify_fingerprint else None
+        for b, row in enumerate(memories):
+            for i, memory in enumerate(row):
+                if tuple(memory.kv.shape) != expected:
+                    raise ValueError(
+                        f"memory {i} of row {b} has shape {tuple(memory.kv.shape)}, the spec needs {expected}"
+                    )
+                if fingerprint is not None and memory.fingerprint != fingerprint:
+                    raise ValueError(
+                        f"memory {i} of row {b} belongs to model {memory.fingerprint[:16]}…, "
+                        f"the running model is {fingerprint[:16]}…; re-encode it with this model"
+                    )
+        param = next(self.model.parameters())
+        dtype, device = param.dtype, param.device
+        n_layers, _, kv_heads, tokens, head_dim = expected
+        slots = max(counts) * tokens
+        keys = torch.zeros(n_layers, len(memories), kv_heads, slots, head_dim, dtype=torch.float32, device=device)
+        values = torch.zeros_like(keys)
+        valid = torch.zeros(len(memories), slots, dtype=torch.bool, device=device)
+        for b, row in enumerate(memories):
+            if not row:
+                continue
+            kv = torch.stack([m.kv.to(device=device, dtype=torch.float32) for m in row])  # (n, L, 2, H, k, D)
+            # (n, L, H, k, D) -> (L, H, n * k, D): memory-major slots.
+            keys[:, b, :, : len(row) * tokens] = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(n_layers, kv_heads, -1, head_dim)
+            values[:, b, :, : len(row) * tokens] = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(n_layers, kv_heads, -1, head_dim)
+            valid[b, : len(row) * tokens] = True
+        keys = self.rotary.rotate(keys, memory_key_shift(self.spec))
+        self._keys, self._values, self._valid = keys.to(dtype), values.to(dtype), valid
+        self.counts = counts
+
+    # ---------------------------------------------------------------- the hook
+    def _attend(self, base_fn, base_name, module, query, key, value, attention_mask, **kwargs):
+        slot = self.spec.layer_slot(module.layer_idx)
+        if slot is None or self._keys is None:
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        mem_k, mem_v, valid = self._keys[slot], self._values[slot], self._valid
+        batch = query.shape[0]
+        if mem_k.shape[0] != batch:
+            if mem_k.shape[0] != 1:
+                raise ValueError(f"memories were set for {mem_k.shape[0]} rows but the batch has {batch}")
+            mem_k = mem_k.expand(batch, -1, -1, -1)
+            mem_v = mem_v.expand(batch, -1, -1, -1)
+            valid = valid.expand(batch, -1)
+        mask = extend_mask(attention_mask, base_name, module, query, key.shape[2], valid, kwargs)
+        key = torch.cat((mem_k.to(key.dtype), key), dim=2)
+        value = torch.cat((mem_v.to(value.dtype), value), dim=2)
+        return base_fn(module, query, key, value, mask, **kwargs)

@@ -20,7 +20,8 @@ What it does (DESIGN.md, Memory3 arXiv 2407.01178):
    (no causal mask; padding excluded as queries), ``scaling`` the model's own attention scale
    (1/sqrt(head_dim) for Llama). Computed as a float32 ``logsumexp``, which cannot overflow.
 5. Keep the top-k (``spec.tokens_per_head``) tokens per KV head — BOS, marker and padding never
-   selected — sorted by position, with their positions (marker included in the count).
+   selected — sorted by position, with their positions (marker included in the count). Exact
+   ties go to the earlier token; near-ties (float32 rounding) are decided by the rounding.
 
 References with fewer than ``tokens_per_head`` text tokens raise :class:`ReferenceTooShortError`:
 filling slots with marker tokens (identical in every memory) or repeated tokens would change the
@@ -197,6 +198,9 @@ class MemoryEncoder:
         logits = logits.masked_fill(~query_valid, float("-inf"))
         log_weight = torch.logsumexp(logits, dim=(2, 3))  # (batch, kv heads, j)
         log_weight = log_weight.masked_fill(~self._selectable[:, None, :], float("-inf"))
-        top = log_weight.topk(self.spec.tokens_per_head, dim=-1).indices.sort(dim=-1).values
+        # Stable sort: among exactly equal scores the earlier token wins (ties are real in layer 0,
+        # where a pre-RoPE key depends on the token alone).
+        ranked = log_weight.sort(dim=-1, descending=True, stable=True).indices
+        top = ranked[..., : self.spec.tokens_per_head].sort(dim=-1).values
         index = top[..., None].expand(-1, -1, -1, dim)
         return key.gather(2, index), value.gather(2, index), top

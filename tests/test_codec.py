@@ -1,0 +1,403 @@
+"""Tests for the memory codec (memory3.sdk.codec) and PQ codebooks (memory3.sdk.pq).
+
+Fidelity data: random Gaussian tensors neither compress nor quantize like real KV, so the round
+trips use *structured* KV-like memories (:class:`SyntheticKV`): per (layer, K/V, head) a fixed
+low-rank basis with heavy-tailed (Laplace) coefficients, a per-channel bias, a few outlier
+channels on the keys (6x gain, as LLM keys have), small noise, and RoPE applied to the keys at
+their kept positions. A "bank" is many samples from one generator, as memories of one model are.
+Real KV from a trained model is measured in bench/bench_codec.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memory3.sdk.codec import (
+    SCHEMES,
+    CodecError,
+    MemoryHeader,
+    decode_memory,
+    encode_memory,
+    read_header,
+    validate_payload,
+)
+from memory3.sdk.memory import ExplicitMemory
+from memory3.sdk.memory_spec import MemorySpec
+from memory3.sdk.pq import CodebookError, PQCodebook, train_codebook
+
+torch.set_num_threads(1)
+
+FP = "ab12" * 16
+OTHER_FP = "cd34" * 16
+
+
+class SyntheticKV:
+    """KV-like memories of one 'model': low-rank + outlier channels + RoPE (see module doc)."""
+
+    def __init__(self, layers, heads, tokens, dim, rank=6, outliers=2, ref_len=128, seed=0, fingerprint=FP):
+        g = torch.Generator().manual_seed(seed)
+        self.shape = (layers, heads, tokens, dim)
+        self.ref_len, self.fingerprint = ref_len, fingerprint
+        self.basis = torch.randn(layers, 2, heads, rank, dim, generator=g) / math.sqrt(rank)
+        self.bias = torch.randn(layers, 2, heads, 1, dim, generator=g) * 0.3
+        self.gain = torch.ones(layers, 2, heads, 1, dim)
+        for layer in range(layers):
+            for head in range(heads):
+                ch = torch.randperm(dim // 2, generator=g)[:outliers]
+                self.gain[layer, 0, head, 0, ch] = 6.0
+                self.gain[layer, 0, head, 0, ch + dim // 2] = 6.0
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def sample(self) -> ExplicitMemory:
+        layers, heads, tokens, dim = self.shape
+        g = self.gen
+        coef = -torch.log(torch.rand(layers, 2, heads, tokens, self.basis.shape[3], generator=g))
+        coef = coef * (torch.randint(0, 2, coef.shape, generator=g) * 2 - 1)  # Laplace(0, 1)
+        kv = torch.einsum("lshtr,lshrd->lshtd", coef, self.basis)
+        kv = (kv + self.bias + 0.1 * torch.randn(layers, 2, heads, tokens, dim, generator=g)) * self.gain
+        pos = torch.stack(
+            [torch.randperm(self.ref_len - 4, generator=g)[:tokens] + 4 for _ in range(layers * heads)]
+        ).reshape(layers, heads, tokens)
+        ang = pos[..., None].float() * self.inv_freq
+        cos, sin = ang.cos().repeat(1, 1, 1, 2), ang.sin().repeat(1, 1, 1, 2)
+        k = kv[:, 0]
+        kv[:, 0] = k * cos + torch.cat([-k[..., dim // 2 :], k[..., : dim // 2]], -1) * sin
+        return ExplicitMemory(kv, pos.long(), self.fingerprint)
+
+
+LOGIT_STD = 2.0
+
+
+def cosines(a: ExplicitMemory, b: ExplicitMemory) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector cosine of K and of V."""
+    c = torch.nn.functional.cosine_similarity(a.kv, b.kv, dim=-1)
+    return c[:, 0], c[:, 1]
+
+
+def attention_rel_error(orig: ExplicitMemory, dec: ExplicitMemory, queries: torch.Tensor) -> torch.Tensor:
+    """Relative error of softmax(q K^T / sqrt d) V per (layer, head); queries (layers, heads, Q, d).
+
+    Queries are key-like vectors rescaled per (layer, head) so that the logits against the
+    original keys have standard deviation LOGIT_STD, a typical spread for a trained model's
+    attention (unscaled synthetic outlier channels give near one-hot softmax, which no real
+    layer uses for all queries).
+    """
+    raw = queries @ orig.keys.transpose(-1, -2) / math.sqrt(queries.shape[-1])
+    q = queries * (LOGIT_STD / raw.flatten(2).std(dim=-1))[..., None, None]
+
+    def attend(m):
+        scores = q @ m.keys.transpose(-1, -2) / math.sqrt(queries.shape[-1])
+        return torch.softmax(scores, -1) @ m.values
+
+    ref, got = attend(orig), attend(dec)
+    return (got - ref).flatten(2).norm(dim=-1) / ref.flatten(2).norm(dim=-1)
+
+
+def spec_for(mem: ExplicitMemory, **kw) -> MemorySpec:
+    layers, _, heads, tokens, dim = mem.kv.shape
+    return MemorySpec(tuple(range(layers)), heads, dim, tokens, **kw)
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+
+SMALL = SyntheticKV(2, 2, 8, 32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def bank():
+    gen = SyntheticKV(2, 2, 8, 32, seed=7)
+    train = [gen.sample() for _ in range(192)]
+    test = [gen.sample() for _ in range(6)]
+    queries = torch.stack([gen.sample().keys for _ in range(2)], dim=2).flatten(2, 3)  # (L, H, 16, D)
+    return train, test, queries
+
+
+@pytest.fixture(scope="module")
+def codebook(bank):
+    return train_codebook(bank[0], bytes_per_vector=8, version=3, kmeans_iters=10)
+
+
+# ---- round trips ------------------------------------------------------------------------------
+
+# scheme: (min per-vector cosine, min mean cosine, max attention-output relative error, max mean error)
+BOUNDS = {
+    "fp16": (0.9999, 0.99999, 2e-3, 1e-3),
+    "int8": (0.999, 0.9999, 0.03, 0.015),
+    "int4": (0.95, 0.98, 0.3, 0.15),
+}
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "int8", "int4"])
+def test_round_trip_within_bounds(scheme, bank):
+    _, test, queries = bank
+    min_cos, mean_cos, max_err, mean_err = BOUNDS[scheme]
+    errs = []
+    for mem in test:
+        blob = encode_memory(mem, scheme)
+        out = decode_memory(blob)
+        assert out.fingerprint == mem.fingerprint
+        assert torch.equal(out.positions, mem.positions)
+        assert out.kv.shape == mem.kv.shape and out.kv.dtype == torch.float32
+        ck, cv = cosines(mem, out)
+        for c in (ck, cv):
+            assert c.min() >= min_cos and c.mean() >= mean_cos, (scheme, c.min(), c.mean())
+        errs.append(attention_rel_error(mem, out, queries))
+    err = torch.cat(errs)
+    assert err.max() <= max_err and err.mean() <= mean_err, (err.max(), err.mean())
+
+
+def test_pq_round_trip_within_bounds(bank, codebook):
+    """PQ at 8 bytes per 32-d vector (16x below fp16) on held-out memories of the bank."""
+    _, test, queries = bank
+    errs, cks, cvs = [], [], []
+    for mem in test:
+        blob = encode_memory(mem, "pq", codebook)
+        out = decode_memory(blob, codebook=codebook)
+        assert torch.equal(out.positions, mem.positions)
+        ck, cv = cosines(mem, out)
+        cks.append(ck), cvs.append(cv)
+        errs.append(attention_rel_error(mem, out, queries))
+    ck, cv, err = torch.cat(cks), torch.cat(cvs), torch.cat(errs)
+    assert ck.mean() >= 0.95 and cv.mean() >= 0.95, (ck.mean(), cv.mean())
+    assert ck.min() >= 0.8 and cv.min() >= 0.8, (ck.min(), cv.min())
+    assert err.max() <= 0.4 and err.mean() <= 0.2, (err.max(), err.mean())
+
+
+def test_pq_beats_random_codebook(bank, codebook):
+    """Training matters: a codebook of random centroids is far worse on the same memories."""
+    _, test, _ = bank
+    rand = PQCodebook(9, FP, codebook.mean, codebook.rotation, torch.randn_like(codebook.centroids), 8)
+    good = torch.cat([cosines(m, decode_memory(encode_memory(m, "pq", codebook), codebook=codebook))[0] for m in test])
+    bad = torch.cat([cosines(m, decode_memory(encode_memory(m, "pq", rand), codebook=rand))[0] for m in test])
+    assert good.mean() > bad.mean() + 0.05
+
+
+def test_decode_dtype_and_device():
+    mem = SMALL.sample()
+    out = decode_memory(encode_memory(mem, "int8"), dtype=torch.bfloat16, device="cpu")
+    assert out.kv.dtype == torch.bfloat16 and out.positions.dtype == torch.int64
+
+
+def test_sizes_shrink_by_scheme(bank, codebook):
+    mem = bank[1][0]
+    sizes = {s: len(encode_memory(mem, s, codebook)) for s in SCHEMES}
+    assert sizes["fp16"] > sizes["int8"] > sizes["int4"] > sizes["pq"]
+    vectors = mem.kv[..., 0].numel()
+    assert sizes["pq"] <= vectors * 8 + mem.positions.numel() + 200
+
+
+def test_positions_beyond_uint8_and_odd_head_dim():
+    kv = torch.randn(1, 2, 2, 3, 7)
+    pos = torch.tensor([[[0, 300, 65535], [1, 2, 3]]])
+    mem = ExplicitMemory(kv, pos, FP)
+    for scheme in ("fp16", "int8", "int4"):
+        out = decode_memory(encode_memory(mem, scheme))
+        assert torch.equal(out.positions, pos)
+        assert torch.nn.functional.cosine_similarity(out.kv, kv, dim=-1).min() > 0.9
+
+
+def test_zero_vectors_round_trip_exactly():
+    mem = ExplicitMemory(torch.zeros(1, 2, 1, 2, 4), torch.zeros(1, 1, 2, dtype=torch.long), FP)
+    for scheme in ("fp16", "int8", "int4"):
+        assert torch.equal(decode_memory(encode_memory(mem, scheme)).kv, mem.kv)
+
+
+def test_encode_rejects_bad_input(codebook):
+    mem = SMALL.sample()
+    with pytest.raises(CodecError, match="unknown scheme 'int3'"):
+        encode_memory(mem, "int3")
+    with pytest.raises(CodecError, match="pq scheme needs a codebook"):
+        encode_memory(mem, "pq")
+    bad = ExplicitMemory(mem.kv.clone(), mem.positions, FP)
+    bad.kv[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        encode_memory(bad, "int8")
+    other = ExplicitMemory(mem.kv, mem.positions, OTHER_FP)
+    with pytest.raises(CodecError, match="codebook v3 was trained for model ab12ab12ab12…"):
+        encode_memory(other, "pq", codebook)
+    wrong_shape = ExplicitMemory(torch.randn(2, 2, 2, 8, 16), mem.positions, FP)
+    with pytest.raises(CodecError, match=r"codebook v3 is for \(layers, kv heads, head dim\) \(2, 2, 32\)"):
+        encode_memory(wrong_shape, "pq", codebook)
+
+
+# ---- header and validation ------------------------------------------------------------------
+
+
+def test_header_fields(codebook, bank):
+    mem = bank[1][0]
+    blob = encode_memory(mem, "pq", codebook)
+    h = read_header(blob)
+    assert isinstance(h, MemoryHeader)
+    assert (h.version, h.scheme, h.fingerprint, h.shape) == (1, "pq", FP, (2, 2, 8, 32))
+    assert h.codebook_version == 3 and h.codebook_digest == codebook.digest and h.pq_bytes_per_vector == 8
+    assert h.checksum == zlib.crc32(blob[:-4]) == struct.unpack("<I", blob[-4:])[0]
+    assert h.body_offset + h.payload_size + 4 == len(blob)
+    h8 = read_header(encode_memory(mem, "int8"))
+    assert (h8.scheme, h8.codebook_version, h8.compressed) == ("int8", 0, True)
+
+
+def test_validate_payload_accepts_matching_and_rejects_mismatch(codebook, bank):
+    mem = bank[1][0]
+    spec = spec_for(mem)
+    blob = encode_memory(mem, "pq", codebook)
+    assert validate_payload(blob, spec, FP, codebook_version=3).scheme == "pq"
+    bigger = MemorySpec((0, 1, 2), 2, 32, 8)
+    with pytest.raises(CodecError, match=re.escape("shape (2,2,8,32) does not match bank spec (3,2,8,32)")):
+        validate_payload(blob, bigger)
+    with pytest.raises(CodecError, match="memory was computed by model ab12ab12ab12…, running model is cd34cd34cd34…"):
+        validate_payload(blob, spec, OTHER_FP)
+    with pytest.raises(CodecError, match="pq memory needs codebook version 3, got 2"):
+        validate_payload(blob, spec, codebook_version=2)
+
+
+def test_pq_decode_needs_the_right_codebook(codebook, bank):
+    mem = bank[1][0]
+    blob = encode_memory(mem, "pq", codebook)
+    with pytest.raises(CodecError, match="pq memory needs codebook version 3, got none"):
+        decode_memory(blob)
+    v2 = PQCodebook(2, FP, codebook.mean, codebook.rotation, codebook.centroids, 8)
+    with pytest.raises(CodecError, match="pq memory needs codebook version 3, got 2"):
+        decode_memory(blob, codebook=v2)
+    impostor = PQCodebook(3, FP, codebook.mean, codebook.rotation, codebook.centroids + 1, 8)
+    with pytest.raises(CodecError, match="pq memory needs codebook version 3 with digest"):
+        decode_memory(blob, codebook=impostor)
+
+
+def test_codebook_blob_round_trip_and_corruption(codebook, bank):
+    blob = codebook.to_bytes()
+    again = PQCodebook.from_bytes(blob)
+    assert again.version == 3 and again.fingerprint == FP and again.digest == codebook.digest
+    mem = bank[1][0]
+    assert torch.equal(
+        decode_memory(encode_memory(mem, "pq", codebook), codebook=again).kv,
+        decode_memory(encode_memory(mem, "pq", codebook), codebook=codebook).kv,
+    )
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0x10
+    with pytest.raises(CodebookError, match="codebook checksum mismatch: stored 0x"):
+        PQCodebook.from_bytes(bytes(flipped))
+    with pytest.raises(CodebookError, match="truncated codebook"):
+        PQCodebook.from_bytes(blob[:-10])
+    with pytest.raises(CodebookError, match="not a PQ codebook"):
+        PQCodebook.from_bytes(b"XXXX" + blob[4:])
+
+
+# ---- property-based rejection -----------------------------------------------------------------
+
+PAYLOADS = {s: encode_memory(SyntheticKV(1, 2, 4, 16, seed=3).sample(), s) for s in ("fp16", "int8", "int4")}
+CHECKSUM_OR_FRAMING = re.compile(
+    r"checksum mismatch: stored 0x[0-9a-f]{8} computed 0x[0-9a-f]{8}|^truncated: |trailing bytes|not a memory3 memory"
+    r"|unsupported memory format version"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(PAYLOADS)), st.data())
+def test_any_byte_flip_is_rejected(scheme, data):
+    blob = bytearray(PAYLOADS[scheme])
+    i = data.draw(st.integers(0, len(blob) - 1))
+    blob[i] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(CodecError) as exc:
+        decode_memory(bytes(blob))
+    assert CHECKSUM_OR_FRAMING.search(str(exc.value)), str(exc.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(sorted(PAYLOADS)), st.data())
+def test_any_truncation_is_rejected(scheme, data):
+    blob = PAYLOADS[scheme]
+    n = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(CodecError, match=r"^truncated: "):
+        read_header(blob[:n])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(sorted(PAYLOADS)), st.binary(min_size=1, max_size=64))
+def test_trailing_bytes_rejected(scheme, extra):
+    with pytest.raises(CodecError, match="trailing bytes after the checksum"):
+        decode_memory(PAYLOADS[scheme] + extra)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(sorted(PAYLOADS)),
+    st.integers(1, 4), st.integers(1, 4), st.sampled_from([2, 4, 8]), st.sampled_from([8, 16, 32]),
+)
+def test_wrong_spec_rejected(scheme, layers, heads, tokens, dim):
+    spec = MemorySpec(tuple(range(layers)), heads, dim, tokens)
+    if (layers, heads, tokens, dim) == (1, 2, 4, 16):
+        assert validate_payload(PAYLOADS[scheme], spec).shape == (1, 2, 4, 16)
+        return
+    with pytest.raises(CodecError, match=re.escape(f"shape (1,2,4,16) does not match bank spec ({layers},{heads},{tokens},{dim})")):
+        validate_payload(PAYLOADS[scheme], spec)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(PAYLOADS)), st.text("0123456789abcdef", min_size=1, max_size=64))
+def test_wrong_fingerprint_rejected(scheme, fp):
+    spec = MemorySpec((0,), 2, 16, 4)
+    if fp == FP:
+        return
+    with pytest.raises(CodecError, match="memory was computed by model ab12ab12ab12…, running model is "):
+        validate_payload(PAYLOADS[scheme], spec, fp)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 2**32 - 1))
+def test_wrong_codebook_version_rejected(codebook, bank, version):
+    blob = encode_memory(bank[1][0], "pq", codebook)
+    other = PQCodebook(version, FP, codebook.mean, codebook.rotation, codebook.centroids, 8)
+    if version == 3:
+        assert decode_memory(blob, codebook=other).kv.shape == bank[1][0].kv.shape
+        return
+    with pytest.raises(CodecError, match=f"pq memory needs codebook version 3, got {version}$"):
+        decode_memory(blob, codebook=other)
+    with pytest.raises(CodecError, match=f"pq memory needs codebook version 3, got {version}$"):
+        validate_payload(blob, spec_for(bank[1][0]), codebook_version=version)
+
+
+# ---- decoder fuzz ------------------------------------------------------------------------------
+
+_FUZZ_MEM = SyntheticKV(1, 1, 2, 4, seed=5).sample()
+_FUZZ_CODEBOOK = train_codebook([SyntheticKV(1, 1, 2, 4, seed=5).sample() for _ in range(4)], 2, 1, kmeans_iters=1)
+_FUZZ_SEEDS = [encode_memory(_FUZZ_MEM, s, _FUZZ_CODEBOOK) for s in SCHEMES]
+
+
+def _refresh_crc(blob: bytearray) -> bytes:
+    blob = blob[:-4] if len(blob) >= 4 else blob
+    return bytes(blob) + struct.pack("<I", zlib.crc32(bytes(blob)))
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(
+    st.sampled_from(range(len(_FUZZ_SEEDS))),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    st.one_of(st.none(), st.integers(0, 10_000)),
+    st.booleans(),
+)
+def test_decoder_fuzz(seed_idx, edits, cut, fix_crc):
+    """Mutated payloads (byte edits, truncation; with the CRC recomputed half the time so the
+    checks behind it are reached) either raise CodecError or decode to well-formed finite tensors."""
+    blob = bytearray(_FUZZ_SEEDS[seed_idx])
+    for pos, val in edits:
+        blob[pos % len(blob)] = val
+    if cut is not None:
+        blob = blob[: cut % (len(blob) + 1)]
+    payload = _refresh_crc(blob) if fix_crc else bytes(blob)
+    try:
+        mem = decode_memory(payload, codebook=_FUZZ_CODEBOOK)
+    except CodecError:
+        return
+    h = read_header(payload)
+    assert tuple(mem.kv.shape) == h.kv_shape
+    assert torch.isfinite(mem.kv).all()
+    assert mem.positions.dtype == torch.int64 and (mem.positions >= 0).all()

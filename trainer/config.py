@@ -1,0 +1,173 @@
+"""Training configuration: one dataclass tree, loadable from YAML, every key defined once here.
+
+nanoGPT style: hyperparameters are plain dataclass fields with their defaults and a comment;
+a YAML file (``trainer/configs/*.yaml``) overrides any subset, and ``--set a.b=value`` on the
+command line overrides that. Unknown keys are errors, so a typo never trains silently with the
+default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class WorldConfig:
+    """The generated corpus (see :mod:`memory3.trainer.corpus`)."""
+
+    seed: int = 0
+    n_entities: int = 200
+    heldout_fraction: float = 0.2
+    passages_per_entity: int = 3  # fact passages written per train entity
+
+
+@dataclass
+class StageConfig:
+    """One training stage; stages run in order, each with its own cosine schedule."""
+
+    name: str = "warmup"
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    # "none": stage 1, no memory. Any other value names a memory-stage factory registered with
+    # memory3.trainer.pretrain.register_memory_stage, or "package.module:function".
+    memory: str = "none"
+    chunk_size: int = 64  # stage 2: each chunk retrieves references ...
+    references_per_chunk: int = 1  # ... this many (the paper: 1 in training)
+    previous_chunks: int = 4  # ... and also attends to the previous chunks' references
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    # tokenizer
+    vocab_size: int = 2048
+    # model
+    preset: str = "tiny"  # memory3.trainer.model.PRESETS
+    memory_layers: list[int] | None = None  # None: first half (the paper)
+    tokens_per_head: int = 8  # sparse memory tokens kept per KV head
+    reference_length: int = 128
+    # data
+    seq_len: int = 256  # a multiple of the stage chunk size
+    batch_size: int = 16
+    include_train_references: bool = True  # train entities' references as training text too
+    # optimiser (AdamW)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    # bookkeeping
+    log_interval: int = 10
+    eval_interval: int = 100  # QA exact match on a sample of questions
+    eval_questions: int = 100  # per split, 0 disables
+    checkpoint_interval: int = 100
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from the newest checkpoint in out_dir
+    num_threads: int = 2  # torch CPU threads (the CPU machine is shared)
+    device: str = "auto"  # "auto": cuda if available else cpu
+    dtype: str = "float32"  # autocast dtype on GPU: float32 | bfloat16
+    progress: bool = True  # tqdm bars
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        return _build(cls, data or {}, "")
+
+    def validate(self) -> "TrainConfig":
+        if not self.stages:
+            raise ValueError("config needs at least one stage")
+        for s in self.stages:
+            if s.steps < 0 or s.warmup_steps < 0:
+                raise ValueError(f"stage {s.name}: steps and warmup_steps must be >= 0")
+            if s.memory != "none" and self.seq_len % s.chunk_size:
+                raise ValueError(f"seq_len {self.seq_len} is not a multiple of chunk_size {s.chunk_size}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype}")
+        return self
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise TypeError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'config'}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where + ".")
+    origin = get_origin(tp)
+    if origin is list:
+        (item,) = get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    args = get_args(tp)
+    if args and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(inner, value, where)
+    if tp is float and isinstance(value, (int, float, str)):
+        return float(value)
+    if tp is int and isinstance(value, (int, str)) and not isinstance(value, bool):
+        return int(value)
+    if tp is bool and isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (a path, or the name of a file in ``trainer/configs``), apply
+    ``key.sub=value`` overrides (values parsed as YAML) and validate."""
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / path).exists():
+        path = CONFIG_DIR / path
+    if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        path = CONFIG_DIR / f"{path}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return TrainConfig.from_dict(data).validate()
+
+
+def _set_dotted(data: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(p)]
+        else:
+            if p == "stages" and p not in node:
+                node[p] = [dataclasses.asdict(StageConfig())]
+            node = node.setdefault(p, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value

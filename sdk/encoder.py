@@ -20,8 +20,8 @@ What it does (DESIGN.md, Memory3 arXiv 2407.01178):
    (no causal mask; padding excluded as queries), ``scaling`` the model's own attention scale
    (1/sqrt(head_dim) for Llama). Computed as a float32 ``logsumexp``, which cannot overflow.
 5. Keep the top-k (``spec.tokens_per_head``) tokens per KV head — BOS, marker and padding never
-   selected — sorted by position, with their positions (marker included in the count). Exact
-   ties go to the earlier token; near-ties (float32 rounding) are decided by the rounding.
+   selected — sorted by position, with their positions (marker included in the count). Scores
+   within :data:`TIE_TOLERANCE` count as tied and go to the earlier token (:func:`rank_with_ties`).
 
 References with fewer than ``tokens_per_head`` text tokens raise :class:`ReferenceTooShortError`:
 filling slots with marker tokens (identical in every memory) or repeated tokens would change the
@@ -39,6 +39,27 @@ from .injection import attention_hook
 from .memory import ExplicitMemory
 from .memory_spec import REFERENCE_MARKER, MemorySpec
 from .rope import Rotary, reference_position_ids
+
+
+TIE_TOLERANCE = 1e-4
+"""Log scores closer than this (relative 1e-4 in attention received) are treated as equal."""
+
+
+def rank_with_ties(log_weight: torch.Tensor, tolerance: float = TIE_TOLERANCE) -> torch.Tensor:
+    """Token indices ordered by score, descending; among tied scores the earlier token first.
+
+    Ties are real: in layer 0 a pre-RoPE key depends on the token alone, so repeated tokens score
+    the same, but float32 rounding (which differs with batch shape) would otherwise decide between
+    them and padded batches would not match one-by-one runs. Neighbours in sorted order closer
+    than ``tolerance`` form one group; groups keep their score order, tokens inside a group their
+    position order.
+    """
+    values, order = log_weight.sort(dim=-1, descending=True, stable=True)
+    gaps = values[..., :-1] - values[..., 1:]  # >= 0; NaN between two -inf (both excluded)
+    new_group = torch.cat((torch.zeros_like(gaps[..., :1], dtype=torch.bool), gaps > tolerance), dim=-1)
+    group = new_group.long().cumsum(-1)
+    key = group * log_weight.shape[-1] + order
+    return order.gather(-1, key.argsort(dim=-1))
 
 
 class ReferenceTooShortError(ValueError):
@@ -198,9 +219,6 @@ class MemoryEncoder:
         logits = logits.masked_fill(~query_valid, float("-inf"))
         log_weight = torch.logsumexp(logits, dim=(2, 3))  # (batch, kv heads, j)
         log_weight = log_weight.masked_fill(~self._selectable[:, None, :], float("-inf"))
-        # Stable sort: among exactly equal scores the earlier token wins (ties are real in layer 0,
-        # where a pre-RoPE key depends on the token alone).
-        ranked = log_weight.sort(dim=-1, descending=True, stable=True).indices
-        top = ranked[..., : self.spec.tokens_per_head].sort(dim=-1).values
+        top = rank_with_ties(log_weight)[..., : self.spec.tokens_per_head].sort(dim=-1).values
         index = top[..., None].expand(-1, -1, -1, dim)
         return key.gather(2, index), value.gather(2, index), top

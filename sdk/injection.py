@@ -132,6 +132,13 @@ def attention_hook(model: torch.nn.Module, hook: Hook) -> Iterator[str]:
 # --------------------------------------------------------------------------- injection
 
 
+def _sdpa_would_be_causal(base_name: str, module: torch.nn.Module, q_len: int, kwargs: dict) -> bool:
+    """Whether the wrapped sdpa would apply its own causal mask to a None mask (its own rule)."""
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    return base_name == "sdpa" and q_len > 1 and bool(is_causal)
+
+
 def _context_mask(attention_mask, base_name, module, query, kv_len, kwargs) -> torch.Tensor:
     """The context part of the mask as a 4D tensor, materialised where the model passed None.
 
@@ -141,9 +148,7 @@ def _context_mask(attention_mask, base_name, module, query, kv_len, kwargs) -> t
     if attention_mask is not None:
         return attention_mask
     q_len, device = query.shape[2], query.device
-    is_causal = kwargs.get("is_causal")
-    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    if base_name == "sdpa" and q_len > 1 and is_causal:
+    if _sdpa_would_be_causal(base_name, module, q_len, kwargs):
         rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
         allowed = torch.arange(kv_len, device=device)[None, :] <= rows
     else:
@@ -172,10 +177,8 @@ def extend_mask(
     slot real and no padding), so sdpa keeps its fastest path.
     """
     batch, q_len = query.shape[0], query.shape[2]
-    if attention_mask is None and bool(slot_valid.all()):
-        sdpa_causal = base_name == "sdpa" and q_len > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True))
-        if not sdpa_causal:
-            return None
+    if attention_mask is None and bool(slot_valid.all()) and not _sdpa_would_be_causal(base_name, module, q_len, kwargs):
+        return None
     ctx = _context_mask(attention_mask, base_name, module, query, kv_len, kwargs)
     if ctx.shape[-1] != kv_len:
         raise ValueError(f"attention mask covers {ctx.shape[-1]} keys but the layer has {kv_len}")

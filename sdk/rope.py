@@ -69,16 +69,17 @@ class Rotary:
         return 2 * self.inv_freq.numel()
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-        """Apply the rotation R(positions) to ``x`` (no attention scaling), computed in float32.
+        """Apply the rotation R(positions) to ``x`` (no attention scaling), in float32 (float64 for float64).
 
         ``positions`` broadcasts against ``x.shape[:-1]`` (an int rotates every vector alike);
         negative positions rotate backwards, so ``rotate(rotate(x, p), -p) == x``.
         """
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         positions = torch.as_tensor(positions, device=x.device)
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(x.device)
+        freqs = positions.to(compute)[..., None] * self.inv_freq.to(device=x.device, dtype=compute)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        rot, rest = x[..., : self.rotary_dim].to(torch.float32), x[..., self.rotary_dim :]
+        rot, rest = x[..., : self.rotary_dim].to(compute), x[..., self.rotary_dim :]
         half = rot.shape[-1] // 2
         rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
         out = (rot * cos + rotated_half * sin).to(x.dtype)

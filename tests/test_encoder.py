@@ -102,12 +102,13 @@ def _double(model):
     return _DOUBLES[id(model)]
 
 
-def check_against_slow(model, spec, encoder, text, memory, atol=1e-5, tie=1e-5):
+def check_against_slow(model, spec, encoder, text, memory, atol=1e-5, tie=1e-3):
     """The kept positions are a top-k set of the reference scores, and their K/V match.
 
     Equal scores are genuine in this model: in layer 0 a pre-RoPE key depends on the token only,
     so repeated tokens tie exactly and either copy is a correct choice. Scores within ``tie`` (log
-    domain, i.e. relative 1e-5 in w) of the k-th best count as tied; everything else must match.
+    domain; the encoder merges neighbours closer than 1e-4) of the k-th best count as tied;
+    everything else must match.
     """
     ids = encoder.tokenize([text])[0]
     expected = slow_select(model, spec, ids, len(encoder.prefix_ids))
@@ -251,3 +252,12 @@ def test_fingerprint_changes_with_any_weight():
 
 def test_parallel_position_convention_single_source(spec):
     assert memory_key_shift(spec) == -spec.context_position_offset == -spec.reference_length
+
+
+def test_ties_go_to_the_earlier_token():
+    from memory3.sdk.encoder import rank_with_ties
+
+    inf = float("-inf")
+    scores = torch.tensor([[1.0, 2.0 + 3e-7, 2.0, 0.5, inf, 2.0 - 2e-7, inf]])
+    assert rank_with_ties(scores).tolist() == [[1, 2, 5, 0, 3, 4, 6]]
+    assert rank_with_ties(torch.tensor([3.0, 1.0, 2.0])).tolist() == [0, 2, 1]

@@ -1,0 +1,292 @@
+"""Injection: memories change logits only through memory layers, exactly as a hand-written
+attention over concatenated K/V with the context after the memories' interval would.
+
+All on tiny random Llama models (tests/tiny_models.py); no downloads, no mocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from memory3.sdk.encoder import MemoryEncoder
+from memory3.sdk.injection import MemoryInjector
+from memory3.sdk.memory import ExplicitMemory
+from memory3.sdk.memory_spec import MemorySpec
+from memory3.sdk.rope import Rotary
+
+from tiny_models import byte_tokenizer, tiny_llama
+
+REFERENCES = [
+    "The capital of France is Paris.",
+    "Llamas are domesticated South American camelids.",
+    "Explicit memory sits between weights and RAG.",
+    "Quantization compresses vectors into a few bytes each.",
+]
+PROMPTS = ["Where is Paris? In", "Tell me about llamas and their", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=2)
+
+
+@pytest.fixture(scope="module")
+def spec(model):
+    return MemorySpec.for_model_config(model.config, memory_layers=(1, 2), tokens_per_head=4, reference_length=64)
+
+
+@pytest.fixture(scope="module")
+def memories(model, tokenizer, spec):
+    return MemoryEncoder(model, tokenizer, spec).encode(REFERENCES)
+
+
+def left_padded(tokenizer, prompts):
+    """A left-padded batch with the position ids generate() would use (first real token at 0).
+
+    With memories a context's absolute position matters (it sits after the memories' interval),
+    so a direct forward over a left-padded batch must pass these position ids, as generate() does.
+    """
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return batch
+
+
+def real(batch, values):
+    """Values at real (non-pad) token positions only: pad positions' outputs are undefined."""
+    return values[batch["attention_mask"].bool()]
+
+
+def logits(model, batch, **kwargs):
+    with torch.no_grad():
+        return model(**batch, **kwargs).logits
+
+
+# ----------------------------------------------------------------------------- slow reference
+
+
+def reference_logits(model, spec, ids: list[int], memories: list[ExplicitMemory]) -> torch.Tensor:
+    """Hand-written float64 forward of one unpadded sequence with memories.
+
+    Uses the layers' own norms/projections/MLP but does attention by hand: in memory layers the
+    memories' stored keys (rotated at their reference positions, untouched) and values are
+    concatenated in front of the context's, the context sits at positions
+    ``context_position_offset + t`` (the convention stated directly, not via key rotation),
+    queries see all memories and the causal context.
+    """
+    ref = _double(model)
+    cfg = ref.config
+    heads, kv_heads, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    length = len(ids)
+    with torch.no_grad():
+        h = ref.model.embed_tokens(torch.tensor([ids]))
+        positions = spec.context_position_offset + torch.arange(length)
+        cos, sin = ref.model.rotary_emb(h, positions[None])
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+        for layer_idx, layer in enumerate(ref.model.layers):
+            x = layer.input_layernorm(h)
+            q = layer.self_attn.q_proj(x).view(1, length, heads, dim).transpose(1, 2)
+            k = layer.self_attn.k_proj(x).view(1, length, kv_heads, dim).transpose(1, 2)
+            v = layer.self_attn.v_proj(x).view(1, length, kv_heads, dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            q, k, v = q[0], k[0], v[0]
+            visible = causal
+            slot = spec.layer_slot(layer_idx)
+            if slot is not None and memories:
+                mem_k = torch.cat([m.kv[slot, 0].double() for m in memories], dim=1)  # (kv heads, n*k, dim)
+                mem_v = torch.cat([m.kv[slot, 1].double() for m in memories], dim=1)
+                k, v = torch.cat((mem_k, k), dim=1), torch.cat((mem_v, v), dim=1)
+                visible = torch.cat((torch.ones(length, mem_k.shape[1], dtype=torch.bool), causal), dim=1)
+            outs = []
+            for head in range(heads):
+                g = head // (heads // kv_heads)
+                scores = (q[head] @ k[g].T) / dim**0.5
+                scores = scores.masked_fill(~visible, float("-inf"))
+                outs.append(torch.softmax(scores, dim=-1) @ v[g])
+            attn = torch.cat(outs, dim=-1)[None]
+            h = h + layer.self_attn.o_proj(attn)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return ref.lm_head(ref.model.norm(h))[0]
+
+
+_DOUBLES: dict[int, torch.nn.Module] = {}
+
+
+def _double(model):
+    if id(model) not in _DOUBLES:
+        _DOUBLES[id(model)] = copy.deepcopy(model).double()
+    return _DOUBLES[id(model)]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_zero_memories_is_the_plain_model_bit_for_bit(impl, tokenizer, spec, memories):
+    model = tiny_llama(seed=2, attn_implementation=impl)
+    batch = left_padded(tokenizer, PROMPTS)
+    plain = logits(model, batch)
+    with MemoryInjector(model, spec) as injector:
+        assert model.config._attn_implementation == f"memory3_{impl}"
+        assert torch.equal(logits(model, batch), plain)
+        injector.set_memories([[], [], []])
+        assert torch.equal(logits(model, batch), plain)
+        injector.set_memories([[memories[0]], [], []])
+        assert not torch.equal(logits(model, batch), plain)
+        injector.clear()
+        assert torch.equal(logits(model, batch), plain)
+    assert model.config._attn_implementation == impl
+    assert torch.equal(logits(model, batch), plain)
+
+
+def test_memories_act_only_through_memory_layers(model, tokenizer, memories):
+    """Hidden states before the first memory layer are untouched bit-for-bit; after it they move."""
+    spec = MemorySpec.for_model_config(model.config, memory_layers=(2, 3), tokens_per_head=4, reference_length=64)
+    encoded = MemoryEncoder(model, tokenizer, spec).encode(REFERENCES[:2])
+    batch = left_padded(tokenizer, PROMPTS[:2])
+    with torch.no_grad():
+        plain = model(**batch, output_hidden_states=True).hidden_states
+        with MemoryInjector(model, spec) as injector:
+            injector.set_memories([encoded, encoded[:1]])
+            injected = model(**batch, output_hidden_states=True).hidden_states
+    for layer in range(3):  # embeddings, after layer 0, after layer 1
+        assert torch.equal(plain[layer], injected[layer]), layer
+    assert not torch.allclose(plain[3], injected[3]), "layer 2 is a memory layer"
+
+
+def test_non_memory_layer_of_a_memory_is_ignored(model, tokenizer, spec, memories):
+    """A memory is read only at the spec's layers: other layers never see any memory K/V."""
+    wide = MemorySpec.for_model_config(model.config, memory_layers=(0, 1, 2, 3), tokens_per_head=4, reference_length=64)
+    wide_memory = MemoryEncoder(model, tokenizer, wide).encode(REFERENCES[:1])[0]
+    # The narrow memory = the wide one restricted to spec's layers (1, 2); layers 0 and 3 of the
+    # wide one are garbage to prove they are not read.
+    narrow = ExplicitMemory(wide_memory.kv[1:3].clone(), wide_memory.positions[1:3].clone(), wide_memory.fingerprint)
+    batch = left_padded(tokenizer, PROMPTS[:1])
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories([[narrow]])
+        expected = logits(model, batch)
+    garbled = wide_memory.kv.clone()
+    garbled[0].normal_()
+    garbled[3].normal_()
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories([[ExplicitMemory(garbled[1:3], wide_memory.positions[1:3], wide_memory.fingerprint)]])
+        assert torch.equal(logits(model, batch), expected)
+
+
+def test_injection_equals_hand_written_reference(model, tokenizer, spec, memories):
+    rows = [memories[:2], memories[2:], []]
+    _double(model)  # copied before the injector hooks the model
+    with MemoryInjector(model, spec) as injector:
+        for prompt, row in zip(PROMPTS, rows):
+            ids = tokenizer(prompt)["input_ids"]
+            injector.set_memories([row])
+            got = logits(model, {"input_ids": torch.tensor([ids])})[0]
+            expected = reference_logits(model, spec, ids, row)
+            torch.testing.assert_close(got.double(), expected, atol=5e-5, rtol=0)
+
+
+def test_batch_equals_single_sequences(model, tokenizer, spec, memories):
+    rows = [memories[:3], [memories[3]], []]
+    batch = left_padded(tokenizer, PROMPTS)
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories(rows)
+        batched = logits(model, batch)
+        for b, (prompt, row) in enumerate(zip(PROMPTS, rows)):
+            ids = tokenizer(prompt, return_tensors="pt")
+            injector.set_memories([row])
+            single = logits(model, ids)[0]
+            n = ids["input_ids"].shape[1]
+            torch.testing.assert_close(batched[b, -n:], single, atol=1e-5, rtol=1e-5)
+
+
+def test_one_memory_list_broadcasts_to_the_batch(model, tokenizer, spec, memories):
+    batch = left_padded(tokenizer, PROMPTS)
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories([memories[:2]] * 3)
+        each = logits(model, batch)
+        injector.set_memories([memories[:2]])
+        assert torch.equal(logits(model, batch), each)
+        injector.set_memories([memories[:2]] * 2)
+        with pytest.raises(ValueError, match="2 rows but the batch has 3"):
+            logits(model, batch)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_generate_with_cache_equals_full_recompute(impl, tokenizer, spec, memories):
+    model = tiny_llama(seed=2, attn_implementation=impl)
+    batch = left_padded(tokenizer, PROMPTS[:2])
+    steps = 6
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories([memories[:2], memories[2:3]])
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=steps, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                output_logits=True, return_dict_in_generate=True,
+            )
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        for step in range(steps):
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            full = logits(model, {"input_ids": ids, "attention_mask": mask}, position_ids=position_ids, use_cache=False)
+            torch.testing.assert_close(out.logits[step], full[:, -1], atol=1e-4, rtol=1e-4)
+            next_ids = full[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat((ids, next_ids), dim=1)
+            mask = torch.cat((mask, torch.ones_like(next_ids)), dim=1)
+        assert torch.equal(out.sequences, ids)
+
+
+def test_eager_and_sdpa_agree(tokenizer, spec, memories):
+    batch = left_padded(tokenizer, PROMPTS)
+    rows = [memories[:2], memories[2:], []]
+    results = []
+    for impl in ("sdpa", "eager"):
+        model = tiny_llama(seed=2, attn_implementation=impl)
+        with MemoryInjector(model, spec) as injector:
+            injector.set_memories(rows)
+            results.append(logits(model, batch))
+    torch.testing.assert_close(real(batch, results[0]), real(batch, results[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_parallel_positions_rotation_equals_context_shift(model):
+    """R(-offset) on a key == +offset on the query: attention scores agree."""
+    rotary = Rotary.from_model(model)
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 16, dtype=torch.float64), torch.randn(7, 16, dtype=torch.float64)
+    q_pos, k_pos, offset = torch.arange(5), torch.arange(7) * 3, 64
+    shifted_context = rotary.rotate(q, q_pos + offset) @ rotary.rotate(k, k_pos).T
+    rotated_memory = rotary.rotate(q, q_pos) @ rotary.rotate(rotary.rotate(k, k_pos), -offset).T
+    torch.testing.assert_close(shifted_context, rotated_memory)
+
+
+def test_refuses_foreign_or_misshapen_memories(model, tokenizer, spec, memories):
+    foreign = dataclasses.replace(memories[0], fingerprint="f" * 64)
+    with MemoryInjector(model, spec) as injector:
+        with pytest.raises(ValueError, match="belongs to model ffffffff"):
+            injector.set_memories([[memories[1], foreign]])
+        small = ExplicitMemory(memories[0].kv[:1], memories[0].positions[:1], memories[0].fingerprint)
+        with pytest.raises(ValueError, match="spec needs"):
+            injector.set_memories([[small]])
+    with MemoryInjector(model, spec, verify_fingerprint=False) as injector:
+        injector.set_memories([[foreign]])
+
+
+def test_injector_is_reentrant_and_restores_on_error(model, tokenizer, spec, memories):
+    injector = MemoryInjector(model, spec)
+    with pytest.raises(RuntimeError, match="boom"):
+        with injector:
+            injector.set_memories([[memories[0]]])
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert not injector.active and injector.counts == []
+    with injector:
+        with pytest.raises(ValueError, match="already hooked"):
+            MemoryInjector(model, spec).activate()
+    assert all("_memory3_attention_hook" not in m.__dict__ for m in model.modules())

@@ -17,7 +17,11 @@ How (DESIGN.md, Memory3 arXiv 2407.01178):
   (every 64 tokens) without touching the cache.
 * Parallel positions: memory keys are rotated once, at :meth:`MemoryInjector.set_memories`, by
   :func:`memory3.sdk.rope.memory_key_shift`; see :mod:`memory3.sdk.rope` for why that equals
-  placing the context after the memories' shared interval.
+  placing the context after the memories' shared interval. The context keeps the position ids
+  the model is given (its first token at 0). ``generate()`` derives them from the attention
+  mask; a direct forward over a *left-padded* batch must pass
+  ``position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)`` itself — without memories the
+  plain model is shift-invariant and does not care, with memories the absolute position matters.
 
 The eager wrapper calls the model's own ``eager_attention_forward`` (from its modeling module),
 falling back to a plain implementation of the same maths. Flash/flex attention are not wrapped.
@@ -217,6 +221,7 @@ class MemoryInjector:
         self._keys: torch.Tensor | None = None  # (memory layers, batch, kv heads, slots, head dim)
         self._values: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None  # (batch, slots) bool
+        self._mask_cache: tuple | None = None  # (context mask object, shape key, extended mask)
         self.counts: list[int] = []
 
     # ---------------------------------------------------------------- lifecycle
@@ -248,6 +253,7 @@ class MemoryInjector:
     def clear(self) -> None:
         """Drop all memories: the model runs as if there were none."""
         self._keys = self._values = self._valid = None
+        self._mask_cache = None
         self.counts = []
 
     def set_memories(self, memories: Sequence[Sequence[ExplicitMemory]]) -> None:
@@ -292,6 +298,7 @@ class MemoryInjector:
             valid[b, : len(row) * tokens] = True
         keys = self.rotary.rotate(keys, memory_key_shift(self.spec))
         self._keys, self._values, self._valid = keys.to(dtype), values.to(dtype), valid
+        self._mask_cache = None
         self.counts = counts
 
     # ---------------------------------------------------------------- the hook
@@ -307,7 +314,14 @@ class MemoryInjector:
             mem_k = mem_k.expand(batch, -1, -1, -1)
             mem_v = mem_v.expand(batch, -1, -1, -1)
             valid = valid.expand(batch, -1)
-        mask = extend_mask(attention_mask, base_name, module, query, key.shape[2], valid, kwargs)
+        # All memory layers of one forward get the same mask object: extend it once per forward.
+        cache_key = (base_name, query.shape[0], query.shape[2], key.shape[2], query.dtype, query.device)
+        cached = self._mask_cache
+        if cached is not None and cached[0] is attention_mask and cached[1] == cache_key:
+            mask = cached[2]
+        else:
+            mask = extend_mask(attention_mask, base_name, module, query, key.shape[2], valid, kwargs)
+            self._mask_cache = (attention_mask, cache_key, mask)
         key = torch.cat((mem_k.to(key.dtype), key), dim=2)
         value = torch.cat((mem_v.to(value.dtype), value), dim=2)
         return base_fn(module, query, key, value, mask, **kwargs)

@@ -111,15 +111,23 @@ class AsyncClient:
         references = list(references)
         for attempt in range(self.write_retries + 1):
             try:
-                reply = await self.memories.Write(
-                    iter(write_requests(bank, references, self.chunk_bytes)), **self._call()
-                )
+                reply = await self._write_stream(bank, references)
                 return WriteSummary(reply.inserted, reply.updated, reply.unchanged, reply.memory_bytes)
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.write_retries:
                     raise
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
         raise AssertionError("unreachable")
+
+    async def _write_stream(self, bank: str, references: Sequence[Reference]):
+        call = self.memories.Write(**self._call())
+        try:
+            for message in write_requests(bank, references, self.chunk_bytes):
+                await call.write(message)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the server ended the call early (e.g. refused a reference): its status says why
+        return await call
 
     async def write_many(
         self,

@@ -12,7 +12,7 @@ must agree on (Memory3, arXiv 2407.01178):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REFERENCE_MARKER = "Reference:"
@@ -29,7 +29,6 @@ class MemorySpec:
     tokens_per_head: int = 8
     reference_length: int = 128
     codec: str = "int8"
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "memory_layers", tuple(int(i) for i in self.memory_layers))

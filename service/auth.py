@@ -4,6 +4,8 @@ the admin (key from configuration) or a tenant (key issued by the Tenants servic
 from __future__ import annotations
 
 import hmac
+import secrets
+from pathlib import Path
 
 import grpc
 
@@ -40,3 +42,19 @@ class Authenticator:
             return
         await self.tenants.tenant_for_key(key)  # unknown keys stay UNAUTHENTICATED
         raise PermissionDenied("this RPC needs the admin key")
+
+
+ADMIN_KEY_FILE = "admin.key"
+
+
+def resolve_admin_key(configured: str | None, data_dir: Path) -> tuple[str, Path | None]:
+    """The configured admin key or, when none is configured, the one kept in ``data_dir``
+    (created on first start, readable only by its owner) so a fresh install can make tenants."""
+    if configured:
+        return configured, None
+    path = Path(data_dir).expanduser() / ADMIN_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text("m3admin_" + secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip(), path

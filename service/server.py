@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from memory3.v1 import banks_pb2, banks_pb2_grpc, memories_pb2, memories_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
 from .admin import BanksServicer, TenantsServicer
-from .auth import Authenticator
+from .auth import Authenticator, resolve_admin_key
 from .bank_store import BankStore
 from .config import Settings
 from .db import create_engine_for, migrate
@@ -71,7 +71,10 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     await asyncio.to_thread(migrate, url)
     engine = create_engine_for(url, settings)
     tenants = TenantStore(engine, settings.key_cache_seconds)
-    auth = Authenticator(tenants, settings.admin_key)
+    admin_key, admin_key_path = resolve_admin_key(settings.admin_key, settings.data_dir)
+    if admin_key_path:
+        log.info("admin key (MEMORY3_ADMIN_KEY unset) is in %s", admin_key_path)
+    auth = Authenticator(tenants, admin_key)
     banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction)
     refs = ReferenceStore(engine, settings.hnsw_ef_search)
     embedder = embedder or BuiltinEmbedder(settings.embedder_device)

@@ -1,0 +1,63 @@
+"""Bank CRUD through real gRPC against real PostgreSQL."""
+
+import grpc
+
+from memory3.sdk.memory_spec import MemorySpec
+from memory3.sdk.types import BankInfo
+from memory3.v1 import banks_pb2
+
+from helpers import FINGERPRINT, SPEC, expect_status
+
+
+def test_create_get_list_delete(client):
+    created = client.create_bank(BankInfo("kb", FINGERPRINT, SPEC))
+    assert created.spec == SPEC and created.embedder_dim == 384 and created.metric == "cosine"
+    assert created.created_at is not None
+    assert client.get_bank("kb") == created
+    client.create_bank(BankInfo("vectors", FINGERPRINT, SPEC, "my-embedder", 16, "l2"))
+    assert [b.name for b in client.list_banks()] == ["kb", "vectors"]
+    assert client.delete_bank("kb") == 0
+    with expect_status(grpc.StatusCode.NOT_FOUND, "'kb'"):
+        client.get_bank("kb")
+    assert [b.name for b in client.list_banks()] == ["vectors"]
+
+
+def test_create_is_idempotent_and_conflicts_are_refused(client):
+    first = client.create_bank(BankInfo("kb", FINGERPRINT, SPEC))
+    assert client.create_bank(BankInfo("kb", FINGERPRINT, SPEC)) == first
+    other_spec = MemorySpec((0, 1, 2), 2, 16, 4, 32, "int8")
+    with expect_status(grpc.StatusCode.ALREADY_EXISTS, "different definition"):
+        client.create_bank(BankInfo("kb", FINGERPRINT, other_spec))
+    assert client.get_bank("kb").spec == SPEC
+
+
+async def test_list_pages_through_many_banks(aclient):
+    for i in range(5):
+        await aclient.create_bank(BankInfo(f"b{i}", FINGERPRINT, SPEC, "client", 4, "ip"))
+    names, token = [], ""
+    while True:
+        reply = await aclient.banks.ListBanks(
+            banks_pb2.ListBanksRequest(page_size=2, page_token=token), **aclient._call()
+        )
+        assert len(reply.banks) <= 2
+        names += [b.name for b in reply.banks]
+        token = reply.next_page_token
+        if not token:
+            break
+    assert names == [f"b{i}" for i in range(5)]
+    assert [b.name for b in await aclient.list_banks()] == names
+
+
+def test_invalid_definitions_are_refused_and_create_nothing(client):
+    bad = [
+        (BankInfo("has space", FINGERPRINT, SPEC), "bank name"),
+        (BankInfo("kb", "", SPEC), "model_fingerprint"),
+        (BankInfo("kb", FINGERPRINT, MemorySpec((0,), 2, 16, 4, 32, "zip")), "codec"),
+        (BankInfo("kb", FINGERPRINT, SPEC, "all-MiniLM-L6-v2", 512), "384"),
+        (BankInfo("kb", FINGERPRINT, SPEC, "client", 0), "dimension"),
+        (BankInfo("kb", FINGERPRINT, SPEC, "client", 8, "manhattan"), "metric"),
+    ]
+    for bank, message in bad:
+        with expect_status(grpc.StatusCode.INVALID_ARGUMENT, message):
+            client.create_bank(bank)
+    assert client.list_banks() == []

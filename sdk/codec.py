@@ -48,9 +48,12 @@ of K and of V, min / mean, and relative error of softmax(qK^T/sqrt d)V, max / me
 
 from __future__ import annotations
 
+import math
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -316,39 +319,42 @@ def decode_memory(
     layers, heads, tokens, dim = header.shape
     kv_shape = header.kv_shape
     vectors = layers * 2 * heads * tokens
-    pos_dtype = "<u2" if header.flags & FLAG_POS16 else "u1"
+    pos16 = bool(header.flags & FLAG_POS16)
     n_pos = layers * heads * tokens
-    positions = np.frombuffer(raw, pos_dtype, n_pos).astype(np.int64).reshape(layers, heads, tokens)
-    off = n_pos * np.dtype(pos_dtype).itemsize
-    if header.scheme == "fp16":
-        x = np.frombuffer(raw, "<f2", vectors * dim, off).reshape(kv_shape).astype(np.float32)
-        if not np.isfinite(x).all():
-            raise CodecError("non-finite value in fp16 body")
-        kv = torch.from_numpy(x)
-    elif header.scheme in ("int8", "int4"):
-        scale = np.frombuffer(raw, "<f2", vectors, off).astype(np.float32).reshape(kv_shape[:-1] + (1,))
-        off += vectors * 2
-        if header.scheme == "int8":
-            q = np.frombuffer(raw, np.int8, vectors * dim, off).reshape(kv_shape)
+    with warnings.catch_warnings():  # read-only views of `raw`; every tensor returned is a fresh copy
+        warnings.simplefilter("ignore", UserWarning)
+        view = partial(torch.frombuffer, raw)
+        pos_t = view(dtype=torch.int16 if pos16 else torch.uint8, count=n_pos)
+        positions = (pos_t.to(torch.int64) & 0xFFFF).reshape(layers, heads, tokens)
+        off = n_pos * (2 if pos16 else 1)
+        if header.scheme == "fp16":
+            kv = view(dtype=torch.float16, count=vectors * dim, offset=off).reshape(kv_shape).float()
+            _require_finite(kv, "value in fp16 body")
+        elif header.scheme in ("int8", "int4"):
+            scale = view(dtype=torch.float16, count=vectors, offset=off).float().reshape(kv_shape[:-1] + (1,))
+            _require_finite(scale, "scale in body")
+            off += vectors * 2
+            if header.scheme == "int8":
+                q = view(dtype=torch.int8, count=vectors * dim, offset=off).reshape(kv_shape)
+            else:
+                half = (dim + 1) // 2
+                packed = view(dtype=torch.uint8, count=vectors * half, offset=off).reshape(kv_shape[:-1] + (half,))
+                q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(kv_shape[:-1] + (2 * half,))
+                q = q[..., :dim].to(torch.int8) - 8
+            kv = q * scale
         else:
-            half = (dim + 1) // 2
-            packed = np.frombuffer(raw, np.uint8, vectors * half, off).reshape(kv_shape[:-1] + (half,))
-            q = np.empty(kv_shape[:-1] + (half * 2,), np.int8)
-            q[..., 0::2] = packed & 0x0F
-            q[..., 1::2] = packed >> 4
-            q -= 8
-            q = q[..., :dim]
-        if not np.isfinite(scale).all():
-            raise CodecError("non-finite scale in body")
-        kv = torch.from_numpy(q.astype(np.float32) * scale)
-    else:
-        _check_codebook(header, codebook)
-        codes = np.frombuffer(raw, np.uint8, vectors * header.pq_bytes_per_vector, off)
-        codes = codes.reshape(kv_shape[:-1] + (header.pq_bytes_per_vector,))
-        kv = codebook.decode(codes)
-    return ExplicitMemory(
-        kv.to(device=device, dtype=dtype), torch.from_numpy(positions).to(device), header.fingerprint
-    )
+            _check_codebook(header, codebook)
+            m = header.pq_bytes_per_vector
+            codes = view(dtype=torch.uint8, count=vectors * m, offset=off).reshape(kv_shape[:-1] + (m,))
+            kv = codebook.decode(codes)
+    return ExplicitMemory(kv.to(device=device, dtype=dtype), positions.to(device), header.fingerprint)
+
+
+def _require_finite(x: torch.Tensor, what: str) -> None:
+    """One cheap reduction instead of isfinite().all(): any NaN/Inf makes the float64 sum non-finite
+    (fp16-range values cannot overflow it)."""
+    if not math.isfinite(float(x.sum(dtype=torch.float64))):
+        raise CodecError(f"non-finite {what}")
 
 
 def _check_codebook(header: MemoryHeader, codebook: PQCodebook | None) -> None:

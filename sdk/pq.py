@@ -86,6 +86,7 @@ class PQCodebook:
     subvectors: int
     share: str = "layer"
     _digest: bytes | None = field(default=None, repr=False)
+    _tables: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.share not in SHARE_MODES:
@@ -123,6 +124,14 @@ class PQCodebook:
     @property
     def sizes(self) -> tuple[int, ...]:
         return subvector_sizes(self.head_dim, self.subvectors)
+
+    def _lookup(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cached decode/encode tables: padded centroids (G, M, K, dmax), flat rows, column map, R^T."""
+        if self._tables is None:
+            padded = torch.stack([_padded(self.centroids[g], self.sizes) for g in range(self.centroids.shape[0])])
+            flat = padded.reshape(-1, padded.shape[-1]).contiguous()
+            self._tables = (padded, flat, _column_map(self.sizes), self.rotation.transpose(1, 2).contiguous())
+        return self._tables
 
     def groups_for(self, layers: int) -> int:
         return layers * 2 if self.share == "layer" else 2
@@ -162,7 +171,7 @@ class PQCodebook:
         with torch.inference_mode():
             x = kv.detach().to("cpu", torch.float32) - self.mean[:, :, :, None, :]
             y = torch.bmm(self._group_view(x), self.rotation)  # (G, N, D)
-            codes = _assign(y, self.centroids, self.sizes)  # (G, N, M)
+            codes = _assign(y, self.centroids, self.sizes, self._lookup()[0])  # (G, N, M)
             codes = self._ungroup(codes, layers, heads, tokens)
         return codes.to(torch.uint8).contiguous().numpy()
 
@@ -175,8 +184,11 @@ class PQCodebook:
         self.check_shape(layers, heads, self.head_dim)
         with torch.inference_mode():
             g = self._group_view(codes.long())  # (G, N, M)
-            y = _reconstruct(g, self.centroids, self.sizes)  # (G, N, D)
-            x = torch.bmm(y, self.rotation.transpose(1, 2))
+            _, flat, cols, rot_t = self._lookup()
+            groups, n, m = g.shape
+            index = (torch.arange(groups)[:, None, None] * m + torch.arange(m)) * CENTROIDS + g
+            y = flat[index.reshape(-1)].reshape(groups, n, -1)[:, :, cols]  # (G, N, D) rotated space
+            x = torch.bmm(y, rot_t)
             x = self._ungroup(x, layers, heads, tokens) + self.mean[:, :, :, None, :]
         return x.to(device=device, dtype=dtype)
 
@@ -245,12 +257,12 @@ def _padded(y: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def _assign(y: torch.Tensor, centroids: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+def _assign(y: torch.Tensor, centroids: torch.Tensor, sizes: tuple[int, ...], padded=None) -> torch.Tensor:
     """Nearest centroid per subvector: y (G, N, D), centroids (G, K, D) -> codes (G, N, M) int64."""
     out = []
     for g in range(y.shape[0]):
         xs = _padded(y[g], sizes)  # (M, N, dmax)
-        cs = _padded(centroids[g], sizes)  # (M, K, dmax)
+        cs = _padded(centroids[g], sizes) if padded is None else padded[g]  # (M, K, dmax)
         dist = torch.baddbmm((cs * cs).sum(-1)[:, None, :], xs, cs.transpose(1, 2), alpha=-2)  # (M, N, K)
         out.append(dist.argmin(-1).T)
     return torch.stack(out)

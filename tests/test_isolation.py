@@ -1,0 +1,116 @@
+"""Isolation sweep: every RPC of every service, called with a missing, malformed, revoked or
+other tenant's key, or with a tenant key on admin RPCs — nothing succeeds, nothing changes, and
+errors do not reveal whether another tenant's resource exists."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+
+from memory3.sdk.client import Client
+from memory3.sdk.types import BankInfo, Reference
+from memory3.service.server import SERVICE_NAMES
+
+from conftest import ADMIN_KEY
+from helpers import FINGERPRINT, SPEC, expect_status, memory_payload
+
+ADMIN_SERVICES = {"memory3.v1.Tenants"}
+
+
+def all_methods():
+    pool = descriptor_pool.Default()
+    for service_name in SERVICE_NAMES:
+        service = pool.FindServiceByName(service_name)
+        for method in service.methods:
+            yield service_name, method
+
+
+def raw_call(target: str, service_name: str, method, metadata):
+    """Call any method with an empty request through a plain channel, returning the status code."""
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+    path = f"/{service_name}/{method.name}"
+    with grpc.insecure_channel(target) as channel:
+        kwargs = dict(request_serializer=request_class.SerializeToString, response_deserializer=response_class.FromString)
+        if method.client_streaming and method.server_streaming:
+            call = channel.stream_stream(path, **kwargs)
+        elif method.client_streaming:
+            call = channel.stream_unary(path, **kwargs)
+        elif method.server_streaming:
+            call = channel.unary_stream(path, **kwargs)
+        else:
+            call = channel.unary_unary(path, **kwargs)
+        request = iter([request_class()]) if method.client_streaming else request_class()
+        try:
+            result = call(request, metadata=metadata, timeout=10)
+            if method.server_streaming:
+                list(result)
+        except grpc.RpcError as err:
+            return err.code(), err.details()
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [(), (("authorization", "Bearer nonsense"),), (("authorization", "m3_0123456789abcdef_" + "x" * 43),)],
+    ids=["no-key", "malformed", "unknown"],
+)
+def test_every_rpc_refuses_bad_keys(server, metadata):
+    methods = list(all_methods())
+    assert len(methods) >= 13
+    for service_name, method in methods:
+        code, details = raw_call(server.target, service_name, method, metadata)
+        assert code == grpc.StatusCode.UNAUTHENTICATED, f"{service_name}/{method.name}: {code} {details}"
+        assert details
+
+
+def test_revoked_key_is_refused_everywhere(server, admin, tenant):
+    with Client(server.target, tenant.api_key) as client:
+        client.create_bank(BankInfo("kb", FINGERPRINT, SPEC))
+        admin.revoke_key(tenant.key_id)
+        with expect_status(grpc.StatusCode.UNAUTHENTICATED, "revoked"):
+            client.list_banks()
+    for service_name, method in all_methods():
+        code, _ = raw_call(server.target, service_name, method, (("authorization", tenant.api_key),))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, f"{service_name}/{method.name}"
+    with expect_status(grpc.StatusCode.NOT_FOUND):
+        admin.revoke_key(tenant.key_id)
+
+
+def test_admin_rpcs_refuse_tenant_keys_and_data_rpcs_refuse_the_admin_key(server, tenant):
+    for service_name, method in all_methods():
+        key = tenant.api_key if service_name in ADMIN_SERVICES else ADMIN_KEY
+        code, details = raw_call(server.target, service_name, method, (("authorization", key),))
+        assert code == grpc.StatusCode.PERMISSION_DENIED, f"{service_name}/{method.name}: {code} {details}"
+
+
+def test_other_tenants_banks_do_not_exist_for_the_caller(server, new_tenant):
+    alice, bob = new_tenant(), new_tenant()
+    with Client(server.target, alice.api_key) as a, Client(server.target, bob.api_key) as b:
+        b.create_bank(BankInfo("secret", FINGERPRINT, SPEC, "client", 4, "cosine"))
+        b.write("secret", [Reference("doc", "bob's text", {"k": "v"}, [1, 0, 0, 0], memory_payload())])
+        before = (b.stats("secret"), b.fetch("secret", ["doc"]))
+
+        def refused(call, *args, **kwargs):
+            """Bob's real bank and a bank nobody has must fail alike for Alice."""
+            messages = []
+            for name in ("secret", "never-existed"):
+                with expect_status(grpc.StatusCode.NOT_FOUND) as info:
+                    call(name, *args, **kwargs)
+                messages.append(info.value.details().replace(name, "<bank>"))
+            assert messages[0] == messages[1]
+
+        refused(a.get_bank)
+        refused(a.delete_bank)
+        refused(a.stats)
+        refused(a.fetch, ["doc"])
+        refused(a.delete, ["doc"])
+        refused(a.retrieve, vector=[1, 0, 0, 0])
+        refused(a.write, [Reference("evil", "x", {}, [1, 0, 0, 0])])
+        assert a.list_banks() == []
+        # Alice may have her own bank of the same name; it is a different bank.
+        a.create_bank(BankInfo("secret", FINGERPRINT, SPEC, "client", 4, "cosine"))
+        assert a.stats("secret").references == 0
+        assert a.retrieve("secret", vector=[1, 0, 0, 0]) == []
+        assert (b.stats("secret"), b.fetch("secret", ["doc"])) == before

@@ -1,0 +1,139 @@
+"""Operational surface: health and reflection on the service port, migrations on an empty
+database, committed stubs in sync with the .proto files, docker-compose matching the CLI, and
+`memory3 serve` on the embedded default (persistence across restarts, clean SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psycopg
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy import create_engine, inspect, make_url
+
+from memory3.service.db import migrate
+from memory3.service.embedded_pg import libpq_url
+from memory3.service.server import SERVICE_NAMES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_health_and_reflection_answer(server):
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", *SERVICE_NAMES):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        listed = {s.name for s in replies[0].list_services_response.service}
+        assert set(SERVICE_NAMES) | {"grpc.health.v1.Health"} <= listed
+
+
+def test_migrations_run_up_on_an_empty_database(database_url):
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS m3_migration_test")
+        conn.execute("CREATE DATABASE m3_migration_test")
+    url = make_url(database_url).set(database="m3_migration_test").render_as_string(hide_password=False)
+    migrate(url)
+    migrate(url)  # idempotent at head
+    engine = create_engine(url)
+    try:
+        tables = set(inspect(engine).get_table_names())
+        assert {"tenants", "api_keys", "banks", "memory_references", "alembic_version"} <= tables
+    finally:
+        engine.dispose()
+
+
+def test_stubs_match_the_proto_files(tmp_path):
+    subprocess.run(["bash", str(ROOT / "scripts/regen_protos.sh"), str(tmp_path)], cwd=ROOT, check=True)
+    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
+    assert generated, "regenerate script produced nothing"
+    for rel in generated:
+        committed = ROOT / "proto" / rel
+        assert committed.exists(), f"{rel} is not committed"
+        assert committed.read_text() == (tmp_path / rel).read_text(), f"{rel} drifted: run scripts/regen_protos.sh"
+
+
+def test_compose_runs_the_cli_serve_command_on_matching_ports():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    service = compose["services"]["memory3"]
+    command = service["command"]
+    assert command[:2] == ["memory3", "serve"]
+    port = command[command.index("--port") + 1]
+    assert f"{port}:{port}" in service["ports"]
+    assert service["environment"]["DATABASE_URL"].startswith("postgresql://")
+    assert "pgvector/pgvector" in compose["services"]["db"]["image"]
+    assert service["depends_on"]["db"]["condition"] == "service_healthy"
+    assert service["healthcheck"]["test"][1:3] == ["memory3", "health"]
+    from memory3.service.cli import build_parser
+
+    args = build_parser().parse_args(command[1:])
+    assert args.command == "serve" and args.port == int(port) and args.host == "0.0.0.0"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"EXPOSE {port}" in dockerfile
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(data_dir: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_") and k != "DATABASE_URL"}
+    env.update(MEMORY3_DATA_DIR=str(data_dir), MEMORY3_PORT=str(port))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "memory3.service.cli", "serve"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if "listening on" in line:
+            return proc
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited early: {line}{proc.stdout.read()}")
+    raise AssertionError("serve did not start")
+
+
+def _cli(data_dir: Path, port: int, *args: str, key: str | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_") and k != "DATABASE_URL"}
+    env.update(MEMORY3_DATA_DIR=str(data_dir), MEMORY3_PORT=str(port))
+    if key:
+        env["MEMORY3_API_KEY"] = key
+    done = subprocess.run([sys.executable, "-m", "memory3.service.cli", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_serve_embedded_default_persists_and_stops_cleanly(tmp_path):
+    port = _free_port()
+    proc = _start(tmp_path, port)
+    try:
+        _cli(tmp_path, port, "tenant", "create", "acme")  # admin key from data_dir/admin.key
+        key = json.loads(_cli(tmp_path, port, "key", "issue", "acme"))["api_key"]
+        _cli(tmp_path, port, "bank", "create", "kb", "--embedder", "client", "--dimension", "3", key=key)
+        assert _cli(tmp_path, port, "health").strip() == "SERVING"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    pid_file = tmp_path / "pgdata" / "postmaster.pid"
+    assert not pid_file.exists(), "embedded PostgreSQL was left running"
+    proc = _start(tmp_path, port)
+    try:
+        banks = _cli(tmp_path, port, "bank", "list", key=key)
+        assert json.loads(banks)["name"] == "kb"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -107,3 +108,23 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down: draining in-flight calls")
     await running.stop()
+
+
+class BackgroundServer:
+    """A server on its own event-loop thread, for tests, benchmarks and notebooks: blocking and
+    asyncio clients in the caller's thread can both talk to it."""
+
+    def __init__(self, settings: Settings, embedder: BuiltinEmbedder | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="memory3-server", daemon=True)
+        self.thread.start()
+        self.running = self.call(start_server(settings, embedder))
+        self.target = f"127.0.0.1:{self.running.port}"
+
+    def call(self, coroutine, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.running.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

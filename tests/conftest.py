@@ -4,10 +4,8 @@ running in its own thread and event loop so both the async and the blocking clie
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
-import threading
 from dataclasses import dataclass
 
 import pytest
@@ -16,7 +14,7 @@ from memory3.sdk.client import AsyncClient, Client
 from memory3.service.config import load_settings
 from memory3.service.embedded_pg import EmbeddedPostgres
 from memory3.service.embedder import BuiltinEmbedder
-from memory3.service.server import start_server
+from memory3.service.server import BackgroundServer
 
 ADMIN_KEY = "test-admin-" + secrets.token_hex(8)
 
@@ -54,23 +52,7 @@ def embedder():
     return BuiltinEmbedder()
 
 
-class ServerThread:
-    """A memory3 server on its own event loop thread."""
-
-    def __init__(self, settings, embedder) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.running = self.call(start_server(settings, embedder))
-        self.target = f"127.0.0.1:{self.running.port}"
-
-    def call(self, coroutine, timeout: float = 120):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.running.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+ServerThread = BackgroundServer  # kept under the name other test modules use
 
 
 def make_settings(database_url: str, **overrides):

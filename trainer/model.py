@@ -6,14 +6,14 @@ needs no custom code to save, load or ``generate()``.
 
 Presets (parameter counts for a 2048-token vocabulary; see :func:`count_parameters`):
 
-========  ======  ======  =====  ========  ===========  ============================
-preset    layers  hidden  heads  kv heads  ffn          meant for
-========  ======  ======  =====  ========  ===========  ============================
-tiny      4       128     4      2         384          2 CPU cores, a few minutes
-small     6       256     8      4         768          CPU, tens of minutes
-base      12      512     8      4         1536         one GPU, minutes
-large     16      768     12     4         2048         one GPU
-========  ======  ======  =====  ========  ===========  ============================
+========  ======  ======  =====  ========  =====  =======  =============================
+preset    layers  hidden  heads  kv heads  ffn    params   meant for
+========  ======  ======  =====  ========  =====  =======  =============================
+tiny      4       128     4      2         384    1.05 M   2 CPU cores, ~7 minutes
+small     6       256     8      4         768    5.2 M    CPU, tens of minutes
+base      12      512     8      4         1536   38.8 M   one GPU, minutes
+large     16      768     12     4         2048   102 M    one GPU
+========  ======  ======  =====  ========  =====  =======  =============================
 
 ``max_position_embeddings`` covers the memory interval *and* the context: memories own positions
 ``[0, reference_length)`` and the context starts after them (:class:`MemorySpec`), so a context of

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from memory3.sdk.memory_spec import MemorySpec
 
+from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound
 
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -64,8 +66,13 @@ _COLUMNS = "id, tenant_id, name, model_fingerprint, memory_spec, embedder_name, 
 
 
 class BankStore:
-    def __init__(self, engine: AsyncEngine, hnsw_m: int = 16, hnsw_ef_construction: int = 64) -> None:
+    def __init__(
+        self, engine: AsyncEngine, hnsw_m: int = 16, hnsw_ef_construction: int = 64, cache_seconds: float = 2.0
+    ) -> None:
         self.engine = engine
+        self.cache_seconds = cache_seconds
+        self._cache: dict[tuple[int, str], tuple[Bank, float]] = {}
+        self.reads = autocommit(engine)
         self.hnsw_m = hnsw_m
         self.hnsw_ef_construction = hnsw_ef_construction
 
@@ -126,12 +133,21 @@ class BankStore:
         return _bank_from_row(row) if row else None
 
     async def get(self, tenant_id: int, name: str) -> Bank:
-        """The caller's bank; another tenant's bank of the same name does not exist for the caller."""
+        """The caller's bank; another tenant's bank of the same name does not exist for the caller.
+
+        Bank definitions never change, so they are cached briefly; a bank deleted through another
+        replica shows up as a missing partition, which the reference store reports as NOT_FOUND."""
         check_bank_name(name)
-        async with self.engine.connect() as conn:
+        cached = self._cache.get((tenant_id, name))
+        if cached and time.monotonic() - cached[1] < self.cache_seconds:
+            return cached[0]
+        async with self.reads.connect() as conn:
             bank = await self._get(conn, tenant_id, name)
         if bank is None:
             raise NotFound(f"bank {name!r} not found")
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[(tenant_id, name)] = (bank, time.monotonic())
         return bank
 
     async def list(self, tenant_id: int, page_size: int, after: str) -> tuple[list[Bank], str]:
@@ -158,4 +174,5 @@ class BankStore:
             count = (await conn.execute(text(f"SELECT count(*) FROM {bank.partition}"))).scalar()
             await conn.execute(text(f"DROP TABLE {bank.partition}"))
             await conn.execute(text("DELETE FROM banks WHERE id = :id"), {"id": bank.id})
+        self._cache.pop((tenant_id, name), None)
         return int(count)

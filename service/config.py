@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     max_top_k: int = Field(default=1024, description="Largest top_k a Retrieve may ask for")
     max_fetch_ids: int = Field(default=10_000, description="Most ids in one Fetch or Delete")
     write_batch_rows: int = Field(default=256, description="Rows staged per binary COPY batch in a Write")
+    log_batch_episodes: int = Field(default=512, description="Episodes staged per binary COPY batch in a trajectory Log stream")
+    max_episode_tokens: int = Field(default=65_536, description="Most prompt + response tokens of one logged episode")
+    max_episode_decisions: int = Field(default=65_536, description="Most proxy decisions of one logged episode")
+    max_hidden_state_bytes: int = Field(default=4 * MiB, description="Largest compressed hidden states of one episode")
+    read_page_episodes: int = Field(default=256, description="Episodes per Read page when the caller does not say")
+    max_read_page_episodes: int = Field(default=4096, description="Largest Read page a caller may ask for")
+    max_proxy_bytes: int = Field(default=512 * MiB, description="Largest proxy weights file Publish accepts")
     db_pool_size: int = Field(default=10, description="Database connections kept open")
     db_max_overflow: int = Field(default=20, description="Extra connections allowed under load")
     hnsw_m: int = Field(default=16, description="HNSW graph degree of each bank's index")
@@ -51,6 +58,7 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(default=2.0, description="How long a verified API key is trusted unrechecked")
     target: str | None = Field(default=None, description="Server the CLI's client commands talk to (default host:port)")
     api_key: str | None = Field(default=None, description="Key the CLI's client commands send (tenant or admin key)")
+    bank_cache_seconds: float = Field(default=2.0, description="How long a bank definition is cached per replica")
     log_level: str = Field(default="INFO", description="Python logging level")
 
 

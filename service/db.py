@@ -48,11 +48,24 @@ def create_engine_for(url: str, settings: Settings) -> AsyncEngine:
         url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_pre_ping=True
     )
 
+    async def prepare(connection) -> None:
+        await register_vector_async(connection)
+        # Search settings once per connection, not once per query: a round trip saved per Retrieve.
+        # relaxed_order lets filtered HNSW scans keep going until enough rows pass the filter.
+        await connection.execute(f"SET hnsw.ef_search = {int(settings.hnsw_ef_search)}")
+        await connection.execute("SET hnsw.iterative_scan = relaxed_order")
+        await connection.commit()
+
     @event.listens_for(engine.sync_engine, "connect")
-    def _register_vector(dbapi_connection, _record) -> None:
-        dbapi_connection.run_async(register_vector_async)
+    def _prepare(dbapi_connection, _record) -> None:
+        dbapi_connection.run_async(prepare)
 
     return engine
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool without BEGIN/ROLLBACK around each read: single statements need no transaction."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 __all__ = ["migrate", "create_engine_for", "register_vector", "alembic_config"]

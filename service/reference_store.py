@@ -4,17 +4,22 @@ table inside one transaction and upsert them at commit: a Write stream is all or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .bank_store import METRICS, Bank
+from .db import autocommit
+from .errors import NotFound
 
 
 @dataclass
@@ -69,6 +74,17 @@ _STAGING_COLUMNS = "seq, external_id, text, metadata, embedding, memory, memory_
 _STAGING_TYPES = ["int8", "text", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
 
 
+@contextlib.asynccontextmanager
+async def _bank_partition(bank: Bank):
+    """Turn 'relation does not exist' (bank dropped meanwhile, e.g. by another replica) into NOT_FOUND."""
+    try:
+        yield
+    except DBAPIError as err:
+        if isinstance(err.orig, psycopg.errors.UndefinedTable):
+            raise NotFound(f"bank {bank.name!r} not found") from None
+        raise
+
+
 @dataclass
 class BankWriter:
     """One Write stream's transaction: stage batches with COPY, then upsert all at commit."""
@@ -111,6 +127,10 @@ class BankWriter:
 
     async def commit(self) -> WriteCounts:
         """Upsert the staged rows (the last one wins for an id written twice in one stream)."""
+        async with _bank_partition(self.bank):
+            return await self._upsert()
+
+    async def _upsert(self) -> WriteCounts:
         result = await self.conn.execute(
             text(
                 f"""
@@ -147,6 +167,7 @@ def _vector_sql(bank: Bank, param: str) -> str:
 class ReferenceStore:
     def __init__(self, engine: AsyncEngine, ef_search: int = 100) -> None:
         self.engine = engine
+        self.reads = autocommit(engine)
         self.ef_search = ef_search
 
     def writer(self, bank: Bank, conn: AsyncConnection) -> BankWriter:
@@ -160,10 +181,10 @@ class ReferenceStore:
         distance = f"(embedding::vector({int(bank.embedder_dim)}) {operator} {_vector_sql(bank, 'q')})"
         where = "WHERE metadata @> CAST(:filter AS jsonb)" if metadata_filter else ""
         memory_column = "memory" if with_memory else "NULL::bytea"
-        async with self.engine.begin() as conn:
-            await conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(int(self.ef_search), limit)}"))
-            if metadata_filter:
-                await conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+        connection = self.engine.begin() if limit > self.ef_search else self.reads.connect()
+        async with _bank_partition(bank), connection as conn:
+            if limit > self.ef_search:  # the connection's default ef_search would cap the results
+                await conn.execute(text(f"SET LOCAL hnsw.ef_search = {int(limit)}"))
             rows = await conn.execute(
                 text(
                     f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column} AS memory,"
@@ -179,7 +200,7 @@ class ReferenceStore:
 
     async def fetch(self, bank: Bank, external_ids: list[str], with_memory: bool) -> list[StoredRow]:
         memory_column = "memory" if with_memory else "NULL::bytea"
-        async with self.engine.connect() as conn:
+        async with _bank_partition(bank), self.reads.connect() as conn:
             rows = await conn.execute(
                 text(
                     f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column} AS memory"
@@ -191,14 +212,14 @@ class ReferenceStore:
         return [by_id[i] for i in dict.fromkeys(external_ids) if i in by_id]
 
     async def delete(self, bank: Bank, external_ids: list[str]) -> int:
-        async with self.engine.begin() as conn:
+        async with _bank_partition(bank), self.engine.begin() as conn:
             result = await conn.execute(
                 text(f"DELETE FROM {bank.partition} WHERE external_id = ANY(:ids)"), {"ids": list(external_ids)}
             )
         return result.rowcount
 
     async def stats(self, bank: Bank) -> dict[str, int]:
-        async with self.engine.connect() as conn:
+        async with _bank_partition(bank), self.reads.connect() as conn:
             row = (
                 await conn.execute(
                     text(

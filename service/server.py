@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from memory3.v1 import banks_pb2, banks_pb2_grpc, memories_pb2, memories_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+from memory3.v1 import proxies_pb2, proxies_pb2_grpc, trajectories_pb2, trajectories_pb2_grpc
 
 from .admin import BanksServicer, TenantsServicer
 from .auth import Authenticator, resolve_admin_key
@@ -23,8 +24,12 @@ from .db import create_engine_for, migrate
 from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
 from .embedder import BuiltinEmbedder
 from .memories import MemoriesServicer
+from .proxies import ProxiesServicer
+from .proxy_store import ProxyStore
 from .reference_store import ReferenceStore
 from .tenant_store import TenantStore
+from .trajectories import TrajectoriesServicer
+from .trajectory_store import TrajectoryStore
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ SERVICE_NAMES = (
     banks_pb2.DESCRIPTOR.services_by_name["Banks"].full_name,
     memories_pb2.DESCRIPTOR.services_by_name["Memories"].full_name,
     tenants_pb2.DESCRIPTOR.services_by_name["Tenants"].full_name,
+    trajectories_pb2.DESCRIPTOR.services_by_name["Trajectories"].full_name,
+    proxies_pb2.DESCRIPTOR.services_by_name["Proxies"].full_name,
 )
 
 
@@ -76,7 +83,7 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     if admin_key_path:
         log.info("admin key (MEMORY3_ADMIN_KEY unset) is in %s", admin_key_path)
     auth = Authenticator(tenants, admin_key)
-    banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction)
+    banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction, settings.bank_cache_seconds)
     refs = ReferenceStore(engine, settings.hnsw_ef_search)
     embedder = embedder or BuiltinEmbedder(settings.embedder_device)
 
@@ -86,6 +93,10 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
         MemoriesServicer(settings, auth, banks, refs, embedder), server
     )
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants), server)
+    trajectories_pb2_grpc.add_TrajectoriesServicer_to_server(
+        TrajectoriesServicer(settings, auth, TrajectoryStore(engine)), server
+    )
+    proxies_pb2_grpc.add_ProxiesServicer_to_server(ProxiesServicer(settings, auth, ProxyStore(engine)), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

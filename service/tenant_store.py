@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 
 KEY_PATTERN = re.compile(r"^m3_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})$")
@@ -94,7 +95,7 @@ class TenantStore:
         if not match:
             raise Unauthenticated("malformed API key")
         key_id, secret = match.groups()
-        async with self.engine.connect() as conn:
+        async with autocommit(self.engine).connect() as conn:
             row = (
                 await conn.execute(
                     text("SELECT tenant_id, secret_hash, revoked_at FROM api_keys WHERE key_id = :k"), {"k": key_id}

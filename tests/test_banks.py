@@ -61,3 +61,26 @@ def test_invalid_definitions_are_refused_and_create_nothing(client):
         with expect_status(grpc.StatusCode.INVALID_ARGUMENT, message):
             client.create_bank(bank)
     assert client.list_banks() == []
+
+
+def test_bank_dropped_elsewhere_is_not_found_not_internal(client, server):
+    """A replica whose cache still knows a bank that another replica dropped answers NOT_FOUND."""
+    from sqlalchemy import text
+
+    from memory3.sdk.types import Reference
+
+    client.create_bank(BankInfo("gone", FINGERPRINT, SPEC, "client", 3, "l2"))
+    client.write("gone", [Reference("a", "t", {}, [1, 2, 3])])
+    engine = server.running.engine
+
+    async def drop_behind_the_cache():
+        async with engine.begin() as conn:
+            bank_id = (await conn.execute(text("SELECT id FROM banks WHERE name = 'gone'"))).scalar()
+            await conn.execute(text(f"DROP TABLE memory_references_b{bank_id}"))
+            await conn.execute(text("DELETE FROM banks WHERE id = :i"), {"i": bank_id})
+
+    server.call(drop_behind_the_cache())
+    for call in (lambda: client.stats("gone"), lambda: client.retrieve("gone", vector=[1, 2, 3]),
+                 lambda: client.fetch("gone", ["a"]), lambda: client.write("gone", [Reference("b", "t", {}, [1, 2, 3])])):
+        with expect_status(grpc.StatusCode.NOT_FOUND, "'gone'"):
+            call()

@@ -1,0 +1,215 @@
+"""The Trajectories service: Log (client stream, deduplicated by episode id), AttachReward,
+Read (filtered, paged, resumable by cursor) and Count — each scoped to the caller's tenant.
+
+An episode's bank is recorded as the name the generation read from; it need not still exist
+(a bank can be deleted while its trajectories stay useful for training), so Log checks its
+spelling, not its existence."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timezone
+
+import numpy as np
+
+from memory3.v1 import trajectories_pb2, trajectories_pb2_grpc
+
+from .auth import Authenticator
+from .bank_store import check_bank_name
+from .config import Settings
+from .convert import timestamp
+from .errors import InvalidArgument, ResourceExhausted, ServiceError, rpc
+from .memories import MemoriesServicer
+from .trajectory_store import (
+    DECISION_COLUMNS, EpisodeFilter, EpisodeRow, TrajectoryStore, decode_cursor, encode_cursor,
+)
+
+EPISODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+REWARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
+MAX_FINGERPRINT = 128
+_INT32_MAX = 2**31 - 1
+
+
+def check_episode_id(episode_id: str) -> None:
+    if not EPISODE_ID.match(episode_id or ""):
+        raise InvalidArgument(
+            f"episode_id {episode_id[:64]!r} must be 1-128 characters of letters, digits, '_', '.', ':', '-'"
+        )
+
+
+def check_reward(episode_id: str, name: str, value: float) -> None:
+    if not REWARD_NAME.match(name or ""):
+        raise InvalidArgument(f"episode {episode_id!r}: reward name {name[:64]!r} must be 1-64 characters of "
+                              "letters, digits, '_', '.', ':', '/', '-'")
+    if not math.isfinite(value):
+        raise InvalidArgument(f"episode {episode_id!r}: reward {name!r} is {value}; rewards must be finite")
+
+
+def check_fingerprint(fingerprint: str, what: str) -> None:
+    if not fingerprint or len(fingerprint) > MAX_FINGERPRINT or "\x00" in fingerprint:
+        raise InvalidArgument(f"{what}: model_fingerprint is required (at most {MAX_FINGERPRINT} characters)")
+
+
+def _probabilities(values, what: str, episode_id: str) -> list[float]:
+    array = np.asarray(values, dtype=np.float64)
+    if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+        raise InvalidArgument(f"episode {episode_id!r}: {what} must be probabilities in [0, 1]")
+    return list(values)
+
+
+def _non_negative(values, what: str, episode_id: str, upper: int = _INT32_MAX) -> list[int]:
+    values = list(values)
+    if values and (min(values) < 0 or max(values) > upper):
+        raise InvalidArgument(f"episode {episode_id!r}: {what} must be between 0 and {upper}")
+    return values
+
+
+def row_from_record(record: trajectories_pb2.EpisodeRecord, settings: Settings) -> EpisodeRow:
+    """Validate a logged episode; INVALID_ARGUMENT / RESOURCE_EXHAUSTED say which and why."""
+    eid = record.episode_id
+    check_episode_id(eid)
+    if record.bank:
+        check_bank_name(record.bank)
+    check_fingerprint(record.model_fingerprint, f"episode {eid!r}")
+    if record.proxy_version < 0:
+        raise InvalidArgument(f"episode {eid!r}: proxy_version must not be negative")
+    if len(record.prompt_ids) + len(record.response_ids) > settings.max_episode_tokens:
+        raise ResourceExhausted(f"episode {eid!r}: more than {settings.max_episode_tokens} prompt + response tokens")
+    n = len(record.decision_position)
+    if n > settings.max_episode_decisions:
+        raise ResourceExhausted(f"episode {eid!r}: more than {settings.max_episode_decisions} decisions")
+    lengths = {c: len(getattr(record, c)) for c in DECISION_COLUMNS}
+    if set(lengths.values()) != {n}:
+        shown = ", ".join(f"{c}={k}" for c, k in lengths.items())
+        raise InvalidArgument(f"episode {eid!r}: decision arrays must have equal lengths ({shown})")
+    if len(record.hidden_states) > settings.max_hidden_state_bytes:
+        raise ResourceExhausted(f"episode {eid!r}: hidden_states exceed {settings.max_hidden_state_bytes} bytes")
+    rewards = dict(record.rewards)
+    for name, value in rewards.items():
+        check_reward(eid, name, value)
+    decisions = (
+        _non_negative(record.decision_position, "decision positions", eid, len(record.response_ids)),
+        _non_negative(record.decision_token, "decision tokens", eid),
+        _probabilities(record.decision_llm_prob, "decision llm_prob", eid),
+        _non_negative(record.decision_rank, "decision ranks", eid),
+        _probabilities(record.decision_p_accept, "decision p_accept", eid),
+        list(record.decision_accepted),
+        _non_negative(record.decision_rejections, "decision rejections", eid),
+    )
+    return EpisodeRow(
+        eid, record.bank, record.model_fingerprint, record.proxy_version,
+        _non_negative(record.prompt_ids, "prompt_ids", eid), _non_negative(record.response_ids, "response_ids", eid),
+        decisions, rewards, record.hidden_states or None,
+    )
+
+
+def record_from_row(row: EpisodeRow) -> trajectories_pb2.EpisodeRecord:
+    record = trajectories_pb2.EpisodeRecord(
+        episode_id=row.episode_id, bank=row.bank, model_fingerprint=row.model_fingerprint,
+        proxy_version=row.proxy_version, prompt_ids=row.prompt_ids, response_ids=row.response_ids,
+        rewards=row.rewards, hidden_states=row.hidden_states or b"", logged_at=timestamp(row.logged_at),
+    )
+    for column, values in zip(DECISION_COLUMNS, row.decisions):
+        getattr(record, column).extend(values)
+    return record
+
+
+def filter_from_proto(message: trajectories_pb2.EpisodeFilter, max_ids: int) -> EpisodeFilter:
+    flt = EpisodeFilter(
+        bank=message.bank if message.HasField("bank") else None,
+        proxy_version=message.proxy_version if message.HasField("proxy_version") else None,
+        model_fingerprint=message.model_fingerprint if message.HasField("model_fingerprint") else None,
+        logged_after=message.logged_after.ToDatetime(tzinfo=timezone.utc) if message.HasField("logged_after") else None,
+        logged_before=message.logged_before.ToDatetime(tzinfo=timezone.utc) if message.HasField("logged_before") else None,
+        episode_ids=list(message.episode_ids),
+    )
+    if len(flt.episode_ids) > max_ids:
+        raise InvalidArgument(f"at most {max_ids} episode_ids per filter, got {len(flt.episode_ids)}")
+    return flt
+
+
+class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
+    def __init__(self, settings: Settings, auth: Authenticator, store: TrajectoryStore) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.store = store
+
+    @rpc
+    async def Log(self, request_iterator, context):
+        try:
+            return await self._log(request_iterator, context)
+        except ServiceError:
+            await MemoriesServicer._drain(self, request_iterator)  # same bounded drain as Write (needs .settings)
+            raise
+
+    async def _log(self, request_iterator, context):
+        tenant_id = await self.auth.tenant(context)
+        batch: list[EpisodeRow] = []
+        async with self.store.engine.begin() as conn:
+            writer = self.store.writer(conn, tenant_id)
+            await writer.start()
+            async for message in request_iterator:
+                for record in message.episodes:
+                    batch.append(row_from_record(record, self.settings))
+                if len(batch) >= self.settings.log_batch_episodes:
+                    await writer.stage(batch)
+                    batch = []
+            await writer.stage(batch)
+            counts = await writer.commit()
+        return trajectories_pb2.LogSummary(
+            logged=counts.logged, duplicates=counts.duplicates, decisions=counts.decisions
+        )
+
+    @rpc
+    async def AttachReward(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        check_episode_id(request.episode_id)
+        check_reward(request.episode_id, request.name, request.value)
+        changed, rewards = await self.store.attach_reward(tenant_id, request.episode_id, request.name, request.value)
+        return trajectories_pb2.AttachRewardResponse(changed=changed, rewards=rewards)
+
+    @rpc
+    async def Read(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        flt = filter_from_proto(request.filter, self.settings.max_fetch_ids)
+        after = decode_cursor(request.cursor)
+        if request.page_size < 0 or request.limit < 0:
+            raise InvalidArgument("page_size and limit must not be negative")
+        if request.page_size > self.settings.max_read_page_episodes:
+            raise InvalidArgument(f"page_size exceeds the limit of {self.settings.max_read_page_episodes}")
+        page_size = request.page_size or self.settings.read_page_episodes
+        remaining = request.limit or None
+        # A page also ends at half the message limit, so large episodes never make an oversized message.
+        byte_budget = self.settings.max_message_bytes // 2
+        while remaining is None or remaining > 0:
+            want = page_size if remaining is None else min(page_size, remaining)
+            rows = await self.store.read(
+                tenant_id, flt, after, want, not request.omit_decisions, request.include_hidden_states
+            )
+            if not rows:
+                return
+            page = trajectories_pb2.ReadPage()
+            size, whole = 0, True
+            for row in rows:
+                record = record_from_row(row)
+                size += record.ByteSize()
+                if page.episodes and size > byte_budget:
+                    whole = False
+                    break
+                page.episodes.append(record)
+                after = row.seq
+            page.next_cursor = encode_cursor(after)
+            yield page
+            if remaining is not None:
+                remaining -= len(page.episodes)
+            if whole and len(rows) < want:
+                return
+
+    @rpc
+    async def Count(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        episodes, decisions = await self.store.count(
+            tenant_id, filter_from_proto(request.filter, self.settings.max_fetch_ids)
+        )
+        return trajectories_pb2.CountResponse(episodes=episodes, decisions=decisions)

@@ -1,0 +1,249 @@
+"""Trajectories of the proxy policy: one row per episode, decisions as parallel arrays (see
+migration 0002 for why). Log streams stage episodes with binary COPY into a temporary table and
+insert them at commit with ``ON CONFLICT DO NOTHING`` on (tenant, episode id): a retried or
+replayed episode is counted as a duplicate, never stored twice, and a stream is all or nothing."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from psycopg.types.json import Jsonb
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .errors import InvalidArgument, NotFound
+
+DECISION_COLUMNS = (
+    "decision_position", "decision_token", "decision_llm_prob", "decision_rank",
+    "decision_p_accept", "decision_accepted", "decision_rejections",
+)
+_DECISION_TYPES = ["int4[]", "int4[]", "float4[]", "int4[]", "float4[]", "bool[]", "int4[]"]
+
+# Columns a Log stream stages, in COPY order (stream_seq keeps the client's order for seqs).
+_STAGED = (
+    "stream_seq", "episode_id", "bank", "model_fingerprint", "proxy_version", "prompt_ids", "response_ids",
+    "n_decisions", *DECISION_COLUMNS, "rewards", "hidden_states",
+)
+_STAGED_TYPES = ["int8", "text", "text", "text", "int8", "int4[]", "int4[]", "int4", *_DECISION_TYPES, "jsonb", "bytea"]
+
+CURSOR = re.compile(r"^c1\.(\d{1,19})$")
+
+
+@dataclass
+class EpisodeRow:
+    """An episode as stored: plain lists, validated by the servicer before it gets here."""
+
+    episode_id: str
+    bank: str
+    model_fingerprint: str
+    proxy_version: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    decisions: tuple[list, ...]  # the seven DECISION_COLUMNS, equal lengths
+    rewards: dict[str, float]
+    hidden_states: bytes | None = None
+    logged_at: datetime | None = None
+    seq: int = 0
+
+    @property
+    def n_decisions(self) -> int:
+        return len(self.decisions[0])
+
+
+@dataclass
+class EpisodeFilter:
+    bank: str | None = None
+    proxy_version: int | None = None
+    model_fingerprint: str | None = None
+    logged_after: datetime | None = None
+    logged_before: datetime | None = None
+    episode_ids: list[str] = field(default_factory=list)
+
+    def where(self, tenant_id: int) -> tuple[str, dict]:
+        """SQL condition and parameters; only fixed column names, user values are parameters."""
+        clauses, params = ["tenant_id = :tenant"], {"tenant": tenant_id}
+        for column, value in (
+            ("bank", self.bank), ("proxy_version", self.proxy_version), ("model_fingerprint", self.model_fingerprint)
+        ):
+            if value is not None:
+                clauses.append(f"{column} = :{column}")
+                params[column] = value
+        if self.logged_after is not None:
+            clauses.append("logged_at >= :after")
+            params["after"] = self.logged_after
+        if self.logged_before is not None:
+            clauses.append("logged_at < :before")
+            params["before"] = self.logged_before
+        if self.episode_ids:
+            clauses.append("episode_id = ANY(:ids)")
+            params["ids"] = list(self.episode_ids)
+        return " AND ".join(clauses), params
+
+
+def encode_cursor(seq: int) -> str:
+    return f"c1.{seq}"
+
+
+def decode_cursor(cursor: str) -> int:
+    """The seq a cursor resumes after; "" is the beginning."""
+    if not cursor:
+        return 0
+    match = CURSOR.match(cursor)
+    if not match:
+        raise InvalidArgument("cursor is not one this service issued (pass next_cursor back unchanged)")
+    return int(match.group(1))
+
+
+@dataclass
+class LogCounts:
+    logged: int = 0
+    duplicates: int = 0
+    decisions: int = 0
+
+
+@dataclass
+class EpisodeWriter:
+    """One Log stream's transaction: stage batches with COPY, insert the new ones at commit."""
+
+    conn: AsyncConnection
+    tenant_id: int
+    _received: int = 0
+
+    async def start(self) -> None:
+        await self.conn.execute(
+            text(
+                "CREATE TEMP TABLE m3_episode_staging (stream_seq bigint, episode_id text, bank text,"
+                " model_fingerprint text, proxy_version bigint, prompt_ids int4[], response_ids int4[],"
+                " n_decisions int4, decision_position int4[], decision_token int4[], decision_llm_prob float4[],"
+                " decision_rank int4[], decision_p_accept float4[], decision_accepted bool[],"
+                " decision_rejections int4[], rewards jsonb, hidden_states bytea) ON COMMIT DROP"
+            )
+        )
+
+    async def stage(self, rows: list[EpisodeRow]) -> None:
+        if not rows:
+            return
+        raw = await self.conn.get_raw_connection()
+        async with raw.driver_connection.cursor() as cursor:
+            async with cursor.copy(
+                f"COPY m3_episode_staging ({', '.join(_STAGED)}) FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(_STAGED_TYPES)
+                for row in rows:
+                    self._received += 1
+                    await copy.write_row(
+                        (
+                            self._received, row.episode_id, row.bank, row.model_fingerprint, row.proxy_version,
+                            row.prompt_ids, row.response_ids, row.n_decisions, *row.decisions,
+                            Jsonb(row.rewards), row.hidden_states,
+                        )
+                    )
+
+    async def commit(self) -> LogCounts:
+        """Insert the staged episodes that are new for the tenant (first copy of an id wins).
+
+        The per-tenant advisory lock is taken here, after the slow staging, and held until the
+        transaction commits: seqs are then assigned in commit order within a tenant, which is
+        what lets a Read cursor (last seq seen) never miss a row that commits later."""
+        if not self._received:
+            return LogCounts()
+        await self.conn.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext('trajectories'), hashtext(CAST(:t AS text)))"),
+            {"t": self.tenant_id},
+        )
+        columns = ", ".join(_STAGED[1:])
+        result = await self.conn.execute(
+            text(
+                f"""
+                WITH firsts AS (
+                    SELECT DISTINCT ON (episode_id) * FROM m3_episode_staging ORDER BY episode_id, stream_seq
+                ), inserted AS (
+                    INSERT INTO trajectory_episodes (tenant_id, {columns})
+                    SELECT :tenant, {columns} FROM firsts ORDER BY stream_seq
+                    ON CONFLICT (tenant_id, episode_id) DO NOTHING
+                    RETURNING n_decisions
+                )
+                SELECT count(*), coalesce(sum(n_decisions), 0) FROM inserted
+                """
+            ),
+            {"tenant": self.tenant_id},
+        )
+        logged, decisions = result.one()
+        return LogCounts(int(logged), self._received - int(logged), int(decisions))
+
+
+_READ_COLUMNS = (
+    "seq, episode_id, bank, model_fingerprint, proxy_version, logged_at, prompt_ids, response_ids, rewards"
+)
+
+
+class TrajectoryStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def writer(self, conn: AsyncConnection, tenant_id: int) -> EpisodeWriter:
+        return EpisodeWriter(conn, tenant_id)
+
+    async def read(
+        self, tenant_id: int, flt: EpisodeFilter, after_seq: int, limit: int, with_decisions: bool, with_hidden: bool
+    ) -> list[EpisodeRow]:
+        """Up to ``limit`` episodes after ``after_seq``, in log order."""
+        where, params = flt.where(tenant_id)
+        decisions = ", ".join(DECISION_COLUMNS) if with_decisions else ""
+        hidden = "hidden_states" if with_hidden else "NULL::bytea AS hidden_states"
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    f"SELECT {_READ_COLUMNS}, {hidden}{', ' + decisions if decisions else ''}"
+                    f" FROM trajectory_episodes WHERE {where} AND seq > :after ORDER BY seq LIMIT :limit"
+                ),
+                {**params, "after": after_seq, "limit": limit},
+            )
+            empty = ([],) * len(DECISION_COLUMNS)
+            return [
+                EpisodeRow(
+                    r.episode_id, r.bank, r.model_fingerprint, r.proxy_version, r.prompt_ids, r.response_ids,
+                    tuple(getattr(r, c) for c in DECISION_COLUMNS) if with_decisions else empty,
+                    r.rewards, r.hidden_states, r.logged_at, r.seq,
+                )
+                for r in rows
+            ]
+
+    async def count(self, tenant_id: int, flt: EpisodeFilter) -> tuple[int, int]:
+        where, params = flt.where(tenant_id)
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(f"SELECT count(*), coalesce(sum(n_decisions), 0) FROM trajectory_episodes WHERE {where}"),
+                    params,
+                )
+            ).one()
+        return int(row[0]), int(row[1])
+
+    async def attach_reward(self, tenant_id: int, episode_id: str, name: str, value: float) -> tuple[bool, dict]:
+        """Set one named reward; (changed, the episode's rewards). Unknown episode: NOT_FOUND."""
+        async with self.engine.begin() as conn:
+            updated = (
+                await conn.execute(
+                    text(
+                        "UPDATE trajectory_episodes SET rewards = rewards || jsonb_build_object(CAST(:name AS text),"
+                        " CAST(:value AS float8)) WHERE tenant_id = :t AND episode_id = :e"
+                        " AND rewards -> CAST(:name AS text) IS DISTINCT FROM to_jsonb(CAST(:value AS float8))"
+                        " RETURNING rewards"
+                    ),
+                    {"t": tenant_id, "e": episode_id, "name": name, "value": value},
+                )
+            ).first()
+            if updated is not None:
+                return True, updated.rewards
+            current = (
+                await conn.execute(
+                    text("SELECT rewards FROM trajectory_episodes WHERE tenant_id = :t AND episode_id = :e"),
+                    {"t": tenant_id, "e": episode_id},
+                )
+            ).first()
+        if current is None:
+            raise NotFound(f"episode {episode_id!r} not found")
+        return False, current.rewards

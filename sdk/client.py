@@ -16,6 +16,7 @@ import grpc
 
 from memory3.v1 import banks_pb2, banks_pb2_grpc, memories_pb2, memories_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
+from .trajectory_client import TrajectoryMethods
 from .types import BankInfo, BankStats, Reference, StoredReference, WriteSummary
 from .wire import DEFAULT_CHUNK_BYTES, FrameAssembler, bank_from_proto, bank_to_proto, write_requests
 
@@ -31,6 +32,8 @@ _RETRY_POLICY = {
 _IDEMPOTENT = {
     "memory3.v1.Banks": ["CreateBank", "GetBank", "ListBanks"],
     "memory3.v1.Memories": ["Retrieve", "Fetch", "Delete", "Stats"],
+    "memory3.v1.Trajectories": ["AttachReward", "Read", "Count"],
+    "memory3.v1.Proxies": ["Get", "List"],
 }
 SERVICE_CONFIG = json.dumps(
     {
@@ -50,8 +53,9 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     ]
 
 
-class AsyncClient:
-    """asyncio client. ``api_key`` is a tenant key (data) or the admin key (tenants)."""
+class AsyncClient(TrajectoryMethods):
+    """asyncio client. ``api_key`` is a tenant key (data) or the admin key (tenants).
+    Trajectory and proxy-registry calls come from :class:`TrajectoryMethods`."""
 
     def __init__(
         self,

@@ -5,16 +5,60 @@ from __future__ import annotations
 from memory3.v1 import banks_pb2, banks_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
 from .auth import Authenticator
-from .bank_store import BankStore
+from .bank_store import BankStore, CodebookStore
+from .config import Settings
 from .convert import bank_from_proto, bank_to_proto, timestamp
-from .errors import InvalidArgument, rpc
+from .errors import InvalidArgument, ResourceExhausted, rpc
 from .tenant_store import TenantStore
 
 
-class BanksServicer(banks_pb2_grpc.BanksServicer):
-    def __init__(self, auth: Authenticator, banks: BankStore) -> None:
+class CodebooksMixin:
+    """PutCodebook / GetCodebook of the Banks service."""
+
+    @rpc
+    async def PutCodebook(self, request_iterator, context):
+        tenant_id = await self.auth.tenant(context)
+        bank, blob = None, bytearray()
+        async for message in request_iterator:
+            if bank is None:
+                bank = await self.banks.get(tenant_id, message.bank)
+            elif message.bank and message.bank != bank.name:
+                raise InvalidArgument("one PutCodebook stream uploads to one bank")
+            blob += message.chunk
+            if len(blob) > self.max_codebook_bytes:
+                raise ResourceExhausted(f"codebook exceeds {self.max_codebook_bytes} bytes")
+        if bank is None:
+            raise InvalidArgument("empty PutCodebook stream")
+        stored, _ = await self.codebooks.put(bank, bytes(blob))
+        return _codebook_proto(bank.name, stored)
+
+    @rpc
+    async def GetCodebook(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        bank = await self.banks.get(tenant_id, request.bank)
+        stored = await self.codebooks.get(bank, request.version)
+        chunk = self.chunk_bytes
+        yield banks_pb2.CodebookChunk(codebook=_codebook_proto(bank.name, stored), chunk=stored.blob[:chunk])
+        for start in range(chunk, len(stored.blob), chunk):
+            yield banks_pb2.CodebookChunk(chunk=stored.blob[start : start + chunk])
+
+
+def _codebook_proto(bank: str, stored) -> banks_pb2.Codebook:
+    return banks_pb2.Codebook(
+        bank=bank, version=stored.version, digest=stored.digest.hex(), size=stored.size,
+        created_at=timestamp(stored.created_at),
+    )
+
+
+class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
+    def __init__(
+        self, auth: Authenticator, banks: BankStore, codebooks: CodebookStore, settings: Settings
+    ) -> None:
         self.auth = auth
         self.banks = banks
+        self.codebooks = codebooks
+        self.chunk_bytes = settings.chunk_bytes
+        self.max_codebook_bytes = settings.max_memory_bytes
 
     @rpc
     async def CreateBank(self, request, context):

@@ -176,3 +176,90 @@ class BankStore:
             await conn.execute(text("DELETE FROM banks WHERE id = :id"), {"id": bank.id})
         self._cache.pop((tenant_id, name), None)
         return int(count)
+
+
+@dataclass(frozen=True)
+class StoredCodebook:
+    version: int
+    digest: bytes
+    blob: bytes | None
+    size: int
+    created_at: datetime
+
+
+class CodebookStore:
+    """PQ codebooks of a bank: validated with the SDK's own codebook reader, never re-parsed here."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.reads = autocommit(engine)
+        self._digests: dict[tuple[int, int], bytes] = {}
+
+    async def put(self, bank: Bank, blob: bytes) -> tuple[StoredCodebook, bool]:
+        from memory3.sdk.pq import CodebookError, PQCodebook
+
+        try:
+            codebook = PQCodebook.from_bytes(blob)
+            codebook.check_shape(len(bank.spec.memory_layers), bank.spec.kv_heads, bank.spec.head_dim)
+        except CodebookError as err:
+            raise InvalidArgument(f"invalid codebook: {err}") from None
+        if codebook.fingerprint != bank.model_fingerprint:
+            raise InvalidArgument(
+                f"codebook was trained for model {codebook.fingerprint[:12]}…, bank {bank.name!r} holds "
+                f"memories of {bank.model_fingerprint[:12]}…"
+            )
+        digest = codebook.digest
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "INSERT INTO bank_codebooks (bank_id, version, digest, blob) VALUES (:b, :v, :d, :blob)"
+                        " ON CONFLICT (bank_id, version) DO NOTHING RETURNING created_at"
+                    ),
+                    {"b": bank.id, "v": codebook.version, "d": digest, "blob": blob},
+                )
+            ).first()
+            if row is not None:
+                return StoredCodebook(codebook.version, digest, None, len(blob), row.created_at), True
+            existing = (
+                await conn.execute(
+                    text("SELECT digest, octet_length(blob) AS size, created_at FROM bank_codebooks"
+                         " WHERE bank_id = :b AND version = :v"),
+                    {"b": bank.id, "v": codebook.version},
+                )
+            ).one()
+        if bytes(existing.digest) != digest:
+            raise AlreadyExists(f"bank {bank.name!r} already has a different codebook version {codebook.version}")
+        return StoredCodebook(codebook.version, digest, None, existing.size, existing.created_at), False
+
+    async def get(self, bank: Bank, version: int) -> StoredCodebook:
+        """A codebook by version, or the newest for version 0."""
+        where = "version = :v" if version else "true"
+        async with self.reads.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(f"SELECT version, digest, blob, created_at FROM bank_codebooks WHERE bank_id = :b AND {where}"
+                         " ORDER BY version DESC LIMIT 1"),
+                    {"b": bank.id, "v": version},
+                )
+            ).first()
+        if row is None:
+            what = f"version {version}" if version else "any codebook"
+            raise NotFound(f"bank {bank.name!r} has no codebook {what}".replace("no codebook any", "no"))
+        return StoredCodebook(row.version, bytes(row.digest), bytes(row.blob), len(row.blob), row.created_at)
+
+    async def digest(self, bank: Bank, version: int) -> bytes | None:
+        """Digest of a stored codebook version (cached: a stored version never changes)."""
+        key = (bank.id, version)
+        if key not in self._digests:
+            async with self.reads.connect() as conn:
+                found = (
+                    await conn.execute(
+                        text("SELECT digest FROM bank_codebooks WHERE bank_id = :b AND version = :v"),
+                        {"b": bank.id, "v": version},
+                    )
+                ).scalar()
+            if found is None:
+                return None
+            self._digests[key] = bytes(found)
+        return self._digests[key]

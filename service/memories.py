@@ -13,7 +13,7 @@ from memory3.sdk.overlap import overlap_fraction
 from memory3.v1 import memories_pb2, memories_pb2_grpc
 
 from .auth import Authenticator
-from .bank_store import Bank, BankStore
+from .bank_store import Bank, BankStore, CodebookStore
 from .config import Settings
 from .convert import vector_from_values
 from .embedder import BUILTIN_EMBEDDER, BuiltinEmbedder
@@ -34,9 +34,16 @@ class _PendingReference:
 
 class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
     def __init__(
-        self, settings: Settings, auth: Authenticator, banks: BankStore, refs: ReferenceStore, embedder: BuiltinEmbedder
+        self,
+        settings: Settings,
+        auth: Authenticator,
+        banks: BankStore,
+        refs: ReferenceStore,
+        codebooks: CodebookStore,
+        embedder: BuiltinEmbedder,
     ) -> None:
         self.settings = settings
+        self.codebooks = codebooks
         self.auth = auth
         self.banks = banks
         self.refs = refs
@@ -70,7 +77,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         if not record.embedding and not record.text.strip():
             raise InvalidArgument(f"reference {record.external_id!r} has neither text nor embedding")
 
-    def _finish(self, bank: Bank, pending: _PendingReference) -> ReferenceRow:
+    async def _finish(self, bank: Bank, pending: _PendingReference) -> ReferenceRow:
         record = pending.record
         if len(pending.memory) != record.memory_size:
             raise InvalidArgument(
@@ -80,9 +87,16 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         memory = bytes(pending.memory) if record.memory_size else None
         if memory is not None:
             try:
-                validate_payload(memory, bank.spec, bank.model_fingerprint)
+                header = validate_payload(memory, bank.spec, bank.model_fingerprint)
             except CodecError as err:
                 raise InvalidArgument(f"reference {record.external_id!r}: invalid memory: {err}") from None
+            if header.scheme == "pq":
+                stored = await self.codebooks.digest(bank, header.codebook_version)
+                if stored != header.codebook_digest:
+                    problem = "is not in the bank" if stored is None else "differs from the bank's"
+                    raise InvalidArgument(
+                        f"reference {record.external_id!r}: its pq codebook version {header.codebook_version} {problem}"
+                    )
         embedding = (
             vector_from_values(record.embedding, bank, f"embedding of {record.external_id!r}")
             if record.embedding
@@ -137,7 +151,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
                 kind = message.WhichOneof("item")
                 if kind == "reference":
                     if current is not None:
-                        batch.append(self._finish(bank, current))
+                        batch.append(await self._finish(bank, current))
                     self._check_record(bank, message.reference)
                     current = _PendingReference(message.reference, bytearray(message.reference.memory_chunk))
                 elif kind == "memory_chunk":
@@ -155,7 +169,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             if bank is None:
                 raise InvalidArgument("empty Write stream")
             if current is not None:
-                batch.append(self._finish(bank, current))
+                batch.append(await self._finish(bank, current))
             await self._stage(writer, batch)
             counts = await writer.commit()
         return memories_pb2.WriteSummary(

@@ -18,7 +18,7 @@ from memory3.v1 import proxies_pb2, proxies_pb2_grpc, trajectories_pb2, trajecto
 
 from .admin import BanksServicer, TenantsServicer
 from .auth import Authenticator, resolve_admin_key
-from .bank_store import BankStore
+from .bank_store import BankStore, CodebookStore
 from .config import Settings
 from .db import create_engine_for, migrate
 from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
@@ -88,9 +88,10 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     embedder = embedder or BuiltinEmbedder(settings.embedder_device)
 
     server = grpc.aio.server(options=grpc_options(settings))
-    banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks), server)
+    codebooks = CodebookStore(engine)
+    banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings), server)
     memories_pb2_grpc.add_MemoriesServicer_to_server(
-        MemoriesServicer(settings, auth, banks, refs, embedder), server
+        MemoriesServicer(settings, auth, banks, refs, codebooks, embedder), server
     )
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants), server)
     trajectories_pb2_grpc.add_TrajectoriesServicer_to_server(

@@ -88,3 +88,41 @@ class DeleteBankResponse(_message.Message):
     REFERENCES_DELETED_FIELD_NUMBER: _ClassVar[int]
     references_deleted: int
     def __init__(self, references_deleted: _Optional[int] = ...) -> None: ...
+
+class Codebook(_message.Message):
+    __slots__ = ("bank", "version", "digest", "size", "created_at")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    version: int
+    digest: str
+    size: int
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, bank: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PutCodebookRequest(_message.Message):
+    __slots__ = ("bank", "chunk")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    chunk: bytes
+    def __init__(self, bank: _Optional[str] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class GetCodebookRequest(_message.Message):
+    __slots__ = ("bank", "version")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    version: int
+    def __init__(self, bank: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class CodebookChunk(_message.Message):
+    __slots__ = ("codebook", "chunk")
+    CODEBOOK_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    codebook: Codebook
+    chunk: bytes
+    def __init__(self, codebook: _Optional[_Union[Codebook, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

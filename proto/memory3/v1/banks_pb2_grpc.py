@@ -54,6 +54,16 @@ class BanksStub:
                 request_serializer=memory3_dot_v1_dot_banks__pb2.DeleteBankRequest.SerializeToString,
                 response_deserializer=memory3_dot_v1_dot_banks__pb2.DeleteBankResponse.FromString,
                 _registered_method=True)
+        self.PutCodebook = channel.stream_unary(
+                '/memory3.v1.Banks/PutCodebook',
+                request_serializer=memory3_dot_v1_dot_banks__pb2.PutCodebookRequest.SerializeToString,
+                response_deserializer=memory3_dot_v1_dot_banks__pb2.Codebook.FromString,
+                _registered_method=True)
+        self.GetCodebook = channel.unary_stream(
+                '/memory3.v1.Banks/GetCodebook',
+                request_serializer=memory3_dot_v1_dot_banks__pb2.GetCodebookRequest.SerializeToString,
+                response_deserializer=memory3_dot_v1_dot_banks__pb2.CodebookChunk.FromString,
+                _registered_method=True)
 
 
 class BanksServicer:
@@ -83,6 +93,18 @@ class BanksServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutCodebook(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCodebook(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BanksServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +127,16 @@ def add_BanksServicer_to_server(servicer, server):
                     servicer.DeleteBank,
                     request_deserializer=memory3_dot_v1_dot_banks__pb2.DeleteBankRequest.FromString,
                     response_serializer=memory3_dot_v1_dot_banks__pb2.DeleteBankResponse.SerializeToString,
+            ),
+            'PutCodebook': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutCodebook,
+                    request_deserializer=memory3_dot_v1_dot_banks__pb2.PutCodebookRequest.FromString,
+                    response_serializer=memory3_dot_v1_dot_banks__pb2.Codebook.SerializeToString,
+            ),
+            'GetCodebook': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCodebook,
+                    request_deserializer=memory3_dot_v1_dot_banks__pb2.GetCodebookRequest.FromString,
+                    response_serializer=memory3_dot_v1_dot_banks__pb2.CodebookChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +247,60 @@ class Banks:
             '/memory3.v1.Banks/DeleteBank',
             memory3_dot_v1_dot_banks__pb2.DeleteBankRequest.SerializeToString,
             memory3_dot_v1_dot_banks__pb2.DeleteBankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutCodebook(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/memory3.v1.Banks/PutCodebook',
+            memory3_dot_v1_dot_banks__pb2.PutCodebookRequest.SerializeToString,
+            memory3_dot_v1_dot_banks__pb2.Codebook.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCodebook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memory3.v1.Banks/GetCodebook',
+            memory3_dot_v1_dot_banks__pb2.GetCodebookRequest.SerializeToString,
+            memory3_dot_v1_dot_banks__pb2.CodebookChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,7 +30,7 @@ _RETRY_POLICY = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 _IDEMPOTENT = {
-    "memory3.v1.Banks": ["CreateBank", "GetBank", "ListBanks"],
+    "memory3.v1.Banks": ["CreateBank", "GetBank", "ListBanks", "GetCodebook"],
     "memory3.v1.Memories": ["Retrieve", "Fetch", "Delete", "Stats"],
     "memory3.v1.Trajectories": ["AttachReward", "Read", "Count"],
     "memory3.v1.Proxies": ["Get", "List"],
@@ -108,6 +108,21 @@ class AsyncClient(TrajectoryMethods):
     async def delete_bank(self, name: str) -> int:
         reply = await self.banks.DeleteBank(banks_pb2.DeleteBankRequest(name=name), **self._call())
         return reply.references_deleted
+
+    async def put_codebook(self, bank: str, blob: bytes) -> int:
+        """Store a PQ codebook (``PQCodebook.to_bytes()``) with the bank; returns its version."""
+        chunks = [blob[i : i + self.chunk_bytes] for i in range(0, len(blob), self.chunk_bytes)] or [b""]
+        requests = [banks_pb2.PutCodebookRequest(bank=bank if i == 0 else "", chunk=c) for i, c in enumerate(chunks)]
+        return (await self.banks.PutCodebook(iter(requests), **self._call())).version
+
+    async def get_codebook(self, bank: str, version: int = 0) -> bytes:
+        """A codebook blob of the bank: ``version`` 0 means the newest."""
+        blob = bytearray()
+        async for message in self.banks.GetCodebook(
+            banks_pb2.GetCodebookRequest(bank=bank, version=version), **self._call()
+        ):
+            blob += message.chunk
+        return bytes(blob)
 
     # memories
     async def write(self, bank: str, references: Sequence[Reference]) -> WriteSummary:

@@ -54,7 +54,8 @@ def test_migrations_run_up_on_an_empty_database(database_url):
 
 
 def test_stubs_match_the_proto_files(tmp_path):
-    subprocess.run(["bash", str(ROOT / "scripts/regen_protos.sh"), str(tmp_path)], cwd=ROOT, check=True)
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", str(ROOT / "scripts/regen_protos.sh"), str(tmp_path)], cwd=ROOT, check=True, env=env)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert generated, "regenerate script produced nothing"
     for rel in generated:

@@ -1,0 +1,442 @@
+"""Decoding with explicit memory, and the two baselines (plain, RAG) in the same API.
+
+Schedule (Memory3, arXiv 2407.01178; DESIGN.md "Reading"), per sequence, with ``chunk`` = 64 and
+``top_k`` = 5 by default:
+
+* **Prompt**: split into chunks of ``chunk`` tokens; chunk ``c`` is computed with the ``top_k``
+  memories retrieved with chunk ``c``'s own text. All prompt queries are known at once, so they are
+  all submitted before the first forward; chunk ``c + 1``'s retrieval runs while chunk ``c`` computes.
+* **Generation**: the first ``chunk`` generated tokens keep the last prompt chunk's memories. After
+  every ``chunk`` generated tokens the memories are dropped and ``top_k`` new ones are retrieved
+  with the text of those ``chunk`` tokens; they serve the next ``chunk`` tokens. The query is sent
+  as soon as its last token is *sampled*, and the memories are needed only after that token has
+  been *fed*, so each retrieval overlaps one forward step of the model.
+
+Semantics of "memories in use" (what :class:`Segment` records): memories affect only what is
+computed while they are set. A token's key/values enter the KV cache when the token is fed, with
+the memories of its segment; later segments do not recompute them. So the KV cache of earlier
+chunks keeps what those chunks' memories contributed, while *attention to memories* always reads
+only the current ones (the cache holds the context's keys, never memory keys).
+
+Positions: sequence position ``p`` is the index in ``prompt + generated`` of the row; segment
+``[start, end)`` lists the positions computed with one set of memories. Batches are left-padded;
+each row follows its own schedule (prefill forwards are split at the union of all rows' chunk
+boundaries, so a forward never spans two chunks of one row), so a batch computes what each
+sequence computes alone, up to float rounding.
+
+Baselines: ``mode="plain"`` decodes without memory; ``mode="rag"`` retrieves ``top_k`` reference
+texts once with the whole prompt and puts them before it (nearest first, one per paragraph). All
+three modes share one hand-written loop (``model(...)`` with a :class:`~transformers.DynamicCache`)
+so speed comparisons measure the modes, not different loops. Greedy by default; ``temperature``
+> 0 samples (optionally with ``top_p``) from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .injection import MemoryInjector
+from .memory_supply import MemorySupply, Retrieved
+
+MODES = ("memory", "plain", "rag")
+
+
+@dataclass
+class Segment:
+    """Sequence positions ``[start, end)`` of one row computed with one set of memories."""
+
+    start: int
+    end: int
+    query: str | None
+    reference_ids: list[str]
+
+
+@dataclass
+class GenerationResult:
+    """One sequence's output. ``prompt_ids`` are the tokens fed before generation (RAG: with the references)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    segments: list[Segment] = field(default_factory=list)
+    rag_reference_ids: list[str] = field(default_factory=list)
+    scores: torch.Tensor | None = None  # (generated tokens, vocab) float32 logits, if asked
+
+    @property
+    def reference_ids(self) -> list[str]:
+        """Every reference used, first use first."""
+        seen = dict.fromkeys(self.rag_reference_ids)
+        for segment in self.segments:
+            seen.update(dict.fromkeys(segment.reference_ids))
+        return list(seen)
+
+
+@dataclass
+class TextPiece:
+    """A streamed piece of one row's text, with the references in use when it was generated."""
+
+    row: int
+    text: str
+    reference_ids: list[str]
+
+
+@dataclass
+class _Options:
+    max_new_tokens: int
+    chunk: int
+    top_k: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop_at_eos: bool
+    output_scores: bool
+    lag: int = 0
+    chunked_prefill: bool = False
+
+
+class _Run:
+    """One generate call: a left-padded batch, its KV cache, and (memory mode) its schedule."""
+
+    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], options: _Options, supply, bank, injector,
+                 prefetched: list | None = None):
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.supply, self.bank, self.injector = supply, bank, injector
+        self.prefetched = prefetched
+        self.prompt_ids = prompt_ids
+        self.device = next(model.parameters()).device
+        self.batch = len(prompt_ids)
+        self.lengths = [len(p) for p in prompt_ids]
+        if min(self.lengths) == 0:
+            raise ValueError("every prompt needs at least one token")
+        width = max(self.lengths)
+        self.offsets = [width - n for n in self.lengths]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = pad
+        ids = torch.full((self.batch, width), pad, dtype=torch.long)
+        mask = torch.zeros((self.batch, width), dtype=torch.long)
+        for b, row in enumerate(prompt_ids):
+            ids[b, self.offsets[b] :] = torch.as_tensor(row, dtype=torch.long)
+            mask[b, self.offsets[b] :] = 1
+        self.input_ids, self.mask = ids.to(self.device), mask.to(self.device)
+        self.cache = DynamicCache()
+        self.generated: list[list[int]] = [[] for _ in prompt_ids]
+        self.finished = [False] * self.batch
+        self.segments: list[list[Segment]] = [[] for _ in prompt_ids]
+        self.current_ids: list[list[str]] = [[] for _ in prompt_ids]
+        self.scores: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
+        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None and options.stop_at_eos else set()
+        self.generator = None
+        if options.temperature > 0:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(options.seed if options.seed is not None else 0)
+
+    # ---------------------------------------------------------------- model
+    def forward(self, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Feed columns ``[start, end)`` (of the full padded sequence); logits of the last column."""
+        mask = self.mask[:, :end]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:end]
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions,
+            cache=self.cache, use_cache=True, logits_to_keep=1,
+        )
+        return out.logits[:, -1, :].float()
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        options = self.options
+        if options.output_scores:
+            for b in range(self.batch):
+                if not self.finished[b]:
+                    self.scores[b].append(logits[b].cpu())
+        if options.temperature <= 0:
+            tokens = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / options.temperature, dim=-1)
+            if options.top_p < 1.0:
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs > options.top_p  # keep the nucleus
+                sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        for b in range(self.batch):
+            if self.finished[b]:
+                tokens[b] = self.pad_id
+        return tokens
+
+    # ---------------------------------------------------------------- memories
+    def text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def inject(self, rows: list[Retrieved | None], future=None) -> None:
+        """Set each row's memories (None: keep what the row has)."""
+        t0 = time.perf_counter()
+        memories = []
+        for b, row in enumerate(rows):
+            if row is not None:
+                self._memories[b] = row.memories
+                self.current_ids[b] = list(row.memory_ids)
+            memories.append(self._memories[b])
+        self.injector.set_memories(memories)
+        if future is not None:
+            future.timing.inject += time.perf_counter() - t0
+
+    def collect(self, future) -> list[Retrieved]:
+        t0 = time.perf_counter()
+        result = future.result()
+        future.timing.wait += time.perf_counter() - t0
+        return result
+
+    # ---------------------------------------------------------------- schedule
+    def prefill(self) -> torch.Tensor:
+        width = self.input_ids.shape[1]
+        chunked = self.supply is not None or self.options.chunked_prefill
+        if not chunked:
+            return self.forward(self.input_ids, 0, width)
+        chunk, top_k = self.options.chunk, self.options.top_k
+        cuts = {0, width}
+        for b, n in enumerate(self.lengths):
+            cuts.update(self.offsets[b] + c * chunk for c in range((n + chunk - 1) // chunk))
+        cuts = sorted(cuts)
+        if self.supply is None:  # a baseline computing the very same forwards, without memory
+            for start, end in zip(cuts[:-1], cuts[1:]):
+                logits = self.forward(self.input_ids[:, start:end], start, end)
+            return logits
+        self._memories: list[list] = [[] for _ in range(self.batch)]
+        futures = self.prefetched or submit_prompt_queries(self.tokenizer, self.supply, self.bank, self.prompt_ids, chunk, top_k)
+        results: dict[int, list[Retrieved]] = {}
+        logits = None
+        for start, end in zip(cuts[:-1], cuts[1:]):
+            rows: list[Retrieved | None] = []
+            newest = None  # the request whose memories start in this piece (gets the inject time)
+            for b in range(self.batch):
+                local = start - self.offsets[b]
+                if local < 0:
+                    rows.append(Retrieved(None))  # still padding: no memories
+                    continue
+                c = local // chunk
+                if c not in results:
+                    results[c] = self.collect(futures[c])
+                rows.append(results[c][b] if local % chunk == 0 else None)
+                if local % chunk == 0:
+                    newest = futures[c]
+                    self.segments[b].append(
+                        Segment(local, min(local + chunk, self.lengths[b]), results[c][b].query, list(results[c][b].memory_ids))
+                    )
+            self.inject(rows, newest)
+            logits = self.forward(self.input_ids[:, start:end], start, end)
+        for b in range(self.batch):  # the first generated chunk keeps the last prompt chunk's memories
+            last = self.segments[b][-1]
+            self.segments[b].append(Segment(self.lengths[b], self.lengths[b], last.query, list(last.reference_ids)))
+        return logits
+
+    def run(self) -> Iterator[torch.Tensor]:
+        """Yield the sampled tokens (batch,) of each step."""
+        options, chunk, lag = self.options, self.options.chunk, self.options.lag
+        logits = self.prefill()
+        pending = None
+        for n in range(1, options.max_new_tokens + 1):  # n: tokens sampled so far, after this one
+            tokens = self.choose(logits)
+            for b in range(self.batch):
+                if not self.finished[b]:
+                    self.generated[b].append(int(tokens[b]))
+                    if int(tokens[b]) in self.eos:
+                        self.finished[b] = True
+            yield tokens
+            if n == options.max_new_tokens or all(self.finished):
+                break
+            if self.supply is not None:
+                if n % chunk == 0 and n + lag + 1 < options.max_new_tokens:  # query: the last `chunk` tokens' text
+                    queries = [None if self.finished[b] else self.text(g[n - chunk : n]) for b, g in enumerate(self.generated)]
+                    pending = self.supply.request(self.bank, queries, options.top_k)
+                if (n - 1 - lag) % chunk == 0 and n - 1 - lag >= chunk:  # first token of a new chunk (+ lag): switch
+                    rows = self.collect(pending)
+                    self.inject(rows, pending)
+                    for b, row in enumerate(rows):
+                        self.segments[b].append(Segment(self.lengths[b] + n - 1, self.lengths[b] + n - 1, row.query, list(row.memory_ids)))
+                for b in range(self.batch):
+                    if not self.finished[b]:
+                        self.segments[b][-1].end = self.lengths[b] + n  # g_n is fed at position length + n - 1
+            width = self.mask.shape[1]
+            self.mask = torch.cat((self.mask, torch.ones((self.batch, 1), dtype=self.mask.dtype, device=self.device)), dim=1)
+            logits = self.forward(tokens[:, None].to(self.device), width, width + 1)
+
+
+def _tokenize(tokenizer, prompts) -> list[list[int]]:
+    """Prompts as token ids: strings are tokenized with the tokenizer's defaults, id lists kept."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts is a list of prompts; wrap a single prompt in a list")
+    return [list(p) if not isinstance(p, str) else tokenizer(p)["input_ids"] for p in prompts]
+
+
+def submit_prompt_queries(tokenizer, supply: MemorySupply, bank: str, prompt_ids, chunk: int, top_k: int) -> list:
+    """Submit the retrieval of every prompt chunk's memories; one future per chunk index (all rows)."""
+    n_chunks = max((len(p) + chunk - 1) // chunk for p in prompt_ids)
+    futures = []
+    for c in range(n_chunks):
+        queries = [
+            tokenizer.decode(p[c * chunk : (c + 1) * chunk], skip_special_tokens=True) if c * chunk < len(p) else None
+            for p in prompt_ids
+        ]
+        futures.append(supply.request(bank, queries, top_k))
+    return futures
+
+
+@dataclass
+class Prefetch:
+    """Prompt retrievals started ahead of :func:`generate` (e.g. for the next batch while this one decodes).
+
+    Pass it as ``generate(..., prefetch=handle)`` with the same prompts, chunk and top_k.
+    """
+
+    bank: str
+    prompt_ids: list[list[int]]
+    chunk: int
+    top_k: int
+    futures: list
+
+
+def prefetch(tokenizer, supply: MemorySupply, bank: str, prompts, chunk: int = 64, top_k: int = 5) -> Prefetch:
+    """Start retrieving the memories of every prompt chunk now; returns at once."""
+    prompt_ids = _tokenize(tokenizer, prompts)
+    return Prefetch(bank, prompt_ids, chunk, top_k, submit_prompt_queries(tokenizer, supply, bank, prompt_ids, chunk, top_k))
+
+
+def _rag_prompts(tokenizer, supply, bank, prompts, prompt_ids, top_k) -> tuple[list[list[int]], list[list[str]]]:
+    """RAG baseline: top-k reference texts retrieved once with the prompt, placed before it."""
+    texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    answers = supply.request_references(bank, texts, top_k).result()
+    out_ids, out_refs = [], []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for ids, refs in zip(prompt_ids, answers):
+        context = "".join(r.text + "\n\n" for r in refs)
+        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+        if bos is not None and ids and ids[0] == bos:  # keep BOS first
+            out_ids.append([bos] + context_ids + list(ids[1:]))
+        else:
+            out_ids.append(context_ids + list(ids))
+        out_refs.append([r.external_id for r in refs])
+    return out_ids, out_refs
+
+
+def _prepare(model, tokenizer, prompts, *, mode, supply, bank, max_new_tokens, chunk, top_k, temperature, top_p, seed,
+             stop_at_eos, output_scores, lag, prefetch, chunked_prefill=False):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode != "plain" and (supply is None or bank is None):
+        raise ValueError(f"mode {mode!r} needs a MemorySupply and a bank")
+    if chunk <= 0 or top_k < 0 or max_new_tokens <= 0 or lag < 0:
+        raise ValueError("chunk and max_new_tokens must be positive, top_k and lag >= 0")
+    options = _Options(max_new_tokens, chunk, top_k, temperature, top_p, seed, stop_at_eos, output_scores, lag,
+                       chunked_prefill)
+    prompt_ids = _tokenize(tokenizer, prompts)
+    rag_refs: list[list[str]] = [[] for _ in prompt_ids]
+    if mode == "rag":
+        prompt_ids, rag_refs = _rag_prompts(tokenizer, supply, bank, prompts, prompt_ids, top_k)
+    if mode != "memory":
+        return _Run(model, tokenizer, prompt_ids, options, None, None, None), contextlib.nullcontext(), rag_refs
+    futures = None
+    if prefetch is not None:
+        if (prefetch.bank, prefetch.prompt_ids, prefetch.chunk, prefetch.top_k) != (bank, prompt_ids, chunk, top_k):
+            raise ValueError("prefetch was started for other prompts, bank, chunk or top_k")
+        futures = prefetch.futures
+    injector = MemoryInjector(model, supply.spec)
+    return _Run(model, tokenizer, prompt_ids, options, supply, bank, injector, futures), injector, rag_refs
+
+
+def _results(run: _Run, rag_refs) -> list[GenerationResult]:
+    return [
+        GenerationResult(
+            text=run.text(run.generated[b]), token_ids=run.generated[b], prompt_ids=run.prompt_ids[b],
+            segments=[s for s in run.segments[b] if s.end > s.start], rag_reference_ids=rag_refs[b],
+            scores=torch.stack(run.scores[b]) if run.scores[b] else None,
+        )
+        for b in range(run.batch)
+    ]
+
+
+def generate(
+    model, tokenizer, prompts, *, mode: str = "memory", supply: MemorySupply | None = None, bank: str | None = None,
+    max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0, top_p: float = 1.0,
+    seed: int | None = None, stop_at_eos: bool = True, output_scores: bool = False, lag: int = 0,
+    prefetch: Prefetch | None = None, chunked_prefill: bool = False,
+) -> list[GenerationResult]:
+    """Generate for a batch of prompts (strings or token id lists) in one of :data:`MODES`.
+
+    ``lag`` (memory mode): switch to a generated chunk's new memories ``lag`` tokens after the chunk
+    boundary instead of at it (the query text is unchanged), giving the retrieval ``lag + 1``
+    forward steps to hide behind; 0 is the paper's schedule exactly. ``chunked_prefill`` (plain,
+    RAG): prefill in the memory mode's pieces, so a memory run with no memories found computes
+    bit for bit what this computes (one whole-prompt forward rounds differently).
+    """
+    run, context, rag_refs = _prepare(
+        model, tokenizer, prompts, mode=mode, supply=supply, bank=bank, max_new_tokens=max_new_tokens, chunk=chunk,
+        top_k=top_k, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
+        output_scores=output_scores, lag=lag, prefetch=prefetch, chunked_prefill=chunked_prefill,
+    )
+    with torch.inference_mode(), context:
+        for _ in run.run():
+            pass
+    return _results(run, rag_refs)
+
+
+def stream(
+    model, tokenizer, prompts, *, mode: str = "memory", supply: MemorySupply | None = None, bank: str | None = None,
+    max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0, top_p: float = 1.0,
+    seed: int | None = None, stop_at_eos: bool = True, lag: int = 0,
+) -> Iterator[TextPiece]:
+    """Like :func:`generate`, but yield text pieces per row as tokens arrive.
+
+    Each piece carries the reference ids whose memories were in use (RAG: the references placed
+    before the prompt). A piece is held back while the text so far ends in an incomplete
+    character (byte-level tokens), so pieces concatenate to the final text. Inference mode is
+    entered per step only, never left on while the caller runs.
+    """
+    with torch.inference_mode():
+        run, context, rag_refs = _prepare(
+            model, tokenizer, prompts, mode=mode, supply=supply, bank=bank, max_new_tokens=max_new_tokens, chunk=chunk,
+            top_k=top_k, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
+            output_scores=False, lag=lag, prefetch=None,
+        )
+    shown = [""] * run.batch
+    with context:
+        steps = run.run()
+        while True:
+            with torch.inference_mode():
+                step = next(steps, None)
+            if step is None:
+                break
+            for b in range(run.batch):
+                text = run.text(run.generated[b])
+                if text.endswith("\ufffd") or len(text) <= len(shown[b]):
+                    continue
+                piece, shown[b] = text[len(shown[b]) :], text
+                yield TextPiece(b, piece, list(rag_refs[b] or run.current_ids[b]))
+    for b in range(run.batch):  # whatever was held back
+        text = run.text(run.generated[b])
+        if len(text) > len(shown[b]):
+            yield TextPiece(b, text[len(shown[b]) :], list(rag_refs[b] or run.current_ids[b]))
+
+
+def generate_with_memory(model, tokenizer, supply: MemorySupply, bank: str, prompts, max_new_tokens: int = 128,
+                         chunk: int = 64, top_k: int = 5, **options) -> list[GenerationResult]:
+    """Memory-augmented decoding (see the module docstring for the schedule)."""
+    return generate(model, tokenizer, prompts, mode="memory", supply=supply, bank=bank, max_new_tokens=max_new_tokens,
+                    chunk=chunk, top_k=top_k, **options)
+
+
+def generate_plain(model, tokenizer, prompts, max_new_tokens: int = 128, **options) -> list[GenerationResult]:
+    """Baseline: the same loop without memory."""
+    return generate(model, tokenizer, prompts, mode="plain", max_new_tokens=max_new_tokens, **options)
+
+
+def generate_rag(model, tokenizer, supply: MemorySupply, bank: str, prompts, max_new_tokens: int = 128, top_k: int = 5,
+                 **options) -> list[GenerationResult]:
+    """Baseline: top-k reference texts retrieved once with the prompt, placed before it."""
+    return generate(model, tokenizer, prompts, mode="rag", supply=supply, bank=bank, max_new_tokens=max_new_tokens,
+                    top_k=top_k, **options)

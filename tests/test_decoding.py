@@ -1,0 +1,174 @@
+"""Decoding with memory against a real server: the every-N-tokens schedule and its query texts
+(checked through the service's own answers), zero memories == plain, batch == single sequence,
+streaming, the RAG baseline, and refusal of another model's memories."""
+
+import secrets
+
+import pytest
+import torch
+
+from memory3.sdk import decoding
+from memory3.sdk.client import Client
+from memory3.sdk.encoder import MemoryEncoder
+from memory3.sdk.fingerprint import model_fingerprint
+from memory3.sdk.memory_spec import MemorySpec
+from memory3.sdk.memory_supply import FingerprintMismatchError, MemorySupply
+from memory3.sdk.memory_writer import MemoryWriter
+from memory3.sdk.types import BankInfo
+
+from tiny_models import byte_tokenizer, tiny_llama
+
+CHUNK = 16
+PROMPT = "The lighthouse keeper counted ships at dawn, then wrote to his sister in Oslo."  # 78 bytes
+SHORT = "Bees sleep in tulips."
+FILLER = [f"Unrelated note {i}: a recipe for {w} soup with {i} onions." for i, w in enumerate(["leek", "pea", "corn", "bean"])]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=11)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def spec(model):
+    return MemorySpec.for_model_config(model.config, (0, 1), tokens_per_head=4, reference_length=96)
+
+
+@pytest.fixture(scope="module")
+def api_key(server, admin):
+    name = "dec-" + secrets.token_hex(3)
+    admin.create_tenant(name)
+    return admin.issue_key(name, "decoding")[1]
+
+
+@pytest.fixture(scope="module")
+def blocking(server, api_key):
+    client = Client(server.target, api_key)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def supply(server, api_key, model, tokenizer, spec):
+    with MemorySupply(server.target, api_key, model, spec, tokenizer=tokenizer) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def writer(model, tokenizer, spec):
+    return MemoryWriter(MemoryEncoder(model, tokenizer, spec))
+
+
+def _new_bank(blocking, model, spec) -> str:
+    name = "b-" + secrets.token_hex(3)
+    blocking.create_bank(BankInfo(name, model_fingerprint(model), spec))
+    return name
+
+
+def _chunk_texts(tokenizer, ids):
+    return [tokenizer.decode(ids[i : i + CHUNK], skip_special_tokens=True) for i in range(0, len(ids), CHUNK)]
+
+
+@pytest.fixture(scope="module")
+def chunk_bank(blocking, supply, writer, model, tokenizer, spec):
+    """References whose texts are exactly the prompt's chunks (ids p0, p1, ...), plus filler."""
+    bank = _new_bank(blocking, model, spec)
+    chunks = _chunk_texts(tokenizer, tokenizer(PROMPT)["input_ids"])
+    refs = [(f"p{i}", text) for i, text in enumerate(chunks)] + [(f"f{i}", t) for i, t in enumerate(FILLER)]
+    supply.run(writer.write(supply.client, bank, refs, progress=False))
+    return bank
+
+
+def _generate(model, tokenizer, supply, bank, prompts, **options):
+    options = {"max_new_tokens": 40, "chunk": CHUNK, "top_k": 1, "stop_at_eos": False, **options}
+    return decoding.generate(model, tokenizer, prompts, supply=supply, bank=bank, **options)
+
+
+def test_retrieval_every_chunk_with_the_expected_query(model, tokenizer, supply, blocking, writer, chunk_bank):
+    [first] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT])
+    ids = first.prompt_ids + first.token_ids
+    n = len(first.prompt_ids)
+    assert n == 78 and len(first.token_ids) == 40
+    # prompt chunks, then the first generated chunk keeps the last prompt memories, then every CHUNK
+    # generated tokens new ones; the last sampled token is never fed, so the last segment ends at n + 39
+    spans = [(s.start, s.end) for s in first.segments]
+    assert spans == [(0, 16), (16, 32), (32, 48), (48, 64), (64, 78), (78, 94), (94, 110), (110, 117)]
+    queries = [s.query for s in first.segments]
+    expected = _chunk_texts(tokenizer, ids[:n]) + [tokenizer.decode(ids[64:n])]  # queries are text: no special tokens
+    expected += [tokenizer.decode(ids[n + k * CHUNK : n + (k + 1) * CHUNK], skip_special_tokens=True) for k in (0, 1)]
+    assert queries == expected
+    # the prompt chunks found their own text; every segment used what the service answers for its query
+    assert [s.reference_ids for s in first.segments[:5]] == [[f"p{i}"] for i in range(5)]
+    for segment in first.segments:
+        assert segment.reference_ids == [r.external_id for r in blocking.retrieve(chunk_bank, text=segment.query, top_k=1)]
+
+    # Store a reference whose text is the first generated chunk: the memory switch after it must find it.
+    generated0 = queries[6]
+    supply.run(writer.write(supply.client, chunk_bank, [("g0", generated0)], progress=False))
+    [second] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT])
+    assert second.token_ids[:CHUNK] == first.token_ids[:CHUNK]  # same memories until the switch
+    assert second.segments[6].query == generated0 and second.segments[6].reference_ids == ["g0"]
+    assert second.segments[6].start == n + CHUNK
+
+
+def test_zero_memories_is_plain_generation(model, tokenizer, supply, blocking, spec):
+    empty = _new_bank(blocking, model, spec)
+    prompts = [PROMPT, SHORT]
+    with_memory = _generate(model, tokenizer, supply, empty, prompts, top_k=5, output_scores=True)
+    plain = decoding.generate_plain(model, tokenizer, prompts, max_new_tokens=40, stop_at_eos=False, output_scores=True,
+                                    chunk=CHUNK, chunked_prefill=True)  # the same forwards, bit for bit
+    for m, p in zip(with_memory, plain):
+        assert m.token_ids == p.token_ids and torch.equal(m.scores, p.scores)
+        assert m.reference_ids == [] and all(s.query for s in m.segments)
+    hf = model.generate(**tokenizer([SHORT], return_tensors="pt"), max_new_tokens=10, do_sample=False,
+                        eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    assert plain[1].token_ids[:10] == hf[0, -10:].tolist()  # the hand-written loop is HF's greedy decoding
+
+
+def test_batch_equals_single_sequences(model, tokenizer, supply, chunk_bank):
+    prompts = [PROMPT, SHORT]
+    batch = _generate(model, tokenizer, supply, chunk_bank, prompts, top_k=2, output_scores=True)
+    for prompt, got in zip(prompts, batch):
+        [alone] = _generate(model, tokenizer, supply, chunk_bank, [prompt], top_k=2, output_scores=True)
+        assert got.token_ids == alone.token_ids
+        assert got.segments == alone.segments
+        torch.testing.assert_close(got.scores, alone.scores, atol=1e-4, rtol=1e-4)
+
+
+def test_memories_change_generation_and_lag_delays_the_switch(model, tokenizer, supply, chunk_bank):
+    [strict] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], output_scores=True)
+    plain = decoding.generate_plain(model, tokenizer, [PROMPT], max_new_tokens=40, stop_at_eos=False, output_scores=True)
+    assert not torch.equal(strict.scores, plain[0].scores)
+    [lagged] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], lag=3)
+    assert [s.start for s in lagged.segments][-2:] == [78 + CHUNK + 3, 78 + 2 * CHUNK + 3]
+    assert [s.query for s in lagged.segments] == [s.query for s in strict.segments]
+
+
+def test_stream_pieces_add_up_and_name_references(model, tokenizer, supply, chunk_bank):
+    pieces = list(decoding.stream(model, tokenizer, [PROMPT], supply=supply, bank=chunk_bank, max_new_tokens=40,
+                                  chunk=CHUNK, top_k=1, stop_at_eos=False))
+    [whole] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT])
+    assert "".join(p.text for p in pieces) == whole.text
+    assert all(p.row == 0 and len(p.reference_ids) == 1 for p in pieces)
+    assert {r for p in pieces for r in p.reference_ids} <= set(whole.reference_ids)
+
+
+def test_rag_puts_retrieved_texts_before_the_prompt(model, tokenizer, supply, blocking, chunk_bank):
+    [rag] = decoding.generate_rag(model, tokenizer, supply, chunk_bank, [PROMPT], max_new_tokens=8, top_k=3)
+    hits = blocking.retrieve(chunk_bank, text=PROMPT, top_k=3)
+    assert rag.rag_reference_ids == [h.external_id for h in hits]
+    context = "".join(h.text + "\n\n" for h in hits)
+    assert tokenizer.decode(rag.prompt_ids) == context + PROMPT
+    assert rag.segments == [] and len(rag.token_ids) <= 8
+
+
+def test_generation_refuses_memories_of_another_model(server, api_key, tokenizer, spec, chunk_bank):
+    other = tiny_llama(seed=12)
+    with MemorySupply(server.target, api_key, other, spec, tokenizer=tokenizer) as s:
+        with pytest.raises(FingerprintMismatchError, match="running model"):
+            _generate(other, tokenizer, s, chunk_bank, [PROMPT])

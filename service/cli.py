@@ -148,6 +148,12 @@ def cmd_train(args) -> None:
     train_main([args.config, *args.rest])
 
 
+def cmd_train_proxy(args) -> None:
+    from memory3.trainer.proxy_rl import main as train_proxy_main
+
+    train_proxy_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memory3", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,12 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config")
     train.add_argument("rest", nargs=argparse.REMAINDER)
     train.set_defaults(func=cmd_train)
+
+    train_proxy = sub.add_parser("train-proxy", help="offline RL of the proxy policy from logged trajectories",
+                                 add_help=False)
+    train_proxy.add_argument("rest", nargs=argparse.REMAINDER, help="see `memory3 train-proxy --help`")
+    train_proxy.set_defaults(func=cmd_train_proxy)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     import grpc
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-proxy"]:  # every option belongs to the trainer's own parser
+        return cmd_train_proxy(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command in ("tenant",) and args.action == "create" and not args.name:
         sys.exit("tenant create needs a name")

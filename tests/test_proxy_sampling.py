@@ -91,7 +91,7 @@ def test_logged_decisions_match_a_replay(model, prompts):
         for d, (llm_prob, rank) in zip(episode.decisions, replayed):
             assert d.llm_prob == pytest.approx(llm_prob, abs=1e-5) and d.rank == rank
             p = proxy.p_accept(feats.hidden[d.position], embeddings(torch.tensor(d.candidate_token)))
-            assert d.p_accept == pytest.approx(float(p), abs=1e-5)
+            assert d.p_accept == pytest.approx(float(p.detach()), abs=1e-5)
         by_position: dict[int, list] = {}
         for d in episode.decisions:
             by_position.setdefault(d.position, []).append(d)

@@ -154,6 +154,20 @@ def cmd_train_proxy(args) -> None:
     train_proxy_main(args.rest)
 
 
+def cmd_generate(args) -> None:
+    from memory3.sdk.decoding import generate_cli
+
+    settings = load_settings()
+    key = args.api_key or settings.api_key
+    if not key and args.mode != "plain":
+        sys.exit("no API key: pass --api-key or set MEMORY3_API_KEY")
+    generate_cli(
+        args.target or settings.target or f"{settings.host}:{settings.port}", key or "", args.bank, args.model,
+        args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k,
+        temperature=args.temperature,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memory3", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--top-k", type=int, default=5)
     query.add_argument("--max-overlap", type=float, default=0.0)
     query.set_defaults(func=cmd_query)
+
+    generate = client_command("generate", "stream a model's answer to a prompt, reading memories from a bank")
+    generate.add_argument("prompt")
+    generate.add_argument("--bank", required=True)
+    generate.add_argument("--model", required=True, help="reference model directory (model, tokenizer, memory_spec.json)")
+    generate.add_argument("--mode", default="memory", choices=["memory", "rag", "plain"])
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--chunk", type=int, default=64, help="tokens between memory retrievals")
+    generate.add_argument("--top-k", type=int, default=5, help="memories (or RAG references) per retrieval")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.set_defaults(func=cmd_generate)
 
     health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for health checks)")
     health.add_argument("--target")

@@ -440,3 +440,35 @@ def generate_rag(model, tokenizer, supply: MemorySupply, bank: str, prompts, max
     """Baseline: top-k reference texts retrieved once with the prompt, placed before it."""
     return generate(model, tokenizer, prompts, mode="rag", supply=supply, bank=bank, max_new_tokens=max_new_tokens,
                     top_k=top_k, **options)
+
+
+def generate_cli(target: str, api_key: str, bank: str, model_dir: str, prompt: str, *, mode: str = "memory",
+                 max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0,
+                 out=None, err=None) -> None:
+    """What ``memory3 generate`` runs: stream one prompt's text to ``out`` and, on ``err``, the
+    references whose memories are in use each time they change, then a list of all of them."""
+    import sys
+
+    from memory3.trainer.model import load_reference_model
+
+    out, err = out or sys.stdout, err or sys.stderr
+    model, tokenizer, spec = load_reference_model(model_dir)
+    with MemorySupply(target, api_key, model, spec, tokenizer=tokenizer) as supply:
+        shown: list[str] | None = None
+        used: dict[str, None] = {}
+        for piece in stream(model, tokenizer, [prompt], mode=mode, supply=supply if mode != "plain" else None,
+                            bank=bank if mode != "plain" else None, max_new_tokens=max_new_tokens, chunk=chunk,
+                            top_k=top_k, temperature=temperature):
+            if piece.reference_ids != shown:
+                shown = piece.reference_ids
+                used.update(dict.fromkeys(shown))
+                out.flush()
+                print(f"\n[references: {', '.join(shown) or 'none'}]", file=err, flush=True)
+            out.write(piece.text)
+            out.flush()
+        out.write("\n")
+        if used:
+            refs = supply.run(supply.client.fetch(bank, list(used), include_memory=False, allow_missing=True))
+            print("references used:", file=err)
+            for ref in refs:
+                print(f"  {ref.external_id}: {ref.text[:100]}", file=err)

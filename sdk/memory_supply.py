@@ -128,6 +128,11 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def keys(self) -> list[tuple[str, str, str]]:
+        """Cached keys, least recently used first."""
+        with self._lock:
+            return list(self._items)
+
     def holds_bank(self, bank: str, fingerprint: str) -> bool:
         with self._lock:
             return any(k[0] == bank and k[2] == fingerprint for k in self._items)

@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     payload_kb = np.mean([len(b) for b in blobs]) / 1024
     with tempfile.TemporaryDirectory() as tmp:
         pg = EmbeddedPostgres(Path(tmp))
-        settings = load_settings(database_url=pg.url, port=0, admin_key="bench-admin", data_dir=Path(tmp))
+        settings = load_settings(database_url=pg.url, port=0, admin_key="bench-admin", data_dir=Path(tmp), metrics_port=-1)
         server = BackgroundServer(settings)
         admin = Client(server.target, "bench-admin")
         admin.create_tenant("bench")

@@ -16,6 +16,7 @@ from memory3.sdk.memory_spec import MemorySpec
 
 from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .observability import CACHE_LOOKUPS
 
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 METRICS = {
@@ -140,7 +141,9 @@ class BankStore:
         check_bank_name(name)
         cached = self._cache.get((tenant_id, name))
         if cached and time.monotonic() - cached[1] < self.cache_seconds:
+            CACHE_LOOKUPS.labels("bank", "hit").inc()
             return cached[0]
+        CACHE_LOOKUPS.labels("bank", "miss").inc()
         async with self.reads.connect() as conn:
             bank = await self._get(conn, tenant_id, name)
         if bank is None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -28,10 +27,11 @@ def _client(args):
 
 
 def cmd_serve(args) -> None:
+    from .observability import configure_logging
     from .server import serve
 
     settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     target: str | None = Field(default=None, description="Server the CLI's client commands talk to (default host:port)")
     api_key: str | None = Field(default=None, description="Key the CLI's client commands send (tenant or admin key)")
     bank_cache_seconds: float = Field(default=2.0, description="How long a bank definition is cached per replica")
+    max_in_flight: int = Field(default=256, description="Concurrent calls served; beyond it RESOURCE_EXHAUSTED + pushback")
+    metrics_port: int | None = Field(default=9464, description="Prometheus /metrics port (unset or -1: off; 0: any free port)")
+    metrics_refresh_seconds: float = Field(default=30.0, description="How often bank-size gauges are refreshed")
+    log_format: str = Field(default="text", description="'text' or 'json' (one JSON object per line)")
     log_level: str = Field(default="INFO", description="Python logging level")
 
 

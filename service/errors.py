@@ -3,11 +3,14 @@ by :func:`rpc` around every servicer method."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 
 import grpc
+import psycopg
+import sqlalchemy.exc
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,24 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a failed call answers with. A lost database is UNAVAILABLE (clients retry);
+    anything unexpected is INTERNAL, logged here, with no internals in the message."""
+    if isinstance(error, ServiceError):
+        return error.code, error.message
+    if isinstance(error, sqlalchemy.exc.TimeoutError):
+        return grpc.StatusCode.UNAVAILABLE, "database connection pool exhausted; retry"
+    if isinstance(error, (sqlalchemy.exc.OperationalError, psycopg.OperationalError, ConnectionError)) or (
+        isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
+    ):
+        log.warning("database unavailable: %s", error)
+        return grpc.StatusCode.UNAVAILABLE, "database unavailable; retry"
+    log.error("unexpected error", exc_info=error)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
 def rpc(method):
-    """Map ServiceError to its status; anything unexpected is INTERNAL without internals leaking."""
+    """Turn any exception of a servicer method into a status with a message (see status_for)."""
 
     if inspect.isasyncgenfunction(method):
 
@@ -58,13 +77,10 @@ def rpc(method):
             try:
                 async for item in method(self, request, context):
                     yield item
-            except ServiceError as err:
-                await context.abort(err.code, err.message)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
+            except (grpc.aio.AbortError, grpc.aio.UsageError, asyncio.CancelledError):
                 raise
-            except Exception:
-                log.exception("unexpected error in %s", method.__qualname__)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            except Exception as error:
+                await context.abort(*status_for(error))
 
         return stream_wrapper
 
@@ -72,12 +88,26 @@ def rpc(method):
     async def unary_wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except ServiceError as err:
-            await context.abort(err.code, err.message)
-        except grpc.aio.AbortError:
+        except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
-        except Exception:
-            log.exception("unexpected error in %s", method.__qualname__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as error:
+            if hasattr(request, "__aiter__"):
+                await drain(request)
+            await context.abort(*status_for(error))
 
     return unary_wrapper
+
+
+DRAIN_BUDGET_BYTES = 128 * 1024 * 1024
+
+
+async def drain(request_iterator, budget: int = DRAIN_BUDGET_BYTES) -> None:
+    """Read what a client already sent (bounded) before refusing its stream: a gRPC client whose
+    send fails on a call the server closed reports INTERNAL instead of the server's status."""
+    try:
+        async for message in request_iterator:
+            budget -= message.ByteSize()
+            if budget < 0:
+                return
+    except Exception:
+        return

@@ -17,7 +17,7 @@ from .bank_store import Bank, BankStore, CodebookStore
 from .config import Settings
 from .convert import vector_from_values
 from .embedder import BUILTIN_EMBEDDER, BuiltinEmbedder
-from .errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, rpc
+from .errors import InvalidArgument, NotFound, ResourceExhausted, rpc
 from .reference_store import ReferenceRow, ReferenceStore, StoredRow
 
 log = logging.getLogger(__name__)
@@ -114,25 +114,6 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
 
     @rpc
     async def Write(self, request_iterator, context):
-        try:
-            return await self._write(request_iterator, context)
-        except ServiceError:
-            await self._drain(request_iterator)
-            raise
-
-    async def _drain(self, request_iterator) -> None:
-        """Read what the client already sent (bounded) before refusing the stream: a gRPC client
-        whose send fails on a closed call reports INTERNAL instead of the server's status."""
-        budget = self.settings.max_memory_bytes + self.settings.max_message_bytes
-        try:
-            async for message in request_iterator:
-                budget -= message.ByteSize()
-                if budget < 0:
-                    return
-        except Exception:
-            return
-
-    async def _write(self, request_iterator, context):
         tenant_id = await self.auth.tenant(context)
         bank: Bank | None = None
         batch: list[ReferenceRow] = []

@@ -17,8 +17,7 @@ from .auth import Authenticator
 from .bank_store import check_bank_name
 from .config import Settings
 from .convert import timestamp
-from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError, rpc
-from .memories import MemoriesServicer
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, rpc
 from .proxy_store import ProxyRecord, ProxyStore
 from .trajectories import check_fingerprint
 
@@ -91,13 +90,6 @@ class ProxiesServicer(proxies_pb2_grpc.ProxiesServicer):
 
     @rpc
     async def Publish(self, request_iterator, context):
-        try:
-            return await self._publish(request_iterator, context)
-        except ServiceError:
-            await MemoriesServicer._drain(self, request_iterator)  # same bounded drain as Write (needs .settings)
-            raise
-
-    async def _publish(self, request_iterator, context):
         tenant_id = await self.auth.tenant(context)
         record: ProxyRecord | None = None
         weights = bytearray()

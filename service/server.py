@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from memory3.v1 import banks_pb2, banks_pb2_grpc, memories_pb2, memories_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 from memory3.v1 import proxies_pb2, proxies_pb2_grpc, trajectories_pb2, trajectories_pb2_grpc
@@ -24,6 +25,7 @@ from .db import create_engine_for, migrate
 from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
 from .embedder import BuiltinEmbedder
 from .memories import MemoriesServicer
+from .observability import ObservabilityInterceptor, refresh_bank_gauges
 from .proxies import ProxiesServicer
 from .proxy_store import ProxyStore
 from .reference_store import ReferenceStore
@@ -57,11 +59,19 @@ class RunningServer:
     engine: object
     embedded: EmbeddedPostgres | None
     settings: Settings
+    metrics_http: object | None = None
+    metrics_port: int | None = None
+    background: asyncio.Future | None = None
 
     async def stop(self) -> None:
         """Drain: report NOT_SERVING, let in-flight calls finish (up to the grace), then close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.grace_seconds)
+        if self.background is not None:
+            self.background.cancel()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
         await self.engine.dispose()
         if self.embedded is not None:
             self.embedded.stop()
@@ -87,7 +97,8 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     refs = ReferenceStore(engine, settings.hnsw_ef_search)
     embedder = embedder or BuiltinEmbedder(settings.embedder_device)
 
-    server = grpc.aio.server(options=grpc_options(settings))
+    interceptor = ObservabilityInterceptor(settings.max_in_flight)
+    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(settings))
     codebooks = CodebookStore(engine)
     banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings), server)
     memories_pb2_grpc.add_MemoriesServicer_to_server(
@@ -102,11 +113,18 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     await server.start()
+    metrics_http, metrics_port = None, None
+    if settings.metrics_port is not None and settings.metrics_port >= 0:
+        metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
+        metrics_port = metrics_http.server_port
+    gauges = asyncio.ensure_future(refresh_bank_gauges(engine, settings.metrics_refresh_seconds))
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("memory3 serving on %s:%d", settings.host, port)
-    return RunningServer(server, port, health_servicer, engine, embedded, settings)
+    return RunningServer(server, port, health_servicer, engine, embedded, settings, metrics_http, metrics_port, gauges)
 
 
 async def serve(settings: Settings) -> None:
@@ -116,7 +134,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"memory3 listening on {settings.host}:{running.port}", flush=True)
+    metrics = f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""
+    print(f"memory3 listening on {settings.host}:{running.port}{metrics}", flush=True)
     await stop.wait()
     log.info("shutting down: draining in-flight calls")
     await running.stop()
@@ -137,6 +156,9 @@ class BackgroundServer:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Drain and stop; calling it again does nothing."""
+        if not self.thread.is_alive():
+            return
         self.call(self.running.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from .observability import CACHE_LOOKUPS
 
 KEY_PATTERN = re.compile(r"^m3_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})$")
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -90,7 +91,9 @@ class TenantStore:
         """The tenant id a key belongs to; UNAUTHENTICATED for unknown, malformed or revoked keys."""
         cached = self._verified.get(api_key)
         if cached and time.monotonic() - cached[1] < self.key_cache_seconds:
+            CACHE_LOOKUPS.labels("api_key", "hit").inc()
             return cached[0]
+        CACHE_LOOKUPS.labels("api_key", "miss").inc()
         match = KEY_PATTERN.match(api_key)
         if not match:
             raise Unauthenticated("malformed API key")

@@ -19,8 +19,7 @@ from .auth import Authenticator
 from .bank_store import check_bank_name
 from .config import Settings
 from .convert import timestamp
-from .errors import InvalidArgument, ResourceExhausted, ServiceError, rpc
-from .memories import MemoriesServicer
+from .errors import InvalidArgument, ResourceExhausted, rpc
 from .trajectory_store import (
     DECISION_COLUMNS, EpisodeFilter, EpisodeRow, TrajectoryStore, decode_cursor, encode_cursor,
 )
@@ -137,13 +136,6 @@ class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
 
     @rpc
     async def Log(self, request_iterator, context):
-        try:
-            return await self._log(request_iterator, context)
-        except ServiceError:
-            await MemoriesServicer._drain(self, request_iterator)  # same bounded drain as Write (needs .settings)
-            raise
-
-    async def _log(self, request_iterator, context):
         tenant_id = await self.auth.tenant(context)
         batch: list[EpisodeRow] = []
         async with self.store.engine.begin() as conn:

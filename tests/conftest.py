@@ -57,7 +57,10 @@ ServerThread = BackgroundServer  # kept under the name other test modules use
 
 def make_settings(database_url: str, **overrides):
     return load_settings(
-        database_url=database_url, port=0, admin_key=ADMIN_KEY, grace_seconds=2.0, key_cache_seconds=0.0, **overrides
+        **{
+            "database_url": database_url, "port": 0, "admin_key": ADMIN_KEY, "grace_seconds": 2.0,
+            "key_cache_seconds": 0.0, "metrics_port": 0, **overrides,
+        }
     )
 
 

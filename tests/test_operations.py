@@ -93,7 +93,7 @@ def _free_port() -> int:
 
 def _start(data_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_") and k != "DATABASE_URL"}
-    env.update(MEMORY3_DATA_DIR=str(data_dir), MEMORY3_PORT=str(port))
+    env.update(MEMORY3_DATA_DIR=str(data_dir), MEMORY3_PORT=str(port), MEMORY3_METRICS_PORT="0")
     proc = subprocess.Popen(
         [sys.executable, "-m", "memory3.service.cli", "serve"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,175 @@
+"""Metrics, request ids, structured logs and admission control, for every RPC in one place.
+
+* Prometheus: ``memory3_rpc_total{method,code}``, ``memory3_rpc_seconds{method}``,
+  ``memory3_rpc_in_flight``, ``memory3_rpc_rejected_total``, bank sizes, server-side cache hits.
+* Each call gets a request id (the client's ``x-request-id`` metadata, else a new one), sent back
+  in trailing metadata and stamped on every log line written while the call runs.
+* Back-pressure: beyond ``max_in_flight`` concurrent calls the server answers RESOURCE_EXHAUSTED
+  at once, with ``grpc-retry-pushback-ms`` advice, instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import time
+import uuid
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+from sqlalchemy import text
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+RPC_TOTAL = Counter("memory3_rpc_total", "RPCs finished, by method and status code", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "memory3_rpc_seconds", "RPC latency", ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RPC_IN_FLIGHT = Gauge("memory3_rpc_in_flight", "RPCs being served now")
+RPC_REJECTED = Counter("memory3_rpc_rejected_total", "RPCs refused by admission control (server busy)")
+BANK_REFERENCES = Gauge("memory3_bank_references", "References per bank (planner estimate)", ["tenant", "bank"])
+BANK_BYTES = Gauge("memory3_bank_bytes", "Bytes on disk per bank, indexes included", ["tenant", "bank"])
+CACHE_LOOKUPS = Counter("memory3_cache_lookups_total", "Server-side cache lookups", ["cache", "result"])
+
+EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+PUSHBACK_MS = "100"
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"), "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+log = logging.getLogger("memory3.rpc")
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(EXEMPT):
+            return handler
+        method = details.method
+        incoming = dict(details.invocation_metadata or ())
+        if handler.unary_unary or handler.stream_unary:
+            behaviour = handler.unary_unary or handler.stream_unary
+            wrapped = self._unary(behaviour, method, incoming)
+            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        else:
+            behaviour = handler.unary_stream or handler.stream_stream
+            wrapped = self._stream(behaviour, method, incoming)
+            factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return factory(wrapped, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+    async def _admit(self, context, request_id: str) -> None:
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        if self.in_flight >= self.max_in_flight:
+            RPC_REJECTED.inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy ({self.in_flight} calls in flight); retry after {PUSHBACK_MS} ms",
+                trailing_metadata=(("grpc-retry-pushback-ms", PUSHBACK_MS), ("x-request-id", request_id)),
+            )
+
+    def _finish(self, method: str, context, started: float, request_id: str, cancelled: bool) -> None:
+        code = "CANCELLED" if cancelled else (context.code() or grpc.StatusCode.OK)
+        code_name = code if isinstance(code, str) else code.name
+        elapsed = time.perf_counter() - started
+        RPC_TOTAL.labels(method, code_name).inc()
+        RPC_SECONDS.labels(method).observe(elapsed)
+        log.info("%s %s %.1f ms", method, code_name, elapsed * 1000,
+                 extra={"fields": {"method": method, "code": code_name, "ms": round(elapsed * 1000, 2)}})
+
+    def _unary(self, behaviour, method, incoming):
+        async def wrapper(request, context):
+            request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
+            token = request_id_var.set(request_id)
+            started, cancelled = time.perf_counter(), False
+            await self._admit(context, request_id)
+            self.in_flight += 1
+            RPC_IN_FLIGHT.inc()
+            try:
+                return await behaviour(request, context)
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            finally:
+                self.in_flight -= 1
+                RPC_IN_FLIGHT.dec()
+                self._finish(method, context, started, request_id, cancelled)
+                request_id_var.reset(token)
+
+        return wrapper
+
+    def _stream(self, behaviour, method, incoming):
+        async def wrapper(request, context):
+            request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
+            token = request_id_var.set(request_id)
+            started, cancelled = time.perf_counter(), False
+            await self._admit(context, request_id)
+            self.in_flight += 1
+            RPC_IN_FLIGHT.inc()
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
+            finally:
+                self.in_flight -= 1
+                RPC_IN_FLIGHT.dec()
+                self._finish(method, context, started, request_id, cancelled)
+                request_id_var.reset(token)
+
+        return wrapper
+
+
+async def refresh_bank_gauges(engine, interval: float) -> None:
+    """Every ``interval`` seconds, bank sizes from the catalog (cheap: no table scans)."""
+    query = text(
+        "SELECT t.name AS tenant, b.name AS bank, greatest(c.reltuples, 0) AS rows,"
+        " pg_total_relation_size(c.oid) AS bytes FROM banks b JOIN tenants t ON t.id = b.tenant_id"
+        " JOIN pg_class c ON c.relname = 'memory_references_b' || b.id"
+    )
+    while True:
+        try:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+            BANK_REFERENCES.clear()
+            BANK_BYTES.clear()
+            for row in rows:
+                BANK_REFERENCES.labels(row.tenant, row.bank).set(row.rows)
+                BANK_BYTES.labels(row.tenant, row.bank).set(row.bytes)
+        except Exception as err:  # metrics must never take the server down
+            logging.getLogger(__name__).warning("bank gauges not refreshed: %s", err)
+        await asyncio.sleep(interval)

@@ -146,7 +146,9 @@ def test_memories_change_generation_and_lag_delays_the_switch(model, tokenizer, 
     assert not torch.equal(strict.scores, plain[0].scores)
     [lagged] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], lag=3)
     assert [s.start for s in lagged.segments][-2:] == [78 + CHUNK + 3, 78 + 2 * CHUNK + 3]
-    assert [s.query for s in lagged.segments] == [s.query for s in strict.segments]
+    # the queries are unchanged up to the first switch (later text differs: the old memories served longer)
+    assert [s.query for s in lagged.segments][:7] == [s.query for s in strict.segments][:7]
+    assert lagged.token_ids[: CHUNK + 1] == strict.token_ids[: CHUNK + 1]
 
 
 def test_stream_pieces_add_up_and_name_references(model, tokenizer, supply, chunk_bank):

@@ -174,3 +174,12 @@ def test_generation_refuses_memories_of_another_model(server, api_key, tokenizer
     with MemorySupply(server.target, api_key, other, spec, tokenizer=tokenizer) as s:
         with pytest.raises(FingerprintMismatchError, match="running model"):
             _generate(other, tokenizer, s, chunk_bank, [PROMPT])
+
+
+def test_sampling_is_seeded(model, tokenizer):
+    options = dict(max_new_tokens=12, stop_at_eos=False, temperature=1.0, top_p=0.9)
+    a = decoding.generate_plain(model, tokenizer, [SHORT], seed=1, **options)[0].token_ids
+    b = decoding.generate_plain(model, tokenizer, [SHORT], seed=1, **options)[0].token_ids
+    c = decoding.generate_plain(model, tokenizer, [SHORT], seed=2, **options)[0].token_ids
+    greedy = decoding.generate_plain(model, tokenizer, [SHORT], max_new_tokens=12, stop_at_eos=False)[0].token_ids
+    assert a == b and (a != c or a != greedy)

@@ -133,11 +133,16 @@ class MemoryHooks:
     position_offset: first position id of the context: ``spec.context_position_offset`` when
         the context is placed after the memories' shared interval, or 0 when the injection path
         realises parallel positions by rotating the memory keys instead (memory3.sdk.rope).
+    stream: the stage's own training data (anything with ``batch(step, batch_size) -> Batch``),
+        or None for the run's stream. Why: learning to *read* memory needs text whose tokens are
+        predictable only from the retrieved reference, which the stage-1 stream lacks (its facts
+        are already in the weights); a memory stage mixes such text in.
     """
 
     chunk_memories: Callable[[torch.nn.Module, Batch], ChunkMemories]
     inject: Callable[[torch.nn.Module, ChunkMemories, Batch], contextlib.AbstractContextManager]
     position_offset: int
+    stream: object | None = None
 
 
 @dataclass
@@ -458,7 +463,8 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
             lr = learning_rate(stage, sstep)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = stream.batch(step, config.batch_size)
+            source = hooks.stream if hooks is not None and hooks.stream is not None else stream
+            batch = source.batch(step, config.batch_size)
             batch = Batch(batch.input_ids.to(device), batch.labels.to(device), step)
             with autocast:
                 loss = batch_loss(model, batch, hooks)

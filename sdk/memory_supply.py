@@ -41,7 +41,6 @@ import concurrent.futures
 import copy
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .client import AsyncClient
-from .codec import decode_memory
+from .codec import decode_memory, payload_checksum
 from .encoder import MemoryEncoder
 from .fingerprint import model_fingerprint
 from .injection import WRAPPER_PREFIX
@@ -375,7 +374,7 @@ class MemorySupply:
             timing.encode = time.perf_counter() - t0
             for key, (memory, blob) in written.items():
                 memory = memory.to(self.dtype, self.device)
-                self.cache.put((bank, key, self.fingerprint), (len(blob), zlib.crc32(blob)), memory)
+                self.cache.put((bank, key, self.fingerprint), (len(blob), payload_checksum(blob)), memory)
                 decoded[key] = memory
         for result in results:
             for ref in result.references:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import Iterable, Iterator
 
 from memory3.v1 import banks_pb2, memories_pb2
 
+from .codec import payload_checksum, trailer_checksum
 from .memory_spec import MemorySpec
 from .types import BankInfo, Reference, StoredReference
 
@@ -79,7 +79,7 @@ class FrameAssembler:
         if self.expects_memory and ref.memory_size:
             if len(self._buffer) != ref.memory_size:
                 raise CorruptPayload(f"{ref.external_id}: got {len(self._buffer)} of {ref.memory_size} memory bytes")
-            if zlib.crc32(self._buffer) != ref.memory_crc32:
+            if not payload_checksum(self._buffer) == trailer_checksum(self._buffer) == ref.memory_crc32:
                 raise CorruptPayload(f"{ref.external_id}: memory checksum mismatch")
             ref.memory = bytes(self._buffer)
         self.done.append(ref)

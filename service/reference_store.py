@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +15,8 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from memory3.sdk.codec import payload_checksum
 
 from .bank_store import METRICS, Bank
 from .db import autocommit
@@ -36,7 +37,7 @@ class ReferenceRow:
 
     @property
     def memory_crc32(self) -> int:
-        return zlib.crc32(self.memory) if self.memory else 0
+        return payload_checksum(self.memory) if self.memory else 0
 
     def content_hash(self) -> bytes:
         digest = hashlib.sha256()

@@ -195,3 +195,9 @@ def test_bad_queries(client, vector_bank):
     with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "at most"):
         client.delete(vector_bank, [str(i) for i in range(10_001)])
     assert client.stats(vector_bank).references == 5
+
+
+def test_stored_checksums_tell_memories_apart(client, vector_bank):
+    _, refs = _write_vectors(client, vector_bank, unit_vectors(5, DIM))
+    stored = client.fetch(vector_bank, [r.external_id for r in refs])
+    assert len({s.memory_crc32 for s in stored}) == 5

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 
 import numpy as np
 
@@ -23,6 +24,7 @@ class BuiltinEmbedder:
         self.device = device
         self._model = None
         self._lock = threading.Lock()
+        self._batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _load(self):
         with self._lock:
@@ -45,4 +47,53 @@ class BuiltinEmbedder:
         return np.asarray(vectors, dtype=np.float32)
 
     async def embed_async(self, texts: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(self.embed, texts)
+        """Embed off the event loop. Calls that arrive while a batch is running wait and go
+        together in the next batch: concurrent queries (a decoding batch, many clients) cost one
+        model call, not one each, and a lone query waits for nothing."""
+        loop = asyncio.get_running_loop()
+        batcher = self._batchers.get(loop)
+        if batcher is None:
+            batcher = self._batchers[loop] = _Batcher(self.embed)
+        return await batcher.submit(texts)
+
+
+class _Batcher:
+    """Coalesces concurrent embed requests of one event loop into batched model calls."""
+
+    MAX_TEXTS = 256
+
+    def __init__(self, embed) -> None:
+        self.embed = embed
+        self.waiting: list[tuple[list[str], asyncio.Future]] = []
+        self.running = False
+
+    async def submit(self, texts: list[str]) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((list(texts), future))
+        if not self.running:
+            self.running = True
+            asyncio.ensure_future(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self.waiting:
+                batch, size = [], 0
+                while self.waiting and (not batch or size + len(self.waiting[0][0]) <= self.MAX_TEXTS):
+                    texts, future = self.waiting.pop(0)
+                    batch.append((texts, future))
+                    size += len(texts)
+                try:
+                    vectors = await asyncio.to_thread(self.embed, [t for texts, _ in batch for t in texts])
+                except Exception as err:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
+                start = 0
+                for texts, future in batch:
+                    if not future.done():  # the caller may have been cancelled meanwhile
+                        future.set_result(vectors[start : start + len(texts)])
+                    start += len(texts)
+        finally:
+            self.running = False

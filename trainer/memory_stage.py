@@ -1,0 +1,438 @@
+"""Stage 2 of pretraining: continual training with explicit memory (Memory3 §3.4), registered
+as ``memory: retrieval`` with :func:`memory3.trainer.pretrain.register_memory_stage`.
+
+What one training step does (the seam is :func:`memory3.trainer.pretrain.batch_loss`):
+
+1. **Retrieve.** Every ``chunk_size``-token chunk of every row is decoded to text and used as the
+   query of an in-process MiniLM index (:class:`~memory3.trainer.retrieval_index.ReferenceIndex`)
+   over the *training* references: the train entities' references plus the memory-drill entities'
+   (below) — never a held-out one. The best ``references_per_chunk`` references are kept after
+   dropping every (chunk, reference) pair with ``token_overlap(reference, chunk) >
+   TRAIN_OVERLAP_LIMIT`` (0.9: the reference is restated in the very text it would help predict).
+2. **Encode.** The batch's distinct references are encoded into sparse memories by
+   :class:`memory3.sdk.encoder.MemoryEncoder` with the model being trained, i.e. the *current*
+   weights. Design choice (the paper does not say): memories are **constants recomputed every
+   step**, not a differentiable function of the weights. Gradients flow through how the context
+   *reads* memories (queries, and the context's own keys/values) but not back into how a
+   reference was encoded. Why: the encoder's top-k selection is not differentiable anyway; doing
+   without a second autograd graph over up to ``batch × chunks`` references keeps a step about as
+   cheap as a plain one; and because memories are re-encoded from the weights of *this* step,
+   they never go stale (the fingerprint check of the injector holds every step).
+3. **Inject.** Chunk ``c`` attends to the memories of its own reference and of the references of
+   the previous ``previous_chunks`` chunks (the paper: 1 + 4). The SDK's
+   :class:`~memory3.sdk.injection.MemoryInjector` reads one memory set per batch row; the row's
+   set here is the union of its chunks' memories, and :class:`ChunkMemoryInjector` (a thin
+   subclass, same hook and mask path) additionally hides from each query position the memory
+   slots its chunk may not read. Parallel positions: the injector rotates memory keys, so the
+   context keeps positions ``0..T-1`` (``position_offset = 0``).
+
+Why stage 2 trains on *extra* text (:func:`memory_drill`): held-out facts live only in
+references, so memory helps on held-out questions only if the model has learned to read answers
+out of memory. Stage 1's facts are already in the weights (train QA ~0.9), so with stage 1's text
+alone the model has no reason to look at memory. Stage 2 therefore mixes stage 1's documents
+(so nothing is forgotten) with Q/A drills about *memory-drill entities*: a second generated
+world (another seed) whose facts appear in no training text and whose references sit in the
+training index. A drill answer is predictable only from the retrieved reference, which is the
+skill held-out evaluation needs; with many drill entities, each seen a few times, reading is
+cheaper to learn than memorising. Drill entities sharing a name word with the main world are
+dropped, so no held-out name or fact is ever trained on.
+
+Stage 2's stream (:class:`ChunkAlignedStream`) starts every document, and every window, on a
+chunk boundary: a chunk then belongs to one document, so its retrieved reference is that
+document's, and every chunk the model ever sees is one of a fixed set, so each chunk's retrieval
+is computed once per run (embedded in one batch, cached on disk) instead of running MiniLM on 64
+texts per step; the query is still exactly the chunk's own text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memory3.sdk.encoder import MemoryEncoder
+from memory3.sdk.injection import MemoryInjector
+from memory3.sdk.memory import ExplicitMemory
+from memory3.sdk.memory_spec import MemorySpec
+from memory3.trainer.config import StageConfig
+from memory3.trainer.corpus import (ATTRIBUTES, QUESTIONS, TRAIN, TRAIN_OVERLAP_LIMIT, Entity, World,
+                                    build_world, format_qa, token_overlap)
+from memory3.trainer.pretrain import (Batch, ChunkMemories, MemoryHooks, TokenStream, TrainContext,
+                                      register_memory_stage, training_documents)
+from memory3.trainer.retrieval_index import DEFAULT_CACHE_DIR, ReferenceIndex
+from memory3.trainer.tokenizer import encode_document
+
+# ------------------------------------------------------------------ hyperparameters (stage 2 data)
+DRILL_ENTITIES_PER_ENTITY = 5
+"""Memory-drill entities per entity of the main world (tiny: 200 -> 1000 generated, ~600 kept)."""
+DRILL_DOCS_PER_ENTITY = 4
+"""Q/A drill documents per drill entity (each asks all its facts, fresh phrasings and order)."""
+DRILL_SEED_OFFSET = 7919
+"""The drill world's seed is the main world's plus this: a different, still reproducible world."""
+MIN_DRILL_ENTITIES = 40  # build_world needs >= 20; keep tiny test worlds meaningful
+
+
+# ------------------------------------------------------------------ stage 2 data
+
+
+@dataclass
+class MemoryDrill:
+    """Text whose answers are only in references: documents and the references that answer them."""
+
+    documents: list[str]
+    references: list[str]
+    entities: list[Entity]
+
+
+def _name_words(world: World) -> set[str]:
+    words = {w.lower() for e in world.entities for w in e.name.split()}
+    return words | {c.lower() for c in world.countries}
+
+
+def entity_qa_document(entity: Entity, rng: random.Random) -> str:
+    """Every fact of one entity as Q/A lines, in random order and phrasing.
+
+    One entity per document (unlike stage 1's mixed drills), so a chunk's one retrieved
+    reference can answer the whole chunk.
+    """
+    attrs = list(ATTRIBUTES[entity.kind])
+    rng.shuffle(attrs)
+    return "\n".join(format_qa(rng.choice(QUESTIONS[a]).format(n=entity.name), entity.facts[a]) for a in attrs)
+
+
+def memory_drill(world: World, n_entities: int | None = None, docs_per_entity: int = DRILL_DOCS_PER_ENTITY,
+                 seed_offset: int = DRILL_SEED_OFFSET) -> MemoryDrill:
+    """Q/A drills about a second world's entities, and their references (see module docstring).
+
+    All entities of the drill world are used, whatever their split there: none of their facts is
+    in the main world's training text. Entities whose name, or any fact value, shares a word with
+    a name of the main world are dropped, so a drill can never state a main-world (possibly
+    held-out) fact.
+    """
+    n_entities = n_entities or max(MIN_DRILL_ENTITIES, DRILL_ENTITIES_PER_ENTITY * len(world.entities))
+    drill_world = build_world(world.seed + seed_offset, n_entities, heldout_fraction=0.2, passages_per_entity=0,
+                              qa_docs=0, filler_docs=0)
+    taken = _name_words(world)
+    rng = random.Random(world.seed + seed_offset)
+    entities, documents, references = [], [], []
+    for e in drill_world.entities:
+        words = {w.lower() for w in e.name.split()} | {w.lower() for v in e.facts.values() for w in v.split()}
+        if words & taken:
+            continue
+        entities.append(e)
+        references.append(drill_world.references[e.id].text)
+        documents += [entity_qa_document(e, rng) for _ in range(docs_per_entity)]
+    return MemoryDrill(documents, references, entities)
+
+
+def stage_documents(world: World, include_train_references: bool, drill: MemoryDrill, seed: int) -> list[str]:
+    """Stage 2's documents: stage 1's (pretrain's own list) plus the drills, shuffled."""
+    docs = training_documents(world, include_train_references) + list(drill.documents)
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+class ChunkAlignedStream(TokenStream):
+    """Stage 2's token stream: every document starts on a chunk boundary; windows start on one.
+
+    Each document (``<s> doc </s>``, as in stage 1) is padded to a multiple of ``chunk_size``
+    with pad tokens whose labels are ignored (-100). Why: a chunk then holds one document, or a
+    piece of one, so the reference its text retrieves is that document's entity's — a drill's
+    answers are then really predictable from memory, and a Q/A prompt at evaluation (a document
+    start) looks like a training chunk. The set of distinct chunks is fixed (:meth:`chunk_ids`), so
+    their retrieval is precomputed once. Batches are a function of (seed, step), hence resumable.
+    """
+
+    def __init__(self, documents: Sequence[str], tokenizer, seq_len: int, seed: int, chunk_size: int):
+        if seq_len % chunk_size:
+            raise ValueError(f"seq_len {seq_len} is not a multiple of chunk_size {chunk_size}")
+        pad = tokenizer.pad_token_id
+        ids: list[int] = []
+        real: list[bool] = []
+        for doc in documents:
+            tokens = encode_document(tokenizer, doc)
+            fill = -len(tokens) % chunk_size
+            ids += tokens + [pad] * fill
+            real += [True] * len(tokens) + [False] * fill
+        self.tokens = torch.tensor(ids, dtype=torch.long)
+        self.real = torch.tensor(real, dtype=torch.bool)
+        self.seq_len, self.seed, self.chunk_size = seq_len, seed, chunk_size
+        self.n_chunks = len(self.tokens) // chunk_size
+        self.window_chunks = seq_len // chunk_size
+        if self.n_chunks < self.window_chunks:
+            raise ValueError("stream is shorter than one window")
+
+    def chunk_ids(self) -> torch.Tensor:
+        """(n_chunks, chunk_size): every chunk a window can contain."""
+        return self.tokens.view(self.n_chunks, self.chunk_size)
+
+    def batch(self, step: int, batch_size: int) -> Batch:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, self.n_chunks - self.window_chunks + 1, (batch_size,), generator=gen) * self.chunk_size
+        window = torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
+        real = torch.stack([self.real[s : s + self.seq_len] for s in starts.tolist()])
+        return Batch(window, window.masked_fill(~real, -100), step)
+
+
+# ------------------------------------------------------------------ retrieval per chunk
+
+
+class ChunkRetriever:
+    """Chunk token ids -> positions of the references it retrieves (after the overlap rule).
+
+    Results are memoised by the chunk's token ids: the same chunk always gets the same
+    references, and :meth:`precompute` fills the table for a whole stream in one embedding pass.
+    ``excluded`` counts (chunk, reference) candidates dropped by the > 90 % overlap rule.
+    """
+
+    def __init__(self, index: ReferenceIndex, tokenizer, references_per_chunk: int = 1,
+                 overlap_limit: float = TRAIN_OVERLAP_LIMIT):
+        self.index = index
+        self.tokenizer = tokenizer
+        self.k = references_per_chunk
+        self.overlap_limit = overlap_limit
+        self.table: dict[tuple[int, ...], list[int]] = {}
+        self.excluded = 0
+        self.queries = 0
+
+    def excludes(self, chunk_text: str, position: int) -> bool:
+        """The paper's training rule: the reference must not be (> 90 %) restated in the chunk."""
+        drop = token_overlap(self.index.texts[position], chunk_text) > self.overlap_limit
+        self.excluded += drop
+        return drop
+
+    def _fill(self, chunks: list[tuple[int, ...]], cache: bool) -> None:
+        todo = list(dict.fromkeys(c for c in chunks if c not in self.table))
+        if not todo:
+            return
+        texts = [self.tokenizer.decode(list(c), skip_special_tokens=True) for c in todo]
+        vectors = self.index.embed_queries(texts, cache=cache)
+        for chunk, refs in zip(todo, self.index.search(texts, self.k, self.excludes, query_vectors=vectors)):
+            self.table[chunk] = refs
+        self.queries += len(todo)
+
+    def precompute(self, chunk_ids: torch.Tensor) -> None:
+        """Retrieve for every row of ``chunk_ids`` (n, chunk_size) at once; embeddings cached."""
+        self._fill([tuple(r) for r in chunk_ids.tolist()], cache=True)
+
+    def __call__(self, chunks: torch.Tensor) -> list[list[int]]:
+        """(n, chunk_size) ids -> per chunk, the reference positions it retrieves (best first)."""
+        keys = [tuple(r) for r in chunks.tolist()]
+        self._fill(keys, cache=False)
+        return [self.table[k] for k in keys]
+
+
+# ------------------------------------------------------------------ injection per chunk
+
+
+class ChunkMemoryInjector(MemoryInjector):
+    """The SDK's injector, plus per-chunk visibility of memory slots for full-sequence forwards.
+
+    :meth:`set_chunk_memories` takes, per row, per chunk, the memories that chunk may read. The
+    row's distinct memories go to :meth:`MemoryInjector.set_memories` (one rotation to parallel
+    positions, one K/V concatenation in front of the context, unchanged); in memory layers the
+    mask the base injector built is then narrowed so that a query in chunk ``c`` sees only chunk
+    ``c``'s slots. Everything else (hook, mask kinds, padding of rows, fingerprint check) is the
+    base class's. Meant for training forwards over whole rows (queries at positions 0..T-1).
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: MemorySpec, verify_fingerprint: bool = True):
+        super().__init__(model, spec, verify_fingerprint)
+        self._visible: torch.Tensor | None = None  # (batch, chunks, slots) bool
+        self._chunk_size = 0
+        self._narrowed: tuple | None = None  # (mask object, narrowed mask)
+
+    def clear(self) -> None:
+        super().clear()
+        self._visible = None
+        self._narrowed = None
+
+    def set_chunk_memories(self, rows: Sequence[Sequence[Sequence[ExplicitMemory]]], chunk_size: int) -> None:
+        union: list[list[ExplicitMemory]] = []
+        slot_of: list[dict[int, int]] = []
+        for row in rows:
+            seen: dict[int, int] = {}
+            members: list[ExplicitMemory] = []
+            for chunk in row:
+                for m in chunk:
+                    if id(m) not in seen:
+                        seen[id(m)] = len(members)
+                        members.append(m)
+            union.append(members)
+            slot_of.append(seen)
+        self.set_memories(union)
+        if self._keys is None:
+            return
+        tokens = self.spec.tokens_per_head
+        n_chunks = max(len(r) for r in rows)
+        visible = torch.zeros(len(rows), n_chunks, self._valid.shape[1], dtype=torch.bool, device=self._valid.device)
+        for b, row in enumerate(rows):
+            for c, chunk in enumerate(row):
+                for m in chunk:
+                    start = slot_of[b][id(m)] * tokens
+                    visible[b, c, start : start + tokens] = True
+        self._visible, self._chunk_size, self._narrowed = visible, chunk_size, None
+
+    def _narrow(self, mask: torch.Tensor, q_len: int) -> torch.Tensor:
+        cached = self._narrowed
+        if cached is not None and cached[0] is mask:
+            return cached[1]
+        slots = self._visible.shape[-1]
+        per_query = self._visible.repeat_interleave(self._chunk_size, dim=1)
+        if per_query.shape[1] != q_len:
+            raise ValueError(f"chunk memories cover {per_query.shape[1]} positions, the forward has {q_len} queries")
+        allowed = per_query[:, None]  # (batch, 1, q_len, slots)
+        mem = mask[..., :slots]
+        mem = mem & allowed if mem.dtype == torch.bool else mem.masked_fill(~allowed, torch.finfo(mem.dtype).min)
+        out = torch.cat((mem.expand(-1, mask.shape[1], -1, -1) if mem.shape[1] != mask.shape[1] else mem,
+                         mask[..., slots:].expand(mem.shape[0], -1, -1, -1)), dim=-1)
+        self._narrowed = (mask, out)
+        return out
+
+    def _attend(self, base_fn, base_name, module, query, key, value, attention_mask, **kwargs):
+        if self._visible is None or self._keys is None or self.spec.layer_slot(module.layer_idx) is None:
+            return super()._attend(base_fn, base_name, module, query, key, value, attention_mask, **kwargs)
+
+        def narrowed(mod, q, k, v, mask, **kw):
+            return base_fn(mod, q, k, v, self._narrow(mask, q.shape[2]), **kw)
+
+        return super()._attend(narrowed, base_name, module, query, key, value, attention_mask, **kwargs)
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def chunk_reference_plan(retrieved: Sequence[Sequence[int]], previous_chunks: int) -> list[list[int]]:
+    """Per chunk of one row, the reference positions it reads: its own, then the previous chunks'
+    (nearest first), each once."""
+    plan = []
+    for c in range(len(retrieved)):
+        refs: dict[int, None] = {}
+        for j in range(c, max(-1, c - previous_chunks - 1), -1):
+            refs.update(dict.fromkeys(retrieved[j]))
+        plan.append(list(refs))
+    return plan
+
+
+class RetrievalMemoryStage:
+    """The stage-2 hooks: retrieval per chunk, encoding with the current weights, injection."""
+
+    def __init__(self, ctx: TrainContext, stage: StageConfig, drill: MemoryDrill | None = None,
+                 cache_dir=DEFAULT_CACHE_DIR, precompute: bool = True):
+        config, world = ctx.config, ctx.world
+        self.stage = stage
+        self.spec = ctx.spec
+        self.tokenizer = ctx.tokenizer
+        self.drill = drill if drill is not None else memory_drill(world)
+        train_refs = world.references_for(TRAIN)
+        self.reference_texts = [r.text for r in train_refs] + list(self.drill.references)
+        self.index = ReferenceIndex(self.reference_texts, cache_dir=cache_dir)
+        self.retriever = ChunkRetriever(self.index, ctx.tokenizer, stage.references_per_chunk)
+        docs = stage_documents(world, config.include_train_references, self.drill, config.seed)
+        self.stream = ChunkAlignedStream(docs, ctx.tokenizer, config.seq_len, config.seed + 1, stage.chunk_size)
+        if precompute:
+            self.retriever.precompute(self.stream.chunk_ids())
+        self.encoder = MemoryEncoder(ctx.model, ctx.tokenizer, ctx.spec, batch_size=64)
+        self.injector = ChunkMemoryInjector(ctx.model, ctx.spec)
+
+    def plan(self, batch: Batch) -> list[list[list[int]]]:
+        """[row][chunk] -> reference positions (into ``reference_texts``) that chunk reads."""
+        chunks = batch.chunks(self.stage.chunk_size)
+        b, n, size = chunks.shape
+        retrieved = self.retriever(chunks.reshape(b * n, size).cpu())
+        return [chunk_reference_plan(retrieved[r * n : (r + 1) * n], self.stage.previous_chunks) for r in range(b)]
+
+    def chunk_memories(self, model: torch.nn.Module, batch: Batch) -> ChunkMemories:
+        plan = self.plan(batch)
+        distinct = sorted({p for row in plan for chunk in row for p in chunk})
+        encoded = self.encoder.encode([self.reference_texts[p] for p in distinct]) if distinct else []
+        memory = dict(zip(distinct, encoded))
+        return [[[memory[p] for p in chunk] for chunk in row] for row in plan]
+
+    @contextlib.contextmanager
+    def inject(self, model: torch.nn.Module, memories: ChunkMemories, batch: Batch):
+        with self.injector:
+            self.injector.set_chunk_memories(memories, self.stage.chunk_size)
+            yield self.injector
+
+    def hooks(self) -> MemoryHooks:
+        return MemoryHooks(self.chunk_memories, self.inject, position_offset=0, stream=self.stream)
+
+
+def retrieval_stage(ctx: TrainContext, stage: StageConfig) -> MemoryHooks:
+    """``memory: retrieval``: the paper's stage 2 (see the module docstring)."""
+    return RetrievalMemoryStage(ctx, stage).hooks()
+
+
+register_memory_stage("retrieval", retrieval_stage)
+
+
+# ------------------------------------------------------------------ does memory feed the answers?
+
+
+def answer_token_mask(tokenizer, documents: Sequence[str]) -> tuple[list[list[int]], list[list[bool]]]:
+    """Token ids (BOS + document) and, per token, whether it is part of an answer ("A: <here>").
+
+    Answers are the reference-dependent tokens of a drill: predictable only from the entity's
+    reference. Found through the fast tokenizer's character offsets, so the ids are exactly the
+    document's own tokenization.
+    """
+    ids_out, mask_out = [], []
+    for doc in documents:
+        enc = tokenizer(doc, return_offsets_mapping=True)
+        spans, start = [], 0
+        for line in doc.split("\n"):
+            if line.startswith("A: "):
+                spans.append((start + 3, start + len(line)))
+            start += len(line) + 1
+        mask = [any(s < b and e > a for a, b in spans) and e > s for s, e in enc["offset_mapping"]]
+        ids_out.append(list(enc["input_ids"]))
+        mask_out.append(mask)
+    return ids_out, mask_out
+
+
+@torch.no_grad()
+def answer_loss(model: torch.nn.Module, tokenizer, spec: MemorySpec, documents: Sequence[str],
+                references: Sequence[Sequence[str]] | None = None, batch_size: int = 32) -> float:
+    """Mean next-token loss on the answer tokens of ``documents``; with ``references`` (per
+    document) their memories, encoded by ``model`` now, are injected through the SDK's injector.
+
+    The measure of "stage 2 really feeds memories": on drills about entities the weights never
+    saw, the loss with the right reference in memory must fall below the loss without it.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids, masks = answer_token_mask(tokenizer, documents)
+    encoder = MemoryEncoder(model, tokenizer, spec) if references is not None else None
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(ids), batch_size):
+            rows, row_masks = ids[i : i + batch_size], masks[i : i + batch_size]
+            width = max(len(r) for r in rows)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+            attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            target = torch.tensor([m + [False] * (width - len(m)) for m in row_masks], device=device)
+            context = contextlib.nullcontext()
+            if encoder is not None:
+                injector = MemoryInjector(model, spec)
+                refs = references[i : i + batch_size]
+                flat = [t for row in refs for t in row]
+                memories = iter(encoder.encode(flat))
+                context = injector
+            with context:
+                if encoder is not None:
+                    injector.set_memories([[next(memories) for _ in row] for row in refs])
+                logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       input_ids[:, 1:].reshape(-1), reduction="none")
+            keep = target[:, 1:].reshape(-1)
+            total += float(losses[keep].sum())
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return total / max(1, count)

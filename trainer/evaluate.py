@@ -1,0 +1,356 @@
+"""Evaluation of the reference model: QA exact match in three modes, with tokens/s, as a report.
+
+Modes, on the *same* questions and the *same* retrieved references (Memory3 §5):
+
+* ``plain``  — no memory: the question alone. Held-out facts are in no training text, so this is
+  the "is it in the weights?" floor.
+* ``rag``    — the top-k reference texts (marker-prefixed, as stage 1 saw references) placed
+  before the question in the prompt.
+* ``memory`` — the top-k references' explicit memories (encoded once by the model itself, the
+  warm-start memory bank) injected through :class:`memory3.sdk.injection.MemoryInjector`.
+
+Retrieval: one in-process MiniLM index over *all* the world's references (train and held-out,
+like a bank would hold them); the query is the question; references overlapping the question
+by more than :data:`~memory3.trainer.corpus.EVAL_OVERLAP_LIMIT` (2/3,
+:func:`~memory3.trainer.corpus.token_overlap`) are dropped before the top-k is taken, so no mode
+gets a reference that merely restates the question.
+
+Why not ``memory3.sdk.decoding``: its generate functions read memories through the gRPC service
+(a database and a bank). This evaluation runs on the trainer's in-process index and memory bank,
+in one greedy loop (``model.generate``) shared by the three modes, so the accuracy and speed
+differences are the modes', not different loops'. A QA prompt is shorter than one 64-token chunk
+and an answer a few tokens, so the paper's "new memories every 64 tokens" never triggers: memory
+mode retrieves once, with the question, exactly like RAG.
+
+Speed: every mode generates the same fixed number of tokens per question (no early stop), in
+the same batches; tok/s = generated tokens / wall time of prompt + generation (memory mode
+includes setting memories into the injector; RAG includes its longer prompt). Retrieval and
+the one-off memory-bank encoding are timed separately: they are shared or amortised.
+
+``python -m memory3.trainer.evaluate RUN_DIR`` (or ``bench/bench_reference_model.py``) prints the
+report and writes ``reference_model.md``, ``.json`` and ``.png`` to ``--out`` (bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from memory3.sdk.encoder import MemoryEncoder
+from memory3.sdk.injection import MemoryInjector
+from memory3.sdk.memory import ExplicitMemory
+from memory3.trainer.config import TrainConfig
+from memory3.trainer.corpus import (EVAL_OVERLAP_LIMIT, HELDOUT, TRAIN, QAPair, World, build_world,
+                                    format_qa_prompt, format_reference, normalize_answer, token_overlap)
+from memory3.trainer.model import count_parameters, load_reference_model
+from memory3.trainer.retrieval_index import ReferenceIndex
+
+MODES = ("plain", "rag", "memory")
+MODE_LABELS = {"plain": "no memory", "rag": "RAG (top-k texts in prompt)", "memory": "explicit memory (top-k)"}
+
+
+# ------------------------------------------------------------------ retrieval with the eval rule
+
+
+def retrieve_for_questions(index: ReferenceIndex, questions: Sequence[str], top_k: int = 5,
+                           overlap_limit: float = EVAL_OVERLAP_LIMIT) -> tuple[list[list[int]], int]:
+    """Per question, the top-k reference positions after dropping references that overlap the
+    question by more than ``overlap_limit``; and how many candidates that rule dropped."""
+    dropped = 0
+
+    def exclude(question: str, position: int) -> bool:
+        nonlocal dropped
+        drop = token_overlap(question, index.texts[position]) > overlap_limit
+        dropped += drop
+        return drop
+
+    return index.search(list(questions), top_k, exclude), dropped
+
+
+# ------------------------------------------------------------------ one greedy loop, three modes
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def prompt_ids(tokenizer, question: str, mode: str, reference_texts: Sequence[str] = ()) -> list[int]:
+    """Token ids of a mode's prompt. RAG puts each reference as ``Reference: text`` on its own
+    line (nearest first) before the question; the others ask the question alone."""
+    if mode == "rag" and reference_texts:
+        context = "\n".join(format_reference(t) for t in reference_texts) + "\n"
+        return tokenizer(context + format_qa_prompt(question))["input_ids"]
+    return tokenizer(format_qa_prompt(question))["input_ids"]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[list[int]], memories: Sequence[Sequence[ExplicitMemory]] | None,
+                     spec=None, new_tokens: int = 8, batch_size: int = 32) -> tuple[list[str], float, int]:
+    """Greedy answers for token-id prompts; with ``memories`` (one list per prompt) they are
+    injected. Exactly ``new_tokens`` tokens are generated per prompt. Returns (answers, seconds,
+    generated tokens)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    injector = MemoryInjector(model, spec) if memories is not None else None
+    answers: list[str] = []
+    seconds, generated = 0.0, 0
+    try:
+        if injector is not None:
+            injector.activate()
+        for i in range(0, len(prompts), batch_size):
+            rows = [list(p) for p in prompts[i : i + batch_size]]
+            input_ids, mask = _left_pad(rows, pad, device)
+            t0 = time.perf_counter()
+            if injector is not None:
+                injector.set_memories([list(m) for m in memories[i : i + batch_size]])
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id)
+            seconds += time.perf_counter() - t0
+            new = out[:, input_ids.shape[1] :]
+            generated += new.numel()
+            answers += [tokenizer.decode(r, skip_special_tokens=True).split("\n", 1)[0].strip() for r in new]
+    finally:
+        if injector is not None:
+            injector.deactivate()
+        model.train(was_training)
+    return answers, seconds, generated
+
+
+# ------------------------------------------------------------------ the evaluation
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    exact_match: float
+    correct: int
+    questions: int
+    tokens_per_s: float
+    seconds: float
+    generated_tokens: int
+
+
+@dataclass
+class Evaluation:
+    split: str
+    top_k: int
+    questions: int
+    retrieval_hit_rate: float  # the question's own entity among the kept top-k
+    dropped_by_overlap: int
+    retrieval_s: float
+    memory_bank_s: float
+    references: int
+    modes: dict[str, ModeResult] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_memory_bank(model, tokenizer, spec, texts: Sequence[str]) -> tuple[list[ExplicitMemory], float]:
+    """Every reference's memory, encoded once by the model itself (warm start)."""
+    t0 = time.perf_counter()
+    memories = MemoryEncoder(model, tokenizer, spec, batch_size=64).encode(list(texts))
+    return memories, time.perf_counter() - t0
+
+
+def evaluate_qa(model, tokenizer, spec, world: World, pairs: Sequence[QAPair], index: ReferenceIndex | None = None,
+                bank: Sequence[ExplicitMemory] | None = None, top_k: int = 5, modes: Sequence[str] = MODES,
+                new_tokens: int = 8, batch_size: int = 32, split: str = HELDOUT) -> Evaluation:
+    """QA exact match of ``pairs`` in each mode, on the same questions and retrieved references.
+
+    ``index`` and ``bank`` cover ``world.references`` in order (built here when not given).
+    """
+    texts = [r.text for r in world.references]
+    index = index or ReferenceIndex(texts)
+    if bank is None and "memory" in modes:
+        bank, bank_s = encode_memory_bank(model, tokenizer, spec, texts)
+    else:
+        bank_s = 0.0
+    questions = [p.question for p in pairs]
+    t0 = time.perf_counter()
+    retrieved, dropped = retrieve_for_questions(index, questions, top_k)
+    retrieval_s = time.perf_counter() - t0
+    hits = sum(world.references[p.entity_id].id in {world.references[i].id for i in r}
+               for p, r in zip(pairs, retrieved))
+    ev = Evaluation(split, top_k, len(pairs), hits / max(1, len(pairs)), dropped, retrieval_s, bank_s, len(texts))
+    for mode in modes:
+        prompts = [prompt_ids(tokenizer, q, mode, [texts[i] for i in r]) for q, r in zip(questions, retrieved)]
+        memories = [[bank[i] for i in r] for r in retrieved] if mode == "memory" else None
+        answers, seconds, generated = generate_answers(model, tokenizer, prompts, memories, spec, new_tokens, batch_size)
+        correct = [normalize_answer(a) == normalize_answer(p.answer) for a, p in zip(answers, pairs)]
+        ev.modes[mode] = ModeResult(mode, sum(correct) / max(1, len(pairs)), sum(correct), len(pairs),
+                                    generated / seconds if seconds else float("nan"), seconds, generated)
+        for j in range(min(3, len(pairs))):
+            if len(ev.examples) < 3 * len(modes):
+                ev.examples.append({"mode": mode, "question": questions[j], "answer": pairs[j].answer, "got": answers[j]})
+    return ev
+
+
+# ------------------------------------------------------------------ the report
+
+
+def _run_facts(run_dir: Path) -> dict:
+    result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
+    history = result.get("history") or []
+    facts = {"train_time_s": result.get("train_time_s"), "tokens_seen": result.get("tokens_seen"),
+             "corpus_tokens": result.get("corpus_tokens"), "steps": result.get("steps")}
+    csv_path = run_dir / "loss.csv"
+    if csv_path.exists():  # per-stage time from the curve: elapsed at each stage's last row
+        import csv
+
+        rows = list(csv.DictReader(csv_path.open()))
+        stages: dict[str, float] = {}
+        for r in rows:
+            if r.get("elapsed_s"):
+                stages[r["stage"]] = float(r["elapsed_s"])
+        prev, per_stage = 0.0, {}
+        for name, end in stages.items():
+            per_stage[name] = end - prev
+            prev = end
+        facts["stage_time_s"] = per_stage
+    del history
+    return facts
+
+
+def report_markdown(evals: Sequence[Evaluation], info: dict) -> str:
+    lines = [f"# Reference model: QA exact match in three modes", "",
+             f"model `{info['model_dir']}`: {info['parameters'] / 1e6:.2f} M parameters "
+             f"({info['layers']} layers, memory layers {info['memory_layers']}, {info['tokens_per_head']} tokens/head); "
+             f"world of {info['entities']} entities ({info['heldout_entities']} held out), "
+             f"{info['references']} references, training corpus {info['corpus_tokens']} tokens "
+             f"(stage 2 adds {info.get('drill_entities', '?')} memory-drill entities); "
+             f"trained {info['steps']} steps, {info['train_time_s'] / 60:.1f} min on {info['device']} "
+             f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in info.get('stage_time_s', {}).items())}).", ""]
+    for ev in evals:
+        base = ev.modes.get("plain")
+        lines += [f"## {ev.split} questions ({ev.questions}; top-{ev.top_k} references, question's own reference "
+                  f"retrieved for {ev.retrieval_hit_rate:.0%}, {ev.dropped_by_overlap} candidates dropped by the "
+                  f"> 2/3 overlap rule)", "",
+                  "| mode | exact match | vs no memory | tok/s | tok/s vs no memory |",
+                  "|---|---:|---:|---:|---:|"]
+        for mode in MODES:
+            r = ev.modes.get(mode)
+            if r is None:
+                continue
+            delta = f"{(r.exact_match - base.exact_match) * 100:+.1f} pt" if base else ""
+            ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}×" if base and base.tokens_per_s else ""
+            lines.append(f"| {MODE_LABELS[mode]} | {r.exact_match:.1%} ({r.correct}/{r.questions}) | {delta} | "
+                         f"{r.tokens_per_s:.0f} | {ratio} |")
+        lines.append("")
+        lines.append(f"retrieval {ev.retrieval_s:.2f} s for {ev.questions} questions (MiniLM, shared by RAG and memory); "
+                     f"memory bank: {ev.references} references encoded in {ev.memory_bank_s:.2f} s (once).")
+        lines.append("")
+    held = next((e for e in evals if e.split == HELDOUT), None)
+    if held and {"plain", "rag", "memory"} <= set(held.modes):
+        m, p, r = (held.modes[k].exact_match for k in ("memory", "plain", "rag"))
+        lines += ["## targets (held-out)", "",
+                  f"- memory ≥ no memory + 50 pt: {m:.1%} vs {p + 0.5:.1%} → {'met' if m >= p + 0.5 else 'NOT met'}",
+                  f"- memory ≥ RAG − 2 pt: {m:.1%} vs {r - 0.02:.1%} → {'met' if m >= r - 0.02 else 'NOT met'}", ""]
+    return "\n".join(lines)
+
+
+def save_plot(evals: Sequence[Evaluation], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / max(1, len(evals))
+    for j, ev in enumerate(evals):
+        modes = [m for m in MODES if m in ev.modes]
+        xs = [i + j * width for i in range(len(modes))]
+        ax1.bar(xs, [ev.modes[m].exact_match for m in modes], width, label=f"{ev.split} questions")
+        if j == 0:
+            ax2.bar(range(len(modes)), [ev.modes[m].tokens_per_s for m in modes], 0.6, color="gray")
+            ax2.set_xticks(range(len(modes)), [MODE_LABELS[m].split(" (")[0] for m in modes])
+        ax1.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(modes))],
+                       [MODE_LABELS[m].split(" (")[0] for m in modes])
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("QA exact match")
+    ax1.legend()
+    ax1.set_title("accuracy")
+    ax2.set_ylabel("generated tokens / s")
+    ax2.set_title("speed (same loop, same batches)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130, batch_size: int = 32,
+                 new_tokens: int = 8, out_dir: str | Path | None = None, num_threads: int | None = None) -> dict:
+    """Evaluate a run directory's saved model and write the report; returns its data."""
+    run_dir = Path(run_dir)
+    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    torch.set_num_threads(max(1, num_threads or config.num_threads))
+    model, tokenizer, spec = load_reference_model(run_dir / "model")
+    world = build_world(config.world.seed, config.world.n_entities, config.world.heldout_fraction,
+                        passages_per_entity=config.world.passages_per_entity)
+    texts = [r.text for r in world.references]
+    index = ReferenceIndex(texts)
+    bank, bank_s = encode_memory_bank(model, tokenizer, spec, texts)
+    evals = [evaluate_qa(model, tokenizer, spec, world, world.qa(HELDOUT), index, bank, top_k,
+                         new_tokens=new_tokens, batch_size=batch_size, split=HELDOUT)]
+    if train_questions:
+        import random
+
+        pairs = world.qa(TRAIN)
+        pairs = random.Random(0).sample(pairs, min(train_questions, len(pairs)))
+        evals.append(evaluate_qa(model, tokenizer, spec, world, pairs, index, bank, top_k,
+                                 new_tokens=new_tokens, batch_size=batch_size, split=TRAIN))
+    for ev in evals:
+        ev.memory_bank_s = bank_s
+    drill_entities = None
+    if any(s.memory != "none" for s in config.stages):
+        from memory3.trainer.memory_stage import memory_drill
+
+        drill_entities = len(memory_drill(world).entities)
+    info = {"model_dir": str(run_dir / "model"), "parameters": count_parameters(model),
+            "layers": model.config.num_hidden_layers, "memory_layers": list(spec.memory_layers),
+            "tokens_per_head": spec.tokens_per_head, "entities": len(world.entities),
+            "heldout_entities": len(world.split_entities(HELDOUT)), "references": len(world.references),
+            "drill_entities": drill_entities, "device": f"CPU, {torch.get_num_threads()} thread(s)"
+            if config.device == "cpu" or not torch.cuda.is_available() else "GPU",
+            **{k: v for k, v in _run_facts(run_dir).items()}}
+    info = {k: (0 if v is None and k in ("train_time_s", "corpus_tokens", "steps") else v) for k, v in info.items()}
+    text = report_markdown(evals, info)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reference_model.md").write_text(text + "\n")
+    (out / "reference_model.json").write_text(json.dumps({"info": info, "evaluations": [e.to_dict() for e in evals]},
+                                                         indent=2))
+    save_plot(evals, out / "reference_model.png")
+    print(text)
+    print(f"saved {out / 'reference_model.md'}, .json, .png")
+    return {"info": info, "evaluations": evals}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memory3-evaluate", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("run_dir", nargs="?", default="runs/reference-tiny", help="a training run directory (has model/)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--train-questions", type=int, default=130, help="also evaluate this many train questions (0: none)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the run's)")
+    parser.add_argument("--out", default="bench/results", help="where the report, json and plot go")
+    args = parser.parse_args(argv)
+    evaluate_run(args.run_dir, args.top_k, args.train_questions, args.batch_size, args.new_tokens, args.out, args.threads)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -10,10 +10,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,6 +21,7 @@ import pytest
 
 from memory3.sdk.client import Client
 from memory3.sdk.types import BankInfo, Reference
+from memory3.service.child_process import ServiceProcess
 from memory3.service.embedded_pg import EmbeddedPostgres
 
 from helpers import FINGERPRINT, SPEC, memory_payload, unit_vectors
@@ -35,57 +32,13 @@ BATCH = 20
 ROUNDS = int(os.environ.get("MEMORY3_CRASH_ROUNDS", "3"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServiceProcess:
-    """`memory3 serve` as a real child process, so SIGKILL is a real crash."""
-
-    def __init__(self, database_url: str, data_dir: Path) -> None:
-        self.port = _free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_")}
-        self.env.update(DATABASE_URL=database_url, MEMORY3_PORT=str(self.port), MEMORY3_ADMIN_KEY=ADMIN,
-                        MEMORY3_METRICS_PORT="-1", MEMORY3_DATA_DIR=str(data_dir), MEMORY3_KEY_CACHE_SECONDS="0")
-        self.proc = None
-        self.start()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "memory3.service.cli", "serve"], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            line = self.proc.stdout.readline()
-            if "listening on" in line:
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError("server exited: " + line + self.proc.stdout.read())
-        raise AssertionError("server did not start")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-
-
 @pytest.fixture
 def crash_env():
     # Not under pytest's tmp dir: pytest re-tightens that dir's permissions, and the restarted
     # PostgreSQL runs as an unprivileged user that must traverse to its data directory.
     root = Path(tempfile.mkdtemp(prefix="memory3-crash-"))
     pg = EmbeddedPostgres(root / "db")
-    service = ServiceProcess(pg.url, root)
+    service = ServiceProcess(pg.url, root, ADMIN, key_cache_seconds=0)
     with Client(service.target, ADMIN) as admin:
         admin.create_tenant("crash")
         _, key = admin.issue_key("crash")

@@ -56,6 +56,8 @@ def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     anything unexpected is INTERNAL, logged here, with no internals in the message."""
     if isinstance(error, ServiceError):
         return error.code, error.message
+    if isinstance(error, sqlalchemy.exc.DataError):  # the database refused a value we passed on
+        return grpc.StatusCode.INVALID_ARGUMENT, f"invalid value: {str(error.orig).splitlines()[0]}"
     if isinstance(error, sqlalchemy.exc.TimeoutError):
         return grpc.StatusCode.UNAVAILABLE, "database connection pool exhausted; retry"
     if isinstance(error, (sqlalchemy.exc.OperationalError, psycopg.OperationalError, ConnectionError)) or (

@@ -21,6 +21,8 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import text
 
+from .errors import InvalidArgument
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 RPC_TOTAL = Counter("memory3_rpc_total", "RPCs finished, by method and status code", ["method", "code"])
@@ -80,16 +82,18 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method
         incoming = dict(details.invocation_metadata or ())
+        # Requests arrive as bytes and are parsed here, so a malformed message (e.g. invalid
+        # UTF-8 in a string field) is INVALID_ARGUMENT rather than gRPC's generic INTERNAL.
+        parse = _parser(handler.request_deserializer, handler.request_streaming)
         if handler.unary_unary or handler.stream_unary:
             behaviour = handler.unary_unary or handler.stream_unary
-            wrapped = self._unary(behaviour, method, incoming)
+            wrapped = self._unary(behaviour, method, incoming, parse)
             factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         else:
             behaviour = handler.unary_stream or handler.stream_stream
-            wrapped = self._stream(behaviour, method, incoming)
+            wrapped = self._stream(behaviour, method, incoming, parse)
             factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-        return factory(wrapped, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
     async def _admit(self, context, request_id: str) -> None:
         context.set_trailing_metadata((("x-request-id", request_id),))
@@ -110,7 +114,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         log.info("%s %s %.1f ms", method, code_name, elapsed * 1000,
                  extra={"fields": {"method": method, "code": code_name, "ms": round(elapsed * 1000, 2)}})
 
-    def _unary(self, behaviour, method, incoming):
+    def _unary(self, behaviour, method, incoming, parse):
         async def wrapper(request, context):
             request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
             token = request_id_var.set(request_id)
@@ -119,7 +123,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             self.in_flight += 1
             RPC_IN_FLIGHT.inc()
             try:
-                return await behaviour(request, context)
+                return await behaviour(await parse(request, context), context)
             except asyncio.CancelledError:
                 cancelled = True
                 raise
@@ -131,7 +135,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
-    def _stream(self, behaviour, method, incoming):
+    def _stream(self, behaviour, method, incoming, parse):
         async def wrapper(request, context):
             request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
             token = request_id_var.set(request_id)
@@ -140,7 +144,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             self.in_flight += 1
             RPC_IN_FLIGHT.inc()
             try:
-                async for item in behaviour(request, context):
+                async for item in behaviour(await parse(request, context), context):
                     yield item
             except asyncio.CancelledError:
                 cancelled = True
@@ -152,6 +156,32 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 request_id_var.reset(token)
 
         return wrapper
+
+
+def _parser(deserialize, streaming: bool):
+    """Parse a unary request (aborting with INVALID_ARGUMENT) or wrap a request stream whose
+    malformed messages raise InvalidArgument inside the servicer."""
+    if streaming:
+
+        async def parse_stream(raw_iterator, context):
+            async def messages():
+                async for raw in raw_iterator:
+                    try:
+                        yield deserialize(raw)
+                    except Exception as err:
+                        raise InvalidArgument(f"malformed request message: {err}") from None
+
+            return messages()
+
+        return parse_stream
+
+    async def parse_one(raw, context):
+        try:
+            return deserialize(raw)
+        except Exception as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {err}")
+
+    return parse_one
 
 
 async def refresh_bank_gauges(engine, interval: float) -> None:

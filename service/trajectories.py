@@ -114,13 +114,23 @@ def record_from_row(row: EpisodeRow) -> trajectories_pb2.EpisodeRecord:
     return record
 
 
+def _when(message, field: str):
+    """A Timestamp field as an aware datetime; INVALID_ARGUMENT when it is out of range."""
+    if not message.HasField(field):
+        return None
+    try:
+        return getattr(message, field).ToDatetime(tzinfo=timezone.utc)
+    except (ValueError, OverflowError) as err:
+        raise InvalidArgument(f"{field}: {err}") from None
+
+
 def filter_from_proto(message: trajectories_pb2.EpisodeFilter, max_ids: int) -> EpisodeFilter:
     flt = EpisodeFilter(
         bank=message.bank if message.HasField("bank") else None,
         proxy_version=message.proxy_version if message.HasField("proxy_version") else None,
         model_fingerprint=message.model_fingerprint if message.HasField("model_fingerprint") else None,
-        logged_after=message.logged_after.ToDatetime(tzinfo=timezone.utc) if message.HasField("logged_after") else None,
-        logged_before=message.logged_before.ToDatetime(tzinfo=timezone.utc) if message.HasField("logged_before") else None,
+        logged_after=_when(message, "logged_after"),
+        logged_before=_when(message, "logged_before"),
         episode_ids=list(message.episode_ids),
     )
     if len(flt.episode_ids) > max_ids:

@@ -71,11 +71,11 @@ class EpisodeFilter:
                 clauses.append(f"{column} = :{column}")
                 params[column] = value
         if self.logged_after is not None:
-            clauses.append("logged_at >= :after")
-            params["after"] = self.logged_after
+            clauses.append("logged_at >= :logged_after")
+            params["logged_after"] = self.logged_after
         if self.logged_before is not None:
-            clauses.append("logged_at < :before")
-            params["before"] = self.logged_before
+            clauses.append("logged_at < :logged_before")
+            params["logged_before"] = self.logged_before
         if self.episode_ids:
             clauses.append("episode_id = ANY(:ids)")
             params["ids"] = list(self.episode_ids)

@@ -224,3 +224,19 @@ def test_bad_input(client):
     assert client.count_episodes(episode_ids=[good.episode_id])[0] == 0
     with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "page_size"):
         client.read_episodes(page_size=10**6)
+
+
+def test_time_window_and_cursor_together(client):
+    """A time filter and a resume cursor in one Read (their SQL parameters once collided)."""
+    from datetime import datetime, timedelta, timezone
+
+    from memory3.sdk.trajectory import Decision, Episode
+
+    episodes = [Episode([1, 2], [3], [Decision(0, 3, 0.5, 0, 0.9, True, 0)], "ab" * 32, 1, "kb") for _ in range(5)]
+    client.log_episodes(episodes)
+    now = datetime.now(timezone.utc)
+    window = dict(logged_after=now - timedelta(minutes=5), logged_before=now + timedelta(minutes=5))
+    first = client.read_episodes(limit=2, **window)
+    rest = client.read_episodes(limit=10, cursor=first.cursor, **window)
+    ids = [e.episode_id for e in first.episodes + rest.episodes]
+    assert sorted(ids) == sorted(e.episode_id for e in episodes)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memory3.sdk.codec import CodecError, validate_payload
-from memory3.sdk.overlap import overlap_fraction
+from memory3.sdk.overlap import token_overlap
 from memory3.v1 import memories_pb2, memories_pb2_grpc
 
 from .auth import Authenticator
@@ -207,7 +207,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         limit = min(top_k * 4 + 16, self.settings.max_top_k) if excluding else top_k
         rows = await self.refs.search(bank, vector, limit, dict(request.filter), request.include_memory)
         if excluding:
-            rows = [r for r in rows if overlap_fraction(request.text, r.text) <= request.max_overlap]
+            rows = [r for r in rows if token_overlap(request.text, r.text) <= request.max_overlap]
         for rank, row in enumerate(rows[:top_k]):
             for frame in self._frames(row, rank, request.include_text, request.include_memory):
                 yield frame

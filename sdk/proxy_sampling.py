@@ -27,6 +27,11 @@ call — the same call :func:`sample_nucleus` makes — so with an always-accept
 rejects) proxy sampling is token-for-token plain nucleus sampling with the same seed. Both run
 through one decoding loop (:func:`decode`); only the token chooser differs.
 
+The accept/reject procedure is one per-step callable (:class:`ProxyChooser`, made by
+:func:`make_proxy_chooser`) and episodes are assembled by :func:`make_episodes`, so any other
+decoding loop — :func:`memory3.sdk.decoding.generate`, which retrieves memories every 64 tokens —
+runs the very same procedure and logs the very same records instead of re-implementing them.
+
 Memory injection: :func:`decode` is a plain forward loop with a KV cache and explicit position ids
 (``attention_mask.cumsum - 1``, what :class:`~memory3.sdk.injection.MemoryInjector` requires for a
 left-padded batch), so it runs unchanged while an injector with memories is active on the model.
@@ -35,6 +40,7 @@ left-padded batch), so it runs unchanged while an injector with memories is acti
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -199,8 +205,13 @@ def sample_nucleus(model, prompts: Sequence[Sequence[int]], config: SamplingConf
 # ----------------------------------------------------------------------------- proxy sampling
 
 
-class _ProxyChooser:
-    """The accept/reject loop of one decoding run; collects the decisions per row."""
+class ProxyChooser:
+    """The accept/reject loop of one decoding run, one call per step (a :data:`Chooser`);
+    collects the decisions per row in ``decisions``.
+
+    Public so that other decoding loops (memory-augmented decoding) reuse it rather than copy
+    it; make one with :func:`make_proxy_chooser`, which also seeds and checks.
+    """
 
     def __init__(self, model, proxy: ProxyPolicy, config: SamplingConfig, generator, proxy_generator, batch: int):
         self.embeddings = model.get_input_embeddings()
@@ -252,6 +263,36 @@ class _ProxyChooser:
         return chosen
 
 
+def make_proxy_chooser(model, proxy: ProxyPolicy, config: SamplingConfig, batch: int, *, seed: int | None = None,
+                       generator: torch.Generator | None = None,
+                       proxy_generator: torch.Generator | None = None) -> ProxyChooser:
+    """A :class:`ProxyChooser` for ``batch`` rows of ``model``, seeded as :func:`sample_with_proxy` seeds.
+
+    Refuses a proxy trained for another model (:meth:`ProxyPolicy.check_model`). Pass the
+    decoding loop's own candidate ``generator`` so that an always-accept proxy draws exactly
+    what that loop's plain sampler would draw; the accept coins get their own stream.
+    """
+    generator, proxy_generator = _generators(next(model.parameters()).device, seed, generator, proxy_generator)
+    proxy.check_model(model)
+    return ProxyChooser(model, proxy, config, generator, proxy_generator, batch)
+
+
+def make_episodes(model, proxy: ProxyPolicy, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                  decisions: Sequence[list[Decision]], bank: str = "", reward=None, tokenizer=None) -> list[Episode]:
+    """One :class:`Episode` per row (what the sampler leaves behind), scored by ``reward`` if given."""
+    fingerprint = model_fingerprint(model)
+    episodes = [
+        Episode(prompt_ids=list(map(int, p)), response_ids=list(r), decisions=d, model_fingerprint=fingerprint,
+                proxy_version=proxy.version, bank=bank)
+        for p, r, d in zip(prompts, responses, decisions)
+    ]
+    if reward is not None:
+        from .reward import score_episodes
+
+        score_episodes(reward, episodes, tokenizer)
+    return episodes
+
+
 def sample_with_proxy(
     model,
     proxy: ProxyPolicy,
@@ -270,27 +311,22 @@ def sample_with_proxy(
     end into ``episode.rewards[reward.name]``; text rewards need ``tokenizer``.
     """
     config = config or SamplingConfig()
-    device = next(model.parameters()).device
-    generator, proxy_generator = _generators(device, seed, generator, proxy_generator)
-    proxy.check_model(model)
-    chooser = _ProxyChooser(model, proxy, config, generator, proxy_generator, len(prompts))
-    was_training = proxy.training
-    proxy.eval()
-    try:
+    chooser = make_proxy_chooser(model, proxy, config, len(prompts), seed=seed, generator=generator,
+                                 proxy_generator=proxy_generator)
+    with evaluating(proxy):
         responses = decode(model, prompts, config, chooser, need_hidden=True)
-    finally:
-        proxy.train(was_training)
-    fingerprint = model_fingerprint(model)
-    episodes = [
-        Episode(prompt_ids=list(map(int, p)), response_ids=r, decisions=d, model_fingerprint=fingerprint,
-                proxy_version=proxy.version, bank=bank)
-        for p, r, d in zip(prompts, responses, chooser.decisions)
-    ]
-    if reward is not None:
-        from .reward import score_episodes
+    return make_episodes(model, proxy, prompts, responses, chooser.decisions, bank, reward, tokenizer)
 
-        score_episodes(reward, episodes, tokenizer)
-    return episodes
+
+@contextmanager
+def evaluating(module: torch.nn.Module):
+    """``module`` in eval mode for the block, its previous mode restored after (the proxy decides, never trains)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 # ----------------------------------------------------------------------------- replay / features

@@ -28,7 +28,20 @@ Baselines: ``mode="plain"`` decodes without memory; ``mode="rag"`` retrieves ``t
 texts once with the whole prompt and puts them before it (nearest first, one per paragraph). All
 three modes share one hand-written loop (``model(...)`` with a :class:`~transformers.DynamicCache`)
 so speed comparisons measure the modes, not different loops. Greedy by default; ``temperature``
-> 0 samples (optionally with ``top_p``) from a seeded generator.
+> 0 samples (optionally with ``top_p``) from a seeded generator, with the nucleus of
+:func:`~memory3.sdk.proxy_sampling.nucleus_distribution` (one definition of top-p in the SDK).
+
+Proxy (Proxy-RLHF; both on = memories in attention and a proxy on sampling): with ``proxy=`` each
+token is chosen by the stable proxy sampling procedure of :mod:`~memory3.sdk.proxy_sampling` — its
+own per-step :class:`~memory3.sdk.proxy_sampling.ProxyChooser`, fed this loop's nucleus, logits and
+last hidden state (which, in memory mode, already read the memories) — while memories follow the
+schedule above unchanged: the proxy only picks among the candidates, so retrieval, switches and
+segments are what they would be for the tokens it picked. The first candidate of each step is drawn
+with the loop's own generator, so an always-accept proxy reproduces proxy-free sampling with the
+same seed token for token. Each row leaves an :class:`~memory3.sdk.trajectory.Episode` (prompt as
+fed, response, decisions, proxy version, bank) in ``GenerationResult.episode``, optionally queued
+on a :class:`~memory3.sdk.trajectory_logger.TrajectoryLogger`. The episode does not carry the
+segments: a trainer that recomputes features must rerun the same schedule against the bank.
 """
 
 from __future__ import annotations
@@ -43,6 +56,9 @@ from transformers import DynamicCache
 
 from .injection import MemoryInjector
 from .memory_supply import MemorySupply, Retrieved
+from .proxy import ProxyPolicy
+from .proxy_sampling import SamplingConfig, evaluating, make_episodes, make_proxy_chooser, nucleus_distribution
+from .trajectory import Episode
 
 MODES = ("memory", "plain", "rag")
 
@@ -67,6 +83,7 @@ class GenerationResult:
     segments: list[Segment] = field(default_factory=list)
     rag_reference_ids: list[str] = field(default_factory=list)
     scores: torch.Tensor | None = None  # (generated tokens, vocab) float32 logits, if asked
+    episode: Episode | None = None  # with a proxy: its decisions on this row
 
     @property
     def reference_ids(self) -> list[str]:
@@ -98,6 +115,9 @@ class _Options:
     output_scores: bool
     lag: int = 0
     chunked_prefill: bool = False
+    proxy: ProxyPolicy | None = None
+    max_rejections: int = 4
+    stochastic_proxy: bool = True
 
 
 class _Run:
@@ -136,19 +156,32 @@ class _Run:
         if options.temperature > 0:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(options.seed if options.seed is not None else 0)
+        self.chooser = None  # with a proxy: proxy_sampling's per-step accept/reject procedure
+        self.hidden = None  # (batch, hidden) last hidden state of the last fed column, for the proxy
+        if options.proxy is not None:
+            if options.temperature <= 0:
+                raise ValueError("a proxy samples: pass temperature > 0 (and top_p) with proxy=")
+            config = SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.max_rejections,
+                                    options.stochastic_proxy)
+            self.chooser = make_proxy_chooser(model, options.proxy, config, self.batch, seed=options.seed,
+                                              generator=self.generator)
 
     # ---------------------------------------------------------------- model
     def forward(self, ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Feed columns ``[start, end)`` (of the full padded sequence); logits of the last column."""
         mask = self.mask[:, :end]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:end]
+        need_hidden = self.chooser is not None
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions,
-            cache=self.cache, use_cache=True, logits_to_keep=1,
+            cache=self.cache, use_cache=True, logits_to_keep=1, output_hidden_states=need_hidden,
         )
+        if need_hidden:
+            self.hidden = out.hidden_states[-1][:, -1]
         return out.logits[:, -1, :].float()
 
-    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+    def choose(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """The tokens of generation step ``step`` (0 = first generated token) from the last logits."""
         options = self.options
         if options.output_scores:
             for b in range(self.batch):
@@ -157,13 +190,12 @@ class _Run:
         if options.temperature <= 0:
             tokens = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / options.temperature, dim=-1)
-            if options.top_p < 1.0:
-                sorted_probs, order = probs.sort(dim=-1, descending=True)
-                outside = sorted_probs.cumsum(-1) - sorted_probs > options.top_p  # keep the nucleus
-                sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-                probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-            tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+            probs = nucleus_distribution(logits, options.temperature, options.top_p)
+            if self.chooser is None:
+                tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+            else:
+                alive = torch.tensor([not f for f in self.finished], dtype=torch.bool, device=logits.device)
+                tokens = self.chooser(step, probs, logits, self.hidden, alive)
         for b in range(self.batch):
             if self.finished[b]:
                 tokens[b] = self.pad_id
@@ -241,7 +273,7 @@ class _Run:
         logits = self.prefill()
         pending = None
         for n in range(1, options.max_new_tokens + 1):  # n: tokens sampled so far, after this one
-            tokens = self.choose(logits)
+            tokens = self.choose(logits, n - 1)
             for b in range(self.batch):
                 if not self.finished[b]:
                     self.generated[b].append(int(tokens[b]))
@@ -325,7 +357,8 @@ def _rag_prompts(tokenizer, supply, bank, prompts, prompt_ids, top_k) -> tuple[l
 
 
 def _prepare(model, tokenizer, prompts, *, mode, supply, bank, max_new_tokens, chunk, top_k, temperature, top_p, seed,
-             stop_at_eos, output_scores, lag, prefetch, chunked_prefill=False):
+             stop_at_eos, output_scores, lag, prefetch, chunked_prefill=False, proxy=None, max_rejections=4,
+             stochastic_proxy=True):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "plain" and (supply is None or bank is None):
@@ -333,7 +366,7 @@ def _prepare(model, tokenizer, prompts, *, mode, supply, bank, max_new_tokens, c
     if chunk <= 0 or top_k < 0 or max_new_tokens <= 0 or lag < 0:
         raise ValueError("chunk and max_new_tokens must be positive, top_k and lag >= 0")
     options = _Options(max_new_tokens, chunk, top_k, temperature, top_p, seed, stop_at_eos, output_scores, lag,
-                       chunked_prefill)
+                       chunked_prefill, proxy, max_rejections, stochastic_proxy)
     prompt_ids = _tokenize(tokenizer, prompts)
     rag_refs: list[list[str]] = [[] for _ in prompt_ids]
     if mode == "rag":
@@ -349,12 +382,20 @@ def _prepare(model, tokenizer, prompts, *, mode, supply, bank, max_new_tokens, c
     return _Run(model, tokenizer, prompt_ids, options, supply, bank, injector, futures), injector, rag_refs
 
 
-def _results(run: _Run, rag_refs) -> list[GenerationResult]:
+def _results(run: _Run, rag_refs, bank: str | None = None, reward=None,
+             trajectory_logger=None) -> list[GenerationResult]:
+    episodes: list[Episode | None] = [None] * run.batch
+    if run.chooser is not None:
+        episodes = make_episodes(run.model, run.options.proxy, run.prompt_ids, run.generated, run.chooser.decisions,
+                                 bank or "", reward, run.tokenizer)
+        if trajectory_logger is not None:
+            for episode in episodes:
+                trajectory_logger.log(episode)
     return [
         GenerationResult(
             text=run.text(run.generated[b]), token_ids=run.generated[b], prompt_ids=run.prompt_ids[b],
             segments=[s for s in run.segments[b] if s.end > s.start], rag_reference_ids=rag_refs[b],
-            scores=torch.stack(run.scores[b]) if run.scores[b] else None,
+            scores=torch.stack(run.scores[b]) if run.scores[b] else None, episode=episodes[b],
         )
         for b in range(run.batch)
     ]
@@ -364,7 +405,8 @@ def generate(
     model, tokenizer, prompts, *, mode: str = "memory", supply: MemorySupply | None = None, bank: str | None = None,
     max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0, top_p: float = 1.0,
     seed: int | None = None, stop_at_eos: bool = True, output_scores: bool = False, lag: int = 0,
-    prefetch: Prefetch | None = None, chunked_prefill: bool = False,
+    prefetch: Prefetch | None = None, chunked_prefill: bool = False, proxy: ProxyPolicy | None = None,
+    max_rejections: int = 4, stochastic_proxy: bool = True, reward=None, trajectory_logger=None,
 ) -> list[GenerationResult]:
     """Generate for a batch of prompts (strings or token id lists) in one of :data:`MODES`.
 
@@ -373,16 +415,25 @@ def generate(
     forward steps to hide behind; 0 is the paper's schedule exactly. ``chunked_prefill`` (plain,
     RAG): prefill in the memory mode's pieces, so a memory run with no memories found computes
     bit for bit what this computes (one whole-prompt forward rounds differently).
+
+    ``proxy`` (needs ``temperature`` > 0): stable proxy sampling on every step (module docstring);
+    ``max_rejections`` and ``stochastic_proxy`` as in :class:`~memory3.sdk.proxy_sampling.SamplingConfig`.
+    A proxy of another model is refused. Each result's ``episode`` records the decisions, the
+    proxy's version and ``bank`` (memory and RAG modes); ``reward`` scores it at the end and
+    ``trajectory_logger`` (a :class:`~memory3.sdk.trajectory_logger.TrajectoryLogger`) queues it for
+    the service. To follow a registry, pass ``ProxyUpdater.policy`` (:mod:`~memory3.sdk.proxy_updates`)
+    per call: a call keeps the proxy it started with.
     """
     run, context, rag_refs = _prepare(
         model, tokenizer, prompts, mode=mode, supply=supply, bank=bank, max_new_tokens=max_new_tokens, chunk=chunk,
         top_k=top_k, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
-        output_scores=output_scores, lag=lag, prefetch=prefetch, chunked_prefill=chunked_prefill,
+        output_scores=output_scores, lag=lag, prefetch=prefetch, chunked_prefill=chunked_prefill, proxy=proxy,
+        max_rejections=max_rejections, stochastic_proxy=stochastic_proxy,
     )
-    with torch.inference_mode(), context:
+    with torch.inference_mode(), context, (evaluating(proxy) if proxy is not None else contextlib.nullcontext()):
         for _ in run.run():
             pass
-    return _results(run, rag_refs)
+    return _results(run, rag_refs, bank if mode != "plain" else None, reward, trajectory_logger)
 
 
 def stream(

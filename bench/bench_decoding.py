@@ -64,31 +64,21 @@ TARGETS = {("plain", 1): 0.9, ("plain", 8): 0.9, ("rag", 1): 1.1, ("rag", 8): 1.
 
 
 class LoopbackServer:
-    """A memory3 server with an embedded PostgreSQL under a temp dir, on its own loop thread."""
+    """`memory3 serve` in its own process (as deployed: no GIL shared with the decoder), with an
+    embedded PostgreSQL under a temp dir, on loopback."""
 
     def __init__(self, data_dir: Path) -> None:
-        from memory3.service.config import Settings, load_settings
-        from memory3.service.embedder import BuiltinEmbedder
-        from memory3.service.server import start_server
+        from memory3.service.child_process import ServiceProcess
+        from memory3.service.embedded_pg import EmbeddedPostgres
 
         self.admin_key = "bench-admin-" + secrets.token_hex(8)
-        extra = {"metrics_port": -1} if "metrics_port" in Settings.model_fields else {}  # no fixed side ports
-        settings = load_settings(data_dir=data_dir, port=0, host="127.0.0.1", admin_key=self.admin_key, **extra)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.running = self.call(start_server(settings, BuiltinEmbedder()))
-        self.target = f"127.0.0.1:{self.running.port}"
-
-    def call(self, coroutine):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(300)
+        self.pg = EmbeddedPostgres(data_dir / "db")
+        self.process = ServiceProcess(self.pg.url, data_dir, self.admin_key, torch_threads=1, log_level="WARNING")
+        self.target = self.process.target
 
     def stop(self) -> None:
-        self.call(self.running.stop())
-        if self.running.embedded is not None:
-            self.running.embedded.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.process.stop()
+        self.pg.stop()
 
 
 def load_model(args):

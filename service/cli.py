@@ -32,6 +32,10 @@ def cmd_serve(args) -> None:
 
     settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     asyncio.run(serve(settings))
 
 

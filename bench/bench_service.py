@@ -32,11 +32,11 @@ from memory3.sdk.codec import encode_memory
 from memory3.sdk.memory import ExplicitMemory
 from memory3.sdk.memory_spec import MemorySpec
 from memory3.sdk.types import BankInfo, Reference
+from memory3.service.child_process import ServiceProcess
 from memory3.service.config import load_settings
 from memory3.service.embedded_pg import EmbeddedPostgres, libpq_url
 from memory3.service.embedder import BuiltinEmbedder
 from memory3.service.reference_store import ReferenceRow
-from memory3.service.server import BackgroundServer
 from memory3.trainer.corpus import build_world
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,8 +107,8 @@ def main(argv=None) -> None:
     payload_kb = np.mean([len(b) for b in blobs]) / 1024
     with tempfile.TemporaryDirectory() as tmp:
         pg = EmbeddedPostgres(Path(tmp))
-        settings = load_settings(database_url=pg.url, port=0, admin_key="bench-admin", data_dir=Path(tmp), metrics_port=-1)
-        server = BackgroundServer(settings)
+        settings = load_settings()  # the defaults the server process runs with (ef_search)
+        server = ServiceProcess(pg.url, Path(tmp), "bench-admin", log_level="WARNING")
         admin = Client(server.target, "bench-admin")
         admin.create_tenant("bench")
         _, key = admin.issue_key("bench")

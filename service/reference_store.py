@@ -80,8 +80,8 @@ async def _bank_partition(bank: Bank):
     """Turn 'relation does not exist' (bank dropped meanwhile, e.g. by another replica) into NOT_FOUND."""
     try:
         yield
-    except DBAPIError as err:
-        if isinstance(err.orig, psycopg.errors.UndefinedTable):
+    except (DBAPIError, psycopg.errors.UndefinedTable) as err:
+        if isinstance(getattr(err, "orig", err), psycopg.errors.UndefinedTable):
             raise NotFound(f"bank {bank.name!r} not found") from None
         raise
 
@@ -177,24 +177,28 @@ class ReferenceStore:
     async def search(
         self, bank: Bank, vector: np.ndarray, limit: int, metadata_filter: dict[str, str], with_memory: bool
     ) -> list[StoredRow]:
-        """Nearest references by the bank's HNSW index (approximate), nearest first."""
+        """Nearest references by the bank's HNSW index (approximate), nearest first.
+
+        The hot path of every Retrieve: the statement goes straight to the psycopg connection
+        (no SQLAlchemy compile per call), where psycopg prepares it after a few executions.
+        """
         operator, _, score_sql = METRICS[bank.metric]
-        distance = f"(embedding::vector({int(bank.embedder_dim)}) {operator} {_vector_sql(bank, 'q')})"
-        where = "WHERE metadata @> CAST(:filter AS jsonb)" if metadata_filter else ""
+        dim = int(bank.embedder_dim)
+        distance = f"(embedding::vector({dim}) {operator} %(q)s::vector({dim}))"
+        where = "WHERE metadata @> %(filter)s::jsonb" if metadata_filter else ""
         memory_column = "memory" if with_memory else "NULL::bytea"
+        sql = (
+            f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column},"
+            f" {score_sql.format(d=distance)} FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s"
+        )
+        params = {"q": vector, "limit": limit, "filter": json.dumps(metadata_filter)}
         connection = self.engine.begin() if limit > self.ef_search else self.reads.connect()
         async with _bank_partition(bank), connection as conn:
             if limit > self.ef_search:  # the connection's default ef_search would cap the results
                 await conn.execute(text(f"SET LOCAL hnsw.ef_search = {int(limit)}"))
-            rows = await conn.execute(
-                text(
-                    f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column} AS memory,"
-                    f" {score_sql.format(d=distance)} AS score FROM {bank.partition} {where}"
-                    f" ORDER BY {distance} LIMIT :limit"
-                ),
-                {"q": vector, "limit": limit, "filter": json.dumps(metadata_filter)},
-            )
-            found = [StoredRow(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32, r.memory, r.score) for r in rows]
+            driver = (await conn.get_raw_connection()).driver_connection
+            rows = await (await driver.execute(sql, params)).fetchall()
+            found = [StoredRow(*row[:5], row[5], float(row[6])) for row in rows]
         if metadata_filter:  # relaxed_order may return slightly out of order
             found.sort(key=lambda row: -row.score)
         return found

@@ -18,8 +18,9 @@ class CorruptPayload(Exception):
 
 
 def bank_to_proto(bank: BankInfo) -> banks_pb2.Bank:
+    """A bank definition on the wire (the service's own Bank type has the same fields)."""
     spec = bank.spec
-    return banks_pb2.Bank(
+    message = banks_pb2.Bank(
         name=bank.name,
         model_fingerprint=bank.model_fingerprint,
         memory_spec=banks_pb2.MemorySpec(
@@ -28,6 +29,9 @@ def bank_to_proto(bank: BankInfo) -> banks_pb2.Bank:
         ),
         embedder=banks_pb2.EmbedderSpec(name=bank.embedder_name, dimension=bank.embedder_dim, metric=bank.metric),
     )
+    if bank.created_at is not None:
+        message.created_at.FromDatetime(bank.created_at)
+    return message
 
 
 def bank_from_proto(message: banks_pb2.Bank) -> BankInfo:

@@ -21,20 +21,6 @@ def timestamp(value) -> Timestamp:
     return ts
 
 
-def bank_to_proto(bank: Bank) -> banks_pb2.Bank:
-    spec = bank.spec
-    return banks_pb2.Bank(
-        name=bank.name,
-        model_fingerprint=bank.model_fingerprint,
-        memory_spec=banks_pb2.MemorySpec(
-            memory_layers=list(spec.memory_layers), kv_heads=spec.kv_heads, head_dim=spec.head_dim,
-            tokens_per_head=spec.tokens_per_head, reference_length=spec.reference_length, codec=spec.codec,
-        ),
-        embedder=banks_pb2.EmbedderSpec(name=bank.embedder_name, dimension=bank.embedder_dim, metric=bank.metric),
-        created_at=timestamp(bank.created_at),
-    )
-
-
 def bank_from_proto(message: banks_pb2.Bank, tenant_id: int) -> Bank:
     """A bank definition from a CreateBank request; INVALID_ARGUMENT says what is wrong."""
     fingerprint = message.model_fingerprint

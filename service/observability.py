@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
@@ -114,16 +115,18 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         log.info("%s %s %.1f ms", method, code_name, elapsed * 1000,
                  extra={"fields": {"method": method, "code": code_name, "ms": round(elapsed * 1000, 2)}})
 
-    def _unary(self, behaviour, method, incoming, parse):
-        async def wrapper(request, context):
-            request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
-            token = request_id_var.set(request_id)
-            started, cancelled = time.perf_counter(), False
+    @contextlib.asynccontextmanager
+    async def _tracked(self, method: str, incoming: dict, context):
+        """Request id, admission, in-flight gauge, metrics and the access log around one call."""
+        request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
+        token = request_id_var.set(request_id)
+        started, cancelled = time.perf_counter(), False
+        try:
             await self._admit(context, request_id)
             self.in_flight += 1
             RPC_IN_FLIGHT.inc()
             try:
-                return await behaviour(await parse(request, context), context)
+                yield
             except asyncio.CancelledError:
                 cancelled = True
                 raise
@@ -131,29 +134,21 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 self.in_flight -= 1
                 RPC_IN_FLIGHT.dec()
                 self._finish(method, context, started, request_id, cancelled)
-                request_id_var.reset(token)
+        finally:
+            request_id_var.reset(token)
+
+    def _unary(self, behaviour, method, incoming, parse):
+        async def wrapper(request, context):
+            async with self._tracked(method, incoming, context):
+                return await behaviour(await parse(request, context), context)
 
         return wrapper
 
     def _stream(self, behaviour, method, incoming, parse):
         async def wrapper(request, context):
-            request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
-            token = request_id_var.set(request_id)
-            started, cancelled = time.perf_counter(), False
-            await self._admit(context, request_id)
-            self.in_flight += 1
-            RPC_IN_FLIGHT.inc()
-            try:
+            async with self._tracked(method, incoming, context):
                 async for item in behaviour(await parse(request, context), context):
                     yield item
-            except asyncio.CancelledError:
-                cancelled = True
-                raise
-            finally:
-                self.in_flight -= 1
-                RPC_IN_FLIGHT.dec()
-                self._finish(method, context, started, request_id, cancelled)
-                request_id_var.reset(token)
 
         return wrapper
 

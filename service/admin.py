@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from memory3.sdk.wire import bank_to_proto
 from memory3.v1 import banks_pb2, banks_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
 from .auth import Authenticator
 from .bank_store import BankStore, CodebookStore
 from .config import Settings
-from memory3.sdk.wire import bank_to_proto
-
 from .convert import bank_from_proto, timestamp
 from .errors import InvalidArgument, ResourceExhausted, rpc
 from .tenant_store import TenantStore

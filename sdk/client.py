@@ -229,8 +229,8 @@ class AsyncClient(TrajectoryMethods):
         else:
             request.text = text or ""
         assembler = FrameAssembler(include_memory)
-        async for frame in self.memories.Retrieve(request, **self._call()):
-            assembler.feed(frame)
+        async for message in self.memories.Retrieve(request, **self._call()):
+            assembler.feed_all(message.frames)
         return assembler.finish()
 
     async def fetch(
@@ -240,8 +240,8 @@ class AsyncClient(TrajectoryMethods):
             bank=bank, external_ids=list(external_ids), include_memory=include_memory, allow_missing=allow_missing
         )
         assembler = FrameAssembler(include_memory)
-        async for frame in self.memories.Fetch(request, **self._call()):
-            assembler.feed(frame)
+        async for message in self.memories.Fetch(request, **self._call()):
+            assembler.feed_all(message.frames)
         return assembler.finish()
 
     async def delete(self, bank: str, external_ids: Sequence[str]) -> int:

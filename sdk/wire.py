@@ -101,6 +101,10 @@ class FrameAssembler:
             raise CorruptPayload("memory chunk before any reference")
         self._buffer += frame.memory_chunk
 
+    def feed_all(self, frames) -> None:
+        for frame in frames:
+            self.feed(frame)
+
     def finish(self) -> list[StoredReference]:
         self._close()
         return self.done

@@ -175,6 +175,19 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         for start in range(chunk, len(memory), chunk):
             yield memories_pb2.ReferenceFrame(memory_chunk=memory[start : start + chunk])
 
+    def _packed(self, frames):
+        """Group frames into messages of up to about chunk_bytes (one message per small answer)."""
+        batch, size = [], 0
+        for frame in frames:
+            frame_size = frame.ByteSize()
+            if batch and size + frame_size > self.settings.chunk_bytes:
+                yield memories_pb2.ReferenceFrames(frames=batch)
+                batch, size = [], 0
+            batch.append(frame)
+            size += frame_size
+        if batch:
+            yield memories_pb2.ReferenceFrames(frames=batch)
+
     async def _query_vector(self, bank: Bank, request: memories_pb2.RetrieveRequest) -> np.ndarray:
         kind = request.WhichOneof("query")
         if kind == "vector":
@@ -208,9 +221,13 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         rows = await self.refs.search(bank, vector, limit, dict(request.filter), request.include_memory)
         if excluding:
             rows = [r for r in rows if token_overlap(request.text, r.text) <= request.max_overlap]
-        for rank, row in enumerate(rows[:top_k]):
-            for frame in self._frames(row, rank, request.include_text, request.include_memory):
-                yield frame
+        frames = (
+            frame
+            for rank, row in enumerate(rows[:top_k])
+            for frame in self._frames(row, rank, request.include_text, request.include_memory)
+        )
+        for message in self._packed(frames):
+            yield message
 
     def _check_ids(self, ids) -> list[str]:
         ids = list(ids)
@@ -231,9 +248,9 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             missing = [i for i in dict.fromkeys(ids) if i not in found]
             shown = ", ".join(repr(i) for i in missing[:10])
             raise NotFound(f"{len(missing)} reference(s) not found in bank {bank.name!r}: {shown}")
-        for row in rows:
-            for frame in self._frames(row, None, True, request.include_memory):
-                yield frame
+        frames = (frame for row in rows for frame in self._frames(row, None, True, request.include_memory))
+        for message in self._packed(frames):
+            yield message
 
     @rpc
     async def Delete(self, request, context):

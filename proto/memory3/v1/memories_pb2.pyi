@@ -117,6 +117,12 @@ class ReferenceFrame(_message.Message):
     memory_chunk: bytes
     def __init__(self, reference: _Optional[_Union[StoredReference, _Mapping]] = ..., memory_chunk: _Optional[bytes] = ...) -> None: ...
 
+class ReferenceFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ReferenceFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[ReferenceFrame, _Mapping]]] = ...) -> None: ...
+
 class FetchRequest(_message.Message):
     __slots__ = ("bank", "external_ids", "include_memory", "allow_missing")
     BANK_FIELD_NUMBER: _ClassVar[int]

@@ -42,12 +42,12 @@ class MemoriesStub:
         self.Retrieve = channel.unary_stream(
                 '/memory3.v1.Memories/Retrieve',
                 request_serializer=memory3_dot_v1_dot_memories__pb2.RetrieveRequest.SerializeToString,
-                response_deserializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrame.FromString,
+                response_deserializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrames.FromString,
                 _registered_method=True)
         self.Fetch = channel.unary_stream(
                 '/memory3.v1.Memories/Fetch',
                 request_serializer=memory3_dot_v1_dot_memories__pb2.FetchRequest.SerializeToString,
-                response_deserializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrame.FromString,
+                response_deserializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrames.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/memory3.v1.Memories/Delete',
@@ -105,12 +105,12 @@ def add_MemoriesServicer_to_server(servicer, server):
             'Retrieve': grpc.unary_stream_rpc_method_handler(
                     servicer.Retrieve,
                     request_deserializer=memory3_dot_v1_dot_memories__pb2.RetrieveRequest.FromString,
-                    response_serializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrame.SerializeToString,
+                    response_serializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrames.SerializeToString,
             ),
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
                     request_deserializer=memory3_dot_v1_dot_memories__pb2.FetchRequest.FromString,
-                    response_serializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrame.SerializeToString,
+                    response_serializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrames.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -176,7 +176,7 @@ class Memories:
             target,
             '/memory3.v1.Memories/Retrieve',
             memory3_dot_v1_dot_memories__pb2.RetrieveRequest.SerializeToString,
-            memory3_dot_v1_dot_memories__pb2.ReferenceFrame.FromString,
+            memory3_dot_v1_dot_memories__pb2.ReferenceFrames.FromString,
             options,
             channel_credentials,
             insecure,
@@ -203,7 +203,7 @@ class Memories:
             target,
             '/memory3.v1.Memories/Fetch',
             memory3_dot_v1_dot_memories__pb2.FetchRequest.SerializeToString,
-            memory3_dot_v1_dot_memories__pb2.ReferenceFrame.FromString,
+            memory3_dot_v1_dot_memories__pb2.ReferenceFrames.FromString,
             options,
             channel_credentials,
             insecure,

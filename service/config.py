@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     hnsw_ef_construction: int = Field(default=64, description="HNSW build-time candidate list size")
     hnsw_ef_search: int = Field(default=100, description="HNSW query-time candidate list size")
     torch_threads: int = Field(default=0, description="torch threads for the built-in embedder (0: torch's default)")
+    query_cache_size: int = Field(default=4096, description="Query texts whose embeddings are kept (LRU; 0: off)")
     embedder_device: str = Field(default="cpu", description="torch device of the built-in text embedder")
     grace_seconds: float = Field(default=10.0, description="How long shutdown waits for in-flight calls")
     key_cache_seconds: float = Field(default=2.0, description="How long a verified API key is trusted unrechecked")

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
+from collections import OrderedDict
 
 import numpy as np
+
+from .observability import CACHE_LOOKUPS
 
 BUILTIN_EMBEDDER = "all-MiniLM-L6-v2"
 BUILTIN_DIMENSION = 384
@@ -20,8 +23,10 @@ class BuiltinEmbedder:
     name = BUILTIN_EMBEDDER
     dimension = BUILTIN_DIMENSION
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", query_cache_size: int = 4096) -> None:
         self.device = device
+        self.query_cache_size = query_cache_size
+        self._queries: OrderedDict[str, np.ndarray] = OrderedDict()
         self._model = None
         self._lock = threading.Lock()
         self._batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -55,6 +60,23 @@ class BuiltinEmbedder:
         if batcher is None:
             batcher = self._batchers[loop] = _Batcher(self.embed)
         return await batcher.submit(texts)
+
+
+    async def embed_query(self, text: str) -> np.ndarray:
+        """A query's vector, from a small LRU when the same text was asked recently (repeated
+        prompts, templates, a decoding batch re-asking the same chunk): no model call then."""
+        vector = self._queries.get(text)
+        if vector is not None:
+            self._queries.move_to_end(text)
+            CACHE_LOOKUPS.labels("query_embedding", "hit").inc()
+            return vector
+        CACHE_LOOKUPS.labels("query_embedding", "miss").inc()
+        vector = (await self.embed_async([text]))[0]
+        if self.query_cache_size > 0:
+            self._queries[text] = vector
+            while len(self._queries) > self.query_cache_size:
+                self._queries.popitem(last=False)
+        return vector
 
 
 class _Batcher:

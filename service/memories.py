@@ -199,7 +199,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
                 )
             if len(request.text.encode()) > self.settings.max_text_bytes:
                 raise ResourceExhausted(f"query text exceeds {self.settings.max_text_bytes} bytes")
-            return (await self.embedder.embed_async([request.text]))[0]
+            return await self.embedder.embed_query(request.text)
         raise InvalidArgument("Retrieve needs a query: non-empty text or a vector")
 
     @rpc

@@ -32,3 +32,25 @@ def test_concurrent_requests_share_batches_and_match_single_calls(embedder):
     assert sum(calls) == len(texts)
     alone = original(texts)
     np.testing.assert_allclose(np.concatenate(together), alone, atol=1e-5)
+
+
+def test_repeated_queries_come_from_the_cache(embedder):
+    from memory3.service.embedder import BuiltinEmbedder
+
+    cached = BuiltinEmbedder(query_cache_size=2)
+    cached._model = embedder._load()  # share the loaded weights
+    calls = []
+    original = cached.embed
+    cached.embed = lambda texts: calls.append(list(texts)) or original(texts)
+
+    async def run():
+        first = await cached.embed_query("where is Mirath?")
+        again = await cached.embed_query("where is Mirath?")
+        await cached.embed_query("b")
+        await cached.embed_query("c")  # evicts the first
+        await cached.embed_query("where is Mirath?")
+        return first, again
+
+    first, again = asyncio.run(run())
+    assert calls == [["where is Mirath?"], ["b"], ["c"], ["where is Mirath?"]]
+    np.testing.assert_array_equal(first, again)

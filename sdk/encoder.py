@@ -101,6 +101,7 @@ class MemoryEncoder:
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._query_valid: torch.Tensor | None = None
         self._selectable: torch.Tensor | None = None
+        self._differentiable = False  # set only by encode_differentiable
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -121,6 +122,21 @@ class MemoryEncoder:
             for i, memory in zip(chunk, self.encode_ids(input_ids, attention_mask)):
                 out[i] = memory
         return out  # type: ignore[return-value]
+
+    def encode_differentiable(self, texts: Sequence[str], batch_size: int | None = None) -> list[ExplicitMemory]:
+        """:meth:`encode`, but with autograd on: the memories' K/V are a function of the weights.
+
+        For training only (the trainer's stage 2): the loss of text that reads a memory then also
+        teaches the *encoding* side — how the reference's keys are made so they are found, and its
+        values so they carry the answer. The top-k *selection* stays a hard, non-differentiable
+        choice; gradients flow through the kept tokens' K/V. Same tokens, same numbers as
+        :meth:`encode`; the model stays in eval mode during the forward, as there.
+        """
+        self._differentiable = True
+        try:
+            return self.encode(texts, batch_size)
+        finally:
+            self._differentiable = False
 
     def pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad token id lists into (input_ids, attention_mask) on the model's device."""
@@ -168,7 +184,8 @@ class MemoryEncoder:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), attention_hook(self.model, self._capture):
+            grad_mode = torch.enable_grad() if self._differentiable else torch.inference_mode()
+            with grad_mode, attention_hook(self.model, self._capture):
                 try:
                     self.model(
                         input_ids=input_ids,

@@ -16,11 +16,11 @@ from memory3.sdk.injection import MemoryInjector
 from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
 from memory3.trainer.corpus import TRAIN_OVERLAP_LIMIT, build_world, token_overlap
 from memory3.trainer.memory_stage import (ChunkMemoryInjector, ChunkRetriever, answer_loss, chunk_reference_plan,
-                                          entity_qa_document, memory_drill)
+                                          drill_label_mask, entity_qa_document, memory_drill)
 from memory3.trainer.model import build_model, default_memory_spec, load_reference_model
 from memory3.trainer.pretrain import run_training
 from memory3.trainer.retrieval_index import ReferenceIndex
-from memory3.trainer.tokenizer import train_tokenizer
+from memory3.trainer.tokenizer import encode_document, train_tokenizer
 
 torch.set_num_threads(1)
 STAGE2 = "memory3.trainer.memory_stage:retrieval_stage"
@@ -111,19 +111,60 @@ def test_chunk_injector_matches_chunk_by_chunk_decoding_and_keeps_autograd(small
     assert not a.kv.requires_grad
 
 
+def test_differentiable_encoding_matches_encode_and_trains_the_encoding_side(small_world):
+    """Stage 2's memories (ENCODE_WITH_GRAD): the same tokens and numbers as ``encode``, but the
+    reading loss reaches the weights that made the reference's keys and values."""
+    world, tokenizer = small_world
+    model = build_model("tiny", len(tokenizer), seed=0)
+    spec = default_memory_spec(model, (2, 3), tokens_per_head=8)
+    encoder = MemoryEncoder(model, tokenizer, spec)
+    texts = [world.references[0].text, world.references[1].text]
+    frozen = encoder.encode(texts)
+    live = encoder.encode_differentiable(texts)
+    for f, g in zip(frozen, live):
+        assert torch.equal(f.positions, g.positions)
+        torch.testing.assert_close(f.kv, g.kv.detach())
+        assert g.kv.requires_grad and not f.kv.requires_grad
+    assert not encoder.encode(texts)[0].kv.requires_grad  # the flag does not leak
+    live[0].kv.sum().backward(retain_graph=True)  # the memory is a function of the weights
+    assert model.model.layers[2].self_attn.k_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[0].self_attn.v_proj.weight.grad.abs().sum() > 0
+    assert model.model.layers[3].self_attn.q_proj.weight.grad is None  # stops after the last memory layer
+    model.zero_grad()
+    ids = torch.randint(5, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(0))
+    with ChunkMemoryInjector(model, spec) as injector:  # the injection path carries that gradient
+        injector.set_chunk_memories([[live]], chunk_size=64)
+        loss = model(input_ids=ids, labels=ids).loss
+    (grad,) = torch.autograd.grad(loss, live[0].kv)
+    assert grad.abs().sum() > 0
+
+
+def test_drill_label_mask_counts_answers_and_the_token_after():
+    world = build_world(0, n_entities=40, passages_per_entity=2)
+    tokenizer = train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)
+    doc = "Q: Where was Tom born?\nA: Brask\nQ: What did Tom do?\nA: painter"
+    ids = encode_document(tokenizer, doc)
+    mask = drill_label_mask(tokenizer, doc)
+    assert len(mask) == len(ids) and mask[-1]  # EOS after the last answer
+    labelled = tokenizer.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+    assert labelled.replace(" ", "") == "Brask\npainter"
+
+
 @pytest.mark.xfail(strict=False, reason=(
-    "not reached yet: with memories as per-step constants the tiny model's attention to memory slots stays "
-    "at 1-3 % and drill-answer loss with memory equals loss without (measured at 200 and 400 stage-2 steps "
-    "of trainer/configs/tiny.yaml); kept as the acceptance check for the next stage-2 iteration"))
+    "not reliable yet: the recipe now teaches reading (trainer/configs/tiny.yaml, 600 stage-2 steps: held-out "
+    "EM 10.8 % with memory vs 2.3 % without, bench/results/reference_model.md), but the gap grows slowly "
+    "(0.17 nats of held-out answer loss after 300 steps) and this 160-step, 40-entity run is not expected to "
+    "clear 0.3 nats; kept as the acceptance check for the next stage-2 iteration"))
 def test_stage2_feeds_memories(tmp_path):
     """A tiny two-stage run: after stage 2 the loss on reference-dependent tokens (drill answers
     about entities no training text states) is lower with the reference in memory than without
     it, and lower than the stage-1 model's."""
-    config = two_stage_config(tmp_path / "run", stage1=60, stage2=160, checkpoint_interval=60, keep_checkpoints=10)
+    config = two_stage_config(tmp_path / "run", stage1=60, stage2=160, checkpoint_interval=60, keep_checkpoints=10,
+                              memory_layers=[0, 1, 2, 3])  # the recipe's layers (tiny.yaml)
     result = run_training(config)
     assert result.finished and [r["stage"] for r in result.history][-1] == "memory"
     model, tokenizer, spec = load_reference_model(result.model_dir)
-    assert spec.memory_layers == (2, 3)
+    assert spec.memory_layers == (0, 1, 2, 3)
 
     import random
 

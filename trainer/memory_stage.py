@@ -11,13 +11,14 @@ What one training step does (the seam is :func:`memory3.trainer.pretrain.batch_l
    TRAIN_OVERLAP_LIMIT`` (0.9: the reference is restated in the very text it would help predict).
 2. **Encode.** The batch's distinct references are encoded into sparse memories by
    :class:`memory3.sdk.encoder.MemoryEncoder` with the model being trained, i.e. the *current*
-   weights. Design choice (the paper does not say): memories are **constants recomputed every
-   step**, not a differentiable function of the weights. Gradients flow through how the context
-   *reads* memories (queries, and the context's own keys/values) but not back into how a
-   reference was encoded. Why: the encoder's top-k selection is not differentiable anyway; doing
-   without a second autograd graph over up to ``batch × chunks`` references keeps a step about as
-   cheap as a plain one; and because memories are re-encoded from the weights of *this* step,
-   they never go stale (the fingerprint check of the injector holds every step).
+   weights, **with autograd on** (:data:`ENCODE_WITH_GRAD`, ``encode_differentiable``): the loss
+   of text that reads a memory also trains how the reference's kept keys/values are computed
+   (the top-k *selection* stays a hard choice). Why: with memories as per-step constants only the
+   reading side learned, and it did not learn to read (drill-answer loss with memory = without,
+   after 400 steps); its effect alone was not ablated in the final recipe. The extra graph over
+   the batch's ~64 references of ~37 tokens is small next to the 16 x 256-token forward.
+   Memories are re-encoded from the weights of *this* step, so they never go stale (the
+   injector's fingerprint check holds every step).
 3. **Inject.** Chunk ``c`` attends to the memories of its own reference and of the references of
    the previous ``previous_chunks`` chunks (the paper: 1 + 4). The SDK's
    :class:`~memory3.sdk.injection.MemoryInjector` reads one memory set per batch row; the row's
@@ -33,9 +34,19 @@ alone the model has no reason to look at memory. Stage 2 therefore mixes stage 1
 (so nothing is forgotten) with Q/A drills about *memory-drill entities*: a second generated
 world (another seed) whose facts appear in no training text and whose references sit in the
 training index. A drill answer is predictable only from the retrieved reference, which is the
-skill held-out evaluation needs; with many drill entities, each seen a few times, reading is
-cheaper to learn than memorising. Drill entities sharing a name word with the main world are
-dropped, so no held-out name or fact is ever trained on.
+skill held-out evaluation needs. What the measurements (from the stage-1 model, held-out answer
+loss with vs without the reference in memory, and held-out QA) taught:
+
+* few drill entities drilled often get memorised, not read: ~600 entities x 4 documents gave no
+  gap at all; now ~4850 entities (:data:`DRILL_ENTITIES_PER_ENTITY`), one document each;
+* the loss counts only a drill's answer tokens (:data:`ANSWER_ONLY_DRILL_LOSS`): the question
+  lines are mostly unpredictable names that drown the few tokens memory can help with;
+* half the drills carry their reference as text first (:data:`DRILL_IN_CONTEXT_FRACTION`): the
+  in-context look-up uses the same keys/values as the memory;
+* memory in every layer (trainer/configs/tiny.yaml) opened the gap ~5x faster than layers 2-3.
+
+Drill entities sharing a name word with the main world are dropped, so no held-out name or fact
+is ever trained on.
 
 Stage 2's stream (:class:`ChunkAlignedStream`) starts every document, and every window, on a
 chunk boundary: a chunk then belongs to one document, so its retrieved reference is that
@@ -59,20 +70,36 @@ from memory3.sdk.memory import ExplicitMemory
 from memory3.sdk.memory_spec import MemorySpec
 from memory3.trainer.config import StageConfig
 from memory3.trainer.corpus import (ATTRIBUTES, QUESTIONS, TRAIN, TRAIN_OVERLAP_LIMIT, Entity, World,
-                                    build_world, format_qa, token_overlap)
+                                    build_world, format_qa, format_reference, token_overlap)
 from memory3.trainer.pretrain import (Batch, ChunkMemories, MemoryHooks, TokenStream, TrainContext,
                                       register_memory_stage, training_documents)
 from memory3.trainer.retrieval_index import DEFAULT_CACHE_DIR, ReferenceIndex
 from memory3.trainer.tokenizer import encode_document
 
 # ------------------------------------------------------------------ hyperparameters (stage 2 data)
-DRILL_ENTITIES_PER_ENTITY = 5
-"""Memory-drill entities per entity of the main world (tiny: 200 -> 1000 generated, ~600 kept)."""
-DRILL_DOCS_PER_ENTITY = 4
-"""Q/A drill documents per drill entity (each asks all its facts, fresh phrasings and order)."""
+DRILL_ENTITIES_PER_ENTITY = 40
+"""Memory-drill entities per entity of the main world (tiny: 200 -> 8000 generated, ~4850 kept).
+Many entities, each drilled rarely: measured with 5 (~600 kept, 4 documents each, ~20 exposures
+per entity in 300 steps) the drill loss fell while the held-out answer loss with memory stayed
+equal to without: the drill facts went into the weights instead of being read."""
+DRILL_DOCS_PER_ENTITY = 1
+"""Q/A drill documents per drill entity (each asks all its facts, in random phrasing and order)."""
+DRILL_IN_CONTEXT_FRACTION = 0.5
+"""Share of drill documents that start with their reference as text (``Reference: ...``, the RAG
+prompt's format) before the Q/A lines. Why: reading a reference in context and reading its memory
+use the same keys/values (a memory *is* the reference's K/V in the memory layers), so drills
+with the reference in context teach the attention heads to look up answers in reference tokens,
+with a dense gradient into those tokens' keys, and memory reading rides on the same circuit."""
 DRILL_SEED_OFFSET = 7919
 """The drill world's seed is the main world's plus this: a different, still reproducible world."""
 MIN_DRILL_ENTITIES = 40  # build_world needs >= 20; keep tiny test worlds meaningful
+ANSWER_ONLY_DRILL_LOSS = True
+"""Stage-2 loss on drill documents counts only answer tokens (:func:`drill_label_mask`); stage-1
+documents keep every token. Measured: see the module docstring."""
+ENCODE_WITH_GRAD = True
+"""Memories of the training step are encoded with autograd on
+(:meth:`memory3.sdk.encoder.MemoryEncoder.encode_differentiable`), so the loss also trains how
+references are encoded. See the module docstring (its effect alone was not measured)."""
 
 
 # ------------------------------------------------------------------ stage 2 data
@@ -104,7 +131,7 @@ def entity_qa_document(entity: Entity, rng: random.Random) -> str:
 
 
 def memory_drill(world: World, n_entities: int | None = None, docs_per_entity: int = DRILL_DOCS_PER_ENTITY,
-                 seed_offset: int = DRILL_SEED_OFFSET) -> MemoryDrill:
+                 seed_offset: int = DRILL_SEED_OFFSET, in_context_fraction: float | None = None) -> MemoryDrill:
     """Q/A drills about a second world's entities, and their references (see module docstring).
 
     All entities of the drill world are used, whatever their split there: none of their facts is
@@ -113,6 +140,7 @@ def memory_drill(world: World, n_entities: int | None = None, docs_per_entity: i
     held-out) fact.
     """
     n_entities = n_entities or max(MIN_DRILL_ENTITIES, DRILL_ENTITIES_PER_ENTITY * len(world.entities))
+    in_context_fraction = DRILL_IN_CONTEXT_FRACTION if in_context_fraction is None else in_context_fraction
     drill_world = build_world(world.seed + seed_offset, n_entities, heldout_fraction=0.2, passages_per_entity=0,
                               qa_docs=0, filler_docs=0)
     taken = _name_words(world)
@@ -123,8 +151,13 @@ def memory_drill(world: World, n_entities: int | None = None, docs_per_entity: i
         if words & taken:
             continue
         entities.append(e)
-        references.append(drill_world.references[e.id].text)
-        documents += [entity_qa_document(e, rng) for _ in range(docs_per_entity)]
+        reference = drill_world.references[e.id].text
+        references.append(reference)
+        for _ in range(docs_per_entity):
+            doc = entity_qa_document(e, rng)
+            if rng.random() < in_context_fraction:
+                doc = format_reference(reference) + "\n" + doc
+            documents.append(doc)
     return MemoryDrill(documents, references, entities)
 
 
@@ -146,19 +179,24 @@ class ChunkAlignedStream(TokenStream):
     their retrieval is precomputed once. Batches are a function of (seed, step), hence resumable.
     """
 
-    def __init__(self, documents: Sequence[str], tokenizer, seq_len: int, seed: int, chunk_size: int):
+    def __init__(self, documents: Sequence[str], tokenizer, seq_len: int, seed: int, chunk_size: int,
+                 label_masks: Sequence[Sequence[bool] | None] | None = None):
         if seq_len % chunk_size:
             raise ValueError(f"seq_len {seq_len} is not a multiple of chunk_size {chunk_size}")
         pad = tokenizer.pad_token_id
         ids: list[int] = []
         real: list[bool] = []
-        for doc in documents:
+        for i, doc in enumerate(documents):
             tokens = encode_document(tokenizer, doc)
+            labelled = label_masks[i] if label_masks is not None else None
+            labelled = [True] * len(tokens) if labelled is None else labelled
+            if len(labelled) != len(tokens):
+                raise ValueError(f"label mask of document {i} has {len(labelled)} entries for {len(tokens)} tokens")
             fill = -len(tokens) % chunk_size
             ids += tokens + [pad] * fill
-            real += [True] * len(tokens) + [False] * fill
+            real += list(labelled) + [False] * fill
         self.tokens = torch.tensor(ids, dtype=torch.long)
-        self.real = torch.tensor(real, dtype=torch.bool)
+        self.real = torch.tensor(real, dtype=torch.bool)  # tokens that carry a label (loss)
         self.seq_len, self.seed, self.chunk_size = seq_len, seed, chunk_size
         self.n_chunks = len(self.tokens) // chunk_size
         self.window_chunks = seq_len // chunk_size
@@ -332,7 +370,11 @@ class RetrievalMemoryStage:
         self.index = ReferenceIndex(self.reference_texts, cache_dir=cache_dir)
         self.retriever = ChunkRetriever(self.index, ctx.tokenizer, stage.references_per_chunk)
         docs = stage_documents(world, config.include_train_references, self.drill, config.seed)
-        self.stream = ChunkAlignedStream(docs, ctx.tokenizer, config.seq_len, config.seed + 1, stage.chunk_size)
+        masks = None
+        if ANSWER_ONLY_DRILL_LOSS:
+            drills = set(self.drill.documents)
+            masks = [drill_label_mask(ctx.tokenizer, d) if d in drills else None for d in docs]
+        self.stream = ChunkAlignedStream(docs, ctx.tokenizer, config.seq_len, config.seed + 1, stage.chunk_size, masks)
         if precompute:
             self.retriever.precompute(self.stream.chunk_ids())
         self.encoder = MemoryEncoder(ctx.model, ctx.tokenizer, ctx.spec, batch_size=64)
@@ -348,7 +390,9 @@ class RetrievalMemoryStage:
     def chunk_memories(self, model: torch.nn.Module, batch: Batch) -> ChunkMemories:
         plan = self.plan(batch)
         distinct = sorted({p for row in plan for chunk in row for p in chunk})
-        encoded = self.encoder.encode([self.reference_texts[p] for p in distinct]) if distinct else []
+        trainable = ENCODE_WITH_GRAD and torch.is_grad_enabled()
+        encode = self.encoder.encode_differentiable if trainable else self.encoder.encode
+        encoded = encode([self.reference_texts[p] for p in distinct]) if distinct else []
         memory = dict(zip(distinct, encoded))
         return [[[memory[p] for p in chunk] for chunk in row] for row in plan]
 
@@ -392,6 +436,22 @@ def answer_token_mask(tokenizer, documents: Sequence[str]) -> tuple[list[list[in
         ids_out.append(list(enc["input_ids"]))
         mask_out.append(mask)
     return ids_out, mask_out
+
+
+def drill_label_mask(tokenizer, document: str) -> list[bool]:
+    """Per token of ``encode_document(document)``: does the stage-2 loss count it?
+
+    Only a drill's answer tokens, plus the token right after each answer (the newline, or EOS):
+    the question lines (mostly a random entity name) are unpredictable noise that would drown
+    the few tokens memory can actually help with, and the token after an answer teaches where
+    the answer stops (exact match reads the answer up to the newline).
+    """
+    _, (mask,) = answer_token_mask(tokenizer, [document])
+    mask = list(mask) + [False]  # encode_document appends EOS
+    for i in range(len(mask) - 2, -1, -1):
+        if mask[i] and not mask[i + 1]:
+            mask[i + 1] = True
+    return mask
 
 
 @torch.no_grad()

@@ -33,13 +33,11 @@ Writes bench/results/decoding.md and bench/results/decoding.png.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import os
 import secrets
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from memory3.sdk.memory_spec import REFERENCE_MARKER

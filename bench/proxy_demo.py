@@ -41,7 +41,7 @@ from memory3.sdk.proxy import ProxyPolicy, count_distinct, count_trainable, para
 from memory3.sdk.proxy_sampling import SamplingConfig, left_pad, position_ids_from_mask, sample_nucleus, sample_with_proxy
 from memory3.sdk.reward import AvoidTokensReward, episode_return, score_episodes
 from memory3.sdk.trajectory import Episode
-from memory3.trainer.proxy_rl import ProxyRLConfig, load_episodes, plot_learning_curve, publish, train_proxy
+from memory3.trainer.proxy_rl import ProxyRLConfig, load_episodes, publish, train_proxy
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -128,6 +128,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--eval-seeds", type=int, default=3, help="sampling seeds each held-out reward is averaged over")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--target", help="memory3 service host:port: log, read back and publish through it")
     parser.add_argument("--api-key", help="API key for --target (default: MEMORY3_API_KEY)")
@@ -163,27 +164,34 @@ def main(argv=None) -> dict:
         model_name, reward_name = "random tiny Llama (no --model)", "rule reward: avoid 30 most proposed tokens"
     for p in model.parameters():
         p.requires_grad_(False)
-    eval_seed = args.seed + 100
+    eval_seeds = [args.seed + 100 + 1000 * k for k in range(args.eval_seeds)]
+    eval_seed = eval_seeds[0]
+
+    def held_out(sample) -> float:
+        """Mean reward on the held-out prompts, averaged over the evaluation seeds."""
+        return float(np.mean([mean_reward(reward, sample(seed), tokenizer) for seed in eval_seeds]))
 
     # 2. the plain LLM
-    plain_reward = mean_reward(reward, as_episodes(model, eval_prompts, sample_nucleus(model, eval_prompts, sampling, seed=eval_seed)), tokenizer)
+    plain_reward = held_out(lambda seed: as_episodes(model, eval_prompts, sample_nucleus(model, eval_prompts, sampling, seed=seed)))
 
     # 3. log with v0
     proxy_v0 = ProxyPolicy.for_model(model, seed=args.seed)
-    proxy_v0.version = 1 if args.target else 0
-    logged = sample_with_proxy(model, proxy_v0, train_prompts, sampling, seed=args.seed + 10, reward=reward,
-                               tokenizer=tokenizer, bank="proxy-demo")
     client = None
     if args.target:
         from memory3.sdk.client import Client
         from memory3.service.config import load_settings
 
         client = Client(args.target, args.api_key or load_settings().api_key)
+        # the proxy that logs is itself in the registry, so v1 can name it as its parent
+        proxy_v0.version = client.publish_proxy("proxy-demo", proxy_v0.to_bytes(), proxy_v0.config.model_fingerprint).version
+    logged = sample_with_proxy(model, proxy_v0, train_prompts, sampling, seed=args.seed + 10, reward=reward,
+                               tokenizer=tokenizer, bank="proxy-demo")
+    if client is not None:
         summary = client.log_episodes(logged, include_hidden_states=False)
         print(f"logged to the service: {summary}")
         wanted = {e.episode_id for e in logged}
         logged = [e for e in load_episodes(client, bank="proxy-demo") if e.episode_id in wanted]
-    v0_reward = mean_reward(reward, sample_with_proxy(model, proxy_v0, eval_prompts, sampling, seed=eval_seed), tokenizer)
+    v0_reward = held_out(lambda seed: sample_with_proxy(model, proxy_v0, eval_prompts, sampling, seed=seed))
 
     # 4. train v1 offline, publish, sample with it
     config = ProxyRLConfig(epochs=args.epochs, eval_every=max(1, args.epochs // 5), seed=args.seed)
@@ -195,11 +203,16 @@ def main(argv=None) -> dict:
         info = publish(client, "proxy-demo", result)
         fetched = client.get_proxy("proxy-demo", proxy_v1.config.model_fingerprint)
         proxy_v1 = ProxyPolicy.from_bytes(fetched.weights)
+        proxy_v1.version = fetched.version  # the registry numbers versions; episodes name that number
         print(f"published and fetched back proxy-demo v{info.version} ({fetched.weights_size} bytes)")
+    v1_episodes = sample_with_proxy(model, proxy_v1, eval_prompts, sampling, seed=eval_seed, bank="proxy-demo")
+    v1_reward = held_out(lambda seed: v1_episodes if seed == eval_seed else
+                         sample_with_proxy(model, proxy_v1, eval_prompts, sampling, seed=seed))
+    if client is not None:  # log again, now under the new version
+        print(f"logged with v{proxy_v1.version}: {client.log_episodes(v1_episodes, include_hidden_states=False)}")
         client.close()
-    v1_reward = mean_reward(reward, sample_with_proxy(model, proxy_v1, eval_prompts, sampling, seed=eval_seed), tokenizer)
     greedy = SamplingConfig(**{**sampling.__dict__, "stochastic_proxy": False})
-    v1_greedy = mean_reward(reward, sample_with_proxy(model, proxy_v1, eval_prompts, greedy, seed=eval_seed), tokenizer)
+    v1_greedy = held_out(lambda seed: sample_with_proxy(model, proxy_v1, eval_prompts, greedy, seed=seed))
 
     # 5. fine-tune the LLM on the same episodes, same epochs
     ft_rows = []
@@ -211,8 +224,8 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - t0
         for p in model.parameters():
             p.requires_grad_(False)
-        responses = sample_nucleus(tuned, eval_prompts, sampling, seed=eval_seed)
-        ft_rows.append((lr, mean_reward(reward, as_episodes(tuned, eval_prompts, responses), tokenizer), seconds))
+        tuned_reward = held_out(lambda seed: as_episodes(tuned, eval_prompts, sample_nucleus(tuned, eval_prompts, sampling, seed=seed)))
+        ft_rows.append((lr, tuned_reward, seconds))
     best_lr, ft_reward, ft_seconds = max(ft_rows, key=lambda r: r[1])
 
     # 6. report
@@ -231,7 +244,7 @@ def main(argv=None) -> dict:
         "# Proxy alignment vs fine-tuning (bench/proxy_demo.py)",
         "",
         f"Model: {model_name}, {llm_params:,} parameters. Reward: {reward_name}.",
-        f"{len(logged)} logged episodes ({result.metrics['decisions']} decisions), {len(eval_prompts)} held-out prompts, "
+        f"{len(logged)} logged episodes ({result.metrics['decisions']} decisions), {len(eval_prompts)} held-out prompts x {len(eval_seeds)} sampling seeds, "
         f"{args.max_new_tokens} new tokens, top-p {TOP_P}, max {MAX_REJECTIONS} rejections, {args.epochs} epochs each. "
         f"Service: {'yes (' + args.target + ')' if args.target else 'no (local)'}.",
         "",

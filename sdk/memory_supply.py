@@ -16,11 +16,9 @@ query text and injected tensors must run *beside* the model, not in front of it:
   blocks the event loop nor the model.
 * **LRU cache of decoded memories** keyed by ``(bank, external id, model fingerprint)``; an entry
   also remembers its blob's version — (size, CRC32) as Retrieve reports them — and a retrieved
-  reference whose version differs (memory rewritten since) counts as a miss. (The service's CRC32
-  covers the whole blob *including* the codec's own trailing CRC32, which makes it the same
-  constant for every well-formed blob; the size is what tells rewrites apart until the service
-  reports a content digest.) One lookup per (row, reference) served: ``hits + misses`` is the number
-  of memories handed out.
+  reference whose version differs (memory rewritten since) counts as a miss. (The CRC32 is the
+  codec's own checksum of the blob, so two different memories almost surely differ in it.) One
+  lookup per (row, reference) served: ``hits + misses`` is the number of memories handed out.
 * **Fingerprint guard.** Memories are the running model's own key/values; a bank (checked once
   per bank) or a memory (checked on every decode) from another model raises
   :class:`FingerprintMismatchError` naming both fingerprints.

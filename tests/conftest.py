@@ -27,7 +27,7 @@ def _docker_postgres_url():
         import docker
 
         docker.from_env(timeout=2).ping()
-        from testcontainers.postgres import PostgresContainer
+        from testcontainers.community.postgres import PostgresContainer
     except Exception:
         return None, None
     container = PostgresContainer("pgvector/pgvector:pg17", driver="psycopg")

@@ -161,6 +161,7 @@ def main(argv=None) -> None:
             assert len(rows) == 5
         server.stop()
         raw.close()
+        pg.stop()  # before the temporary directory goes
 
     recall = statistics.mean(recalls)
     svc_p50, svc_p99 = percentile(service_lat, 50), percentile(service_lat, 99)

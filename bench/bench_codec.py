@@ -46,6 +46,7 @@ from tqdm import tqdm
 from memory3.sdk.codec import decode_memory, encode_memory, read_header
 from memory3.sdk.memory import ExplicitMemory
 from memory3.sdk.pq import train_codebook
+from memory3.sdk.synthetic_kv import SyntheticKV
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PQ_SETTINGS = {"pq14": 14, "pq13": 13, "pq9": 9}
@@ -54,38 +55,6 @@ LOGIT_STD = 2.0
 FINGERPRINT = "5e" * 32
 
 
-class SyntheticKV:
-    """Structured KV-like memories of one pretend model (same recipe as tests/test_codec.py)."""
-
-    def __init__(self, layers, heads, tokens, dim, rank=8, outliers=2, ref_len=128, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.shape, self.ref_len = (layers, heads, tokens, dim), ref_len
-        self.basis = torch.randn(layers, 2, heads, rank, dim, generator=g) / math.sqrt(rank)
-        self.bias = torch.randn(layers, 2, heads, 1, dim, generator=g) * 0.3
-        self.gain = torch.ones(layers, 2, heads, 1, dim)
-        for layer in range(layers):
-            for head in range(heads):
-                ch = torch.randperm(dim // 2, generator=g)[:outliers]
-                self.gain[layer, 0, head, 0, ch] = 6.0
-                self.gain[layer, 0, head, 0, ch + dim // 2] = 6.0
-        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
-        self.gen = torch.Generator().manual_seed(seed + 1)
-
-    def sample(self) -> ExplicitMemory:
-        layers, heads, tokens, dim = self.shape
-        g = self.gen
-        coef = -torch.log(torch.rand(layers, 2, heads, tokens, self.basis.shape[3], generator=g))
-        coef = coef * (torch.randint(0, 2, coef.shape, generator=g) * 2 - 1)  # Laplace(0, 1)
-        kv = torch.einsum("lshtr,lshrd->lshtd", coef, self.basis)
-        kv = (kv + self.bias + 0.1 * torch.randn(layers, 2, heads, tokens, dim, generator=g)) * self.gain
-        pos = torch.stack(
-            [torch.randperm(self.ref_len - 4, generator=g)[:tokens] + 4 for _ in range(layers * heads)]
-        ).reshape(layers, heads, tokens)
-        ang = pos[..., None].float() * self.inv_freq
-        cos, sin = ang.cos().repeat(1, 1, 1, 2), ang.sin().repeat(1, 1, 1, 2)
-        k = kv[:, 0]
-        kv[:, 0] = k * cos + torch.cat([-k[..., dim // 2 :], k[..., : dim // 2]], -1) * sin
-        return ExplicitMemory(kv, pos.long(), FINGERPRINT)
 
 
 @dataclass
@@ -261,7 +230,7 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     sections, results = [], {}
-    gen = SyntheticKV(22, 8, 8, 80)
+    gen = SyntheticKV(22, 8, 8, 80, rank=8, fingerprint=FINGERPRINT)
     pool = [gen.sample() for _ in tqdm(range(args.train + args.eval + 2), desc="synthetic memories")]
     dense = 2 * 22 * 2 * 8 * 128 * 80 * 2  # 44 layers, K+V, 8 kv heads, 128 tokens, 80, bf16
     text, rows = run_shape(

@@ -65,13 +65,16 @@ class LoopbackServer:
     """`memory3 serve` in its own process (as deployed: no GIL shared with the decoder), with an
     embedded PostgreSQL under a temp dir, on loopback."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, query_cache_size: int = 0) -> None:
         from memory3.service.child_process import ServiceProcess
         from memory3.service.embedded_pg import EmbeddedPostgres
 
         self.admin_key = "bench-admin-" + secrets.token_hex(8)
         self.pg = EmbeddedPostgres(data_dir / "db")
-        self.process = ServiceProcess(self.pg.url, data_dir, self.admin_key, torch_threads=1, log_level="WARNING")
+        self.process = ServiceProcess(
+            self.pg.url, data_dir, self.admin_key, torch_threads=1, log_level="WARNING",
+            query_cache_size=query_cache_size,  # 0: every query is embedded (the repeated prompts would hit)
+        )
         self.target = self.process.target
 
     def stop(self) -> None:
@@ -174,6 +177,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lag", type=int, default=8, help="pipelined mode: tokens between a chunk boundary and its switch")
     parser.add_argument("--repeats", type=int, default=2, help="measure each figure this many times, keep the best")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--query-cache", type=int, default=0,
+                        help="server's query-embedding LRU size (default 0: off, since this bench repeats its prompts)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +189,7 @@ def main(argv=None) -> None:
           f"{spec.memory_layers}, {len(references)} references, {len(prompts)} prompts x {PROMPT_TOKENS} tokens")
 
     data_dir = Path(tempfile.mkdtemp(prefix="m3-bench-"))
-    server = LoopbackServer(data_dir)
+    server = LoopbackServer(data_dir, args.query_cache)
     try:
         admin = Client(server.target, server.admin_key)
         admin.create_tenant("bench")
@@ -241,7 +246,8 @@ def report(rows: list[Row], args, params, spec, hit_rate) -> None:
         f"Model: {'`' + args.model + '`' if args.model else f'random Llama (trainer preset {args.preset})'}, "
         f"{params / 1e6:.1f}M parameters, memory layers {list(spec.memory_layers)}, "
         f"{spec.tokens_per_head} tokens/head, codec {spec.codec}. {PROMPT_TOKENS} prompt tokens, {NEW_TOKENS} generated, "
-        f"chunk {CHUNK}, top-{TOP_K}; server on loopback (embedded PostgreSQL, built-in embedder); "
+        f"chunk {CHUNK}, top-{TOP_K}; server on loopback in its own process (embedded PostgreSQL, built-in "
+        f"embedder, query-embedding cache {args.query_cache or 'off'}); "
         f"CPU, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores. Best of {args.repeats}.",
         "",
         "| batch | mode | tok/s | × plain | × RAG | target |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from memory3.sdk.codec import SCHEMES
 from memory3.sdk.memory_spec import MemorySpec
 from memory3.v1 import banks_pb2
 
@@ -12,7 +13,6 @@ from .bank_store import METRICS, Bank
 from .embedder import BUILTIN_DIMENSION, BUILTIN_EMBEDDER, BUILTIN_METRIC
 from .errors import InvalidArgument
 
-CODECS = ("fp16", "int8", "int4", "pq")
 
 
 def timestamp(value) -> Timestamp:
@@ -29,8 +29,8 @@ def bank_from_proto(message: banks_pb2.Bank, tenant_id: int) -> Bank:
     if not message.HasField("memory_spec"):
         raise InvalidArgument("bank.memory_spec is required")
     ms = message.memory_spec
-    if ms.codec not in CODECS:
-        raise InvalidArgument(f"memory_spec.codec must be one of {', '.join(CODECS)}, got {ms.codec!r}")
+    if ms.codec not in SCHEMES:
+        raise InvalidArgument(f"memory_spec.codec must be one of {', '.join(SCHEMES)}, got {ms.codec!r}")
     try:
         spec = MemorySpec(
             tuple(ms.memory_layers), ms.kv_heads, ms.head_dim, ms.tokens_per_head or 8,

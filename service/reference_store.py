@@ -161,10 +161,6 @@ class BankWriter:
         return WriteCounts(inserted, updated, len(self._ids) - inserted - updated, self._memory_bytes)
 
 
-def _vector_sql(bank: Bank, param: str) -> str:
-    return f"CAST(:{param} AS vector({int(bank.embedder_dim)}))"
-
-
 class ReferenceStore:
     def __init__(self, engine: AsyncEngine, ef_search: int = 100) -> None:
         self.engine = engine

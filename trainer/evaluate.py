@@ -226,7 +226,7 @@ def _run_facts(run_dir: Path) -> dict:
 
 
 def report_markdown(evals: Sequence[Evaluation], info: dict) -> str:
-    lines = [f"# Reference model: QA exact match in three modes", "",
+    lines = ["# Reference model: QA exact match in three modes", "",
              f"model `{info['model_dir']}`: {info['parameters'] / 1e6:.2f} M parameters "
              f"({info['layers']} layers, memory layers {info['memory_layers']}, {info['tokens_per_head']} tokens/head); "
              f"world of {info['entities']} entities ({info['heldout_entities']} held out), "

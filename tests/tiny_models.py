@@ -16,8 +16,11 @@ VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per UTF-8 byte (ids 0..255 in ByteLevel alphabet order), then <s>=256, </s>=257, <pad>=258."""
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    """One token per UTF-8 byte (ids 0..255 in sorted ByteLevel alphabet order), then <s>=256, </s>=257, <pad>=258.
+
+    Sorted because ``ByteLevel.alphabet()`` comes from a hash set: its order changes from process to process.
+    """
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for i, tok in enumerate(SPECIAL_TOKENS):
         vocab[tok] = 256 + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

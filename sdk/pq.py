@@ -86,7 +86,8 @@ class PQCodebook:
     subvectors: int
     share: str = "layer"
     _digest: bytes | None = field(default=None, repr=False)
-    _tables: tuple | None = field(default=None, repr=False)
+    _tables: torch.Tensor | None = field(default=None, repr=False)
+    _decode_rows: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.share not in SHARE_MODES:
@@ -125,13 +126,28 @@ class PQCodebook:
     def sizes(self) -> tuple[int, ...]:
         return subvector_sizes(self.head_dim, self.subvectors)
 
-    def _lookup(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cached decode/encode tables: padded centroids (G, M, K, dmax), flat rows, column map, R^T."""
+    def _encode_table(self) -> torch.Tensor:
+        """Cached padded centroids (G, M, K, dmax) for nearest-centroid search."""
         if self._tables is None:
-            padded = torch.stack([_padded(self.centroids[g], self.sizes) for g in range(self.centroids.shape[0])])
-            flat = padded.reshape(-1, padded.shape[-1]).contiguous()
-            self._tables = (padded, flat, _column_map(self.sizes), self.rotation.transpose(1, 2).contiguous())
+            self._tables = torch.stack([_padded(self.centroids[g], self.sizes) for g in range(self.centroids.shape[0])])
         return self._tables
+
+    def _decode_table(self) -> torch.Tensor:
+        """Cached (G * M * K, D) rows: centroid k of subvector m of group g, already rotated back.
+
+        Decoding is then one fused gather-and-sum per vector (``embedding_bag``) instead of a
+        gather, a column shuffle and a D x D matmul: about 8x faster, for a table M times the
+        codebook's size (about 32 MB at the Memory3 shape with 9 bytes per vector).
+        """
+        if self._decode_rows is None:
+            rows, offset = [], 0
+            for size in self.sizes:
+                block = slice(offset, offset + size)
+                # y @ R^T summed over subvectors: subvector m contributes y[:, block] @ R[:, block]^T
+                rows.append(torch.bmm(self.centroids[:, :, block], self.rotation[:, :, block].transpose(1, 2)))
+                offset += size
+            self._decode_rows = torch.stack(rows, 1).reshape(-1, self.head_dim).contiguous()  # (G, M, K, D)
+        return self._decode_rows
 
     def groups_for(self, layers: int) -> int:
         return layers * 2 if self.share == "layer" else 2
@@ -171,7 +187,7 @@ class PQCodebook:
         with torch.inference_mode():
             x = kv.detach().to("cpu", torch.float32) - self.mean[:, :, :, None, :]
             y = torch.bmm(self._group_view(x), self.rotation)  # (G, N, D)
-            codes = _assign(y, self.centroids, self.sizes, self._lookup()[0])  # (G, N, M)
+            codes = _assign(y, self.centroids, self.sizes, self._encode_table())  # (G, N, M)
             codes = self._ungroup(codes, layers, heads, tokens)
         return codes.to(torch.uint8).contiguous().numpy()
 
@@ -184,12 +200,10 @@ class PQCodebook:
         self.check_shape(layers, heads, self.head_dim)
         with torch.inference_mode():
             g = self._group_view(codes.long())  # (G, N, M)
-            _, flat, cols, rot_t = self._lookup()
             groups, n, m = g.shape
-            index = (torch.arange(groups)[:, None, None] * m + torch.arange(m)) * CENTROIDS + g
-            y = flat[index.reshape(-1)].reshape(groups, n, -1)[:, :, cols]  # (G, N, D) rotated space
-            x = torch.bmm(y, rot_t)
-            x = self._ungroup(x, layers, heads, tokens) + self.mean[:, :, :, None, :]
+            first_row = (torch.arange(groups)[:, None, None] * m + torch.arange(m)) * CENTROIDS
+            x = torch.nn.functional.embedding_bag((g + first_row).reshape(-1, m), self._decode_table(), mode="sum")
+            x = self._ungroup(x.reshape(groups, n, -1), layers, heads, tokens) + self.mean[:, :, :, None, :]
         return x.to(device=device, dtype=dtype)
 
     # ---- serialization -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ Real KV from a trained model is measured in bench/bench_codec.py.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import struct
@@ -138,6 +139,26 @@ def test_pq_round_trip_within_bounds(bank, codebook):
     assert ck.mean() >= 0.95 and cv.mean() >= 0.95, (ck.mean(), cv.mean())
     assert ck.min() >= 0.8 and cv.min() >= 0.8, (ck.min(), cv.min())
     assert err.max() <= 0.4 and err.mean() <= 0.2, (err.max(), err.mean())
+
+
+@pytest.mark.parametrize("share", ["layer", "kv"])
+def test_pq_decode_is_the_opq_definition(share):
+    """Decoding equals its definition, x = concat_m(centroid_m[code_m]) @ R^T + mean, with uneven
+    subvector sizes (30 = 8 + 8 + 7 + 7) and both codebook sharing modes."""
+    layers, heads, tokens, dim, m = 2, 3, 4, 30, 4
+    gen = torch.Generator().manual_seed(5)
+    groups = layers * 2 if share == "layer" else 2
+    rotation = torch.linalg.qr(torch.randn(groups, dim, dim, generator=gen))[0]
+    cb = PQCodebook(1, FP, torch.randn(layers, 2, heads, dim, generator=gen), rotation,
+                    torch.randn(groups, 256, dim, generator=gen), m, share)
+    codes = torch.randint(0, 256, (layers, 2, heads, tokens, m), generator=gen, dtype=torch.uint8)
+    bounds = [0, 8, 16, 23, 30]
+    expected = torch.empty(layers, 2, heads, tokens, dim)
+    for layer, kv, head, token in itertools.product(range(layers), range(2), range(heads), range(tokens)):
+        g = layer * 2 + kv if share == "layer" else kv
+        y = torch.cat([cb.centroids[g, int(codes[layer, kv, head, token, j]), bounds[j] : bounds[j + 1]] for j in range(m)])
+        expected[layer, kv, head, token] = y @ rotation[g].T + cb.mean[layer, kv, head]
+    torch.testing.assert_close(cb.decode(codes.numpy()), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_pq_beats_random_codebook(bank, codebook):

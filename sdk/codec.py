@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -77,8 +78,17 @@ _CRC = struct.Struct("<I")
 _PQ_PARAMS = struct.Struct("<B8s")
 MIN_SIZE = _FIXED.size + _CRC.size
 
-_compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-_decompressor = zstandard.ZstdDecompressor()
+_zstd_contexts = threading.local()
+"""One zstd compressor and decompressor per thread: a zstd context must not be used by two threads
+at once (sharing one corrupted memories decoded on the supply's worker thread while another
+thread encoded or decoded)."""
+
+
+def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    contexts = getattr(_zstd_contexts, "pair", None)
+    if contexts is None:
+        contexts = _zstd_contexts.pair = (zstandard.ZstdCompressor(level=ZSTD_LEVEL), zstandard.ZstdDecompressor())
+    return contexts
 
 
 def payload_checksum(payload: bytes) -> int:
@@ -283,7 +293,7 @@ def encode_memory(memory: ExplicitMemory, scheme: str = "int8", codebook: PQCode
         cb_version = codebook.version
     raw = pos + data
     body, flags = raw, FLAG_POS16 if pos16 else 0
-    packed = _compressor.compress(raw)
+    packed = _zstd()[0].compress(raw)
     if len(packed) < len(raw):
         body, flags = packed, flags | FLAG_ZSTD
     scheme_id = SCHEMES.index(scheme)
@@ -323,7 +333,7 @@ def decode_memory(
     body = memoryview(payload)[header.body_offset : header.body_offset + header.payload_size]
     if header.compressed:
         try:
-            raw = _decompressor.decompress(body, max_output_size=header.raw_size)
+            raw = _zstd()[1].decompress(body, max_output_size=header.raw_size)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd body does not decompress: {exc}") from None
         if len(raw) != header.raw_size:

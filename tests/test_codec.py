@@ -10,6 +10,7 @@ Real KV from a trained model is measured in bench/bench_codec.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 import re
@@ -390,3 +391,21 @@ def test_decoder_fuzz(seed_idx, edits, cut, fix_crc):
     assert tuple(mem.kv.shape) == h.kv_shape
     assert torch.isfinite(mem.kv).all()
     assert mem.positions.dtype == torch.int64 and (mem.positions >= 0).all()
+
+
+def test_concurrent_encode_and_decode_from_many_threads():
+    """The codec is used from several threads at once (the supply's decode worker, writers, the
+    server's validation): every thread must get exactly what a lone thread gets."""
+    gen = SyntheticKV(4, 2, 8, 32, seed=3)
+    memories = [gen.sample() for _ in range(8)]
+    expected = {(i, s): decode_memory(encode_memory(m, s)).kv for i, m in enumerate(memories) for s in ("int8", "int4")}
+
+    def work(i: int) -> bool:
+        ok = True
+        for _ in range(40):
+            for scheme in ("int8", "int4"):
+                ok &= torch.equal(decode_memory(encode_memory(memories[i], scheme)).kv, expected[(i, scheme)])
+        return ok
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(8)))

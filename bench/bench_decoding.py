@@ -27,7 +27,7 @@ random weights are fine for speed. References: the trainer's knowledge-world pas
 reference per entity (its passages joined, ~128 tokens).
 
 Usage: python bench/bench_decoding.py [--model DIR] [--prompts 8] [--lag 8]
-Writes bench/results/decoding.md and bench/results/decoding.png.
+Writes bench/results/NAME.md and NAME.png (``--name``, default ``decoding``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class LoopbackServer:
     """`memory3 serve` in its own process (as deployed: no GIL shared with the decoder), with an
     embedded PostgreSQL under a temp dir, on loopback."""
 
-    def __init__(self, data_dir: Path, query_cache_size: int = 0) -> None:
+    def __init__(self, data_dir: Path, query_cache_size: int = 0, embed_batch_max: int = 8) -> None:
         from memory3.service.child_process import ServiceProcess
         from memory3.service.embedded_pg import EmbeddedPostgres
 
@@ -74,8 +74,17 @@ class LoopbackServer:
         self.process = ServiceProcess(
             self.pg.url, data_dir, self.admin_key, torch_threads=1, log_level="WARNING",
             query_cache_size=query_cache_size,  # 0: every query is embedded (the repeated prompts would hit)
+            embed_batch_max=embed_batch_max,
         )
         self.target = self.process.target
+
+    def pin(self, cores: set[int]) -> None:
+        """Restrict the service and PostgreSQL (every process and thread) to ``cores``."""
+        pids = [self.process.pid, self.pg.pid]  # PostgreSQL backends fork from the postmaster: they inherit
+        pids += [int(p) for pid in pids for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        for pid in pids:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), cores)
 
     def stop(self) -> None:
         self.process.stop()
@@ -177,10 +186,24 @@ def main(argv=None) -> None:
     parser.add_argument("--lag", type=int, default=8, help="pipelined mode: tokens between a chunk boundary and its switch")
     parser.add_argument("--repeats", type=int, default=2, help="measure each figure this many times, keep the best")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--name", default="decoding", help="results file name in bench/results (without suffix)")
+    parser.add_argument("--split-cores", action="store_true",
+                        help="pin the service and PostgreSQL to the last core and the decoder to the others (as when "
+                             "the model runs on an accelerator and the service on the host's CPU)")
+    parser.add_argument("--embed-batch-max", type=int, default=8,
+                        help="server's cap on texts per embedder call (MEMORY3_EMBED_BATCH_MAX)")
     parser.add_argument("--query-cache", type=int, default=0,
                         help="server's query-embedding LRU size (default 0: off, since this bench repeats its prompts)")
     args = parser.parse_args(argv)
-    if args.threads:
+    service_cores = None
+    if args.split_cores:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            parser.error("--split-cores needs at least 2 cores")
+        service_cores = {cores[-1]}
+        os.sched_setaffinity(0, set(cores[:-1]))  # before torch starts its thread pool
+        torch.set_num_threads(args.threads or len(cores) - 1)
+    elif args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer, spec, references, prompts = load_model(args)
@@ -189,7 +212,9 @@ def main(argv=None) -> None:
           f"{spec.memory_layers}, {len(references)} references, {len(prompts)} prompts x {PROMPT_TOKENS} tokens")
 
     data_dir = Path(tempfile.mkdtemp(prefix="m3-bench-"))
-    server = LoopbackServer(data_dir, args.query_cache)
+    server = LoopbackServer(data_dir, args.query_cache, args.embed_batch_max)
+    if service_cores:
+        server.pin(service_cores)
     try:
         admin = Client(server.target, server.admin_key)
         admin.create_tenant("bench")
@@ -247,8 +272,10 @@ def report(rows: list[Row], args, params, spec, hit_rate) -> None:
         f"{params / 1e6:.1f}M parameters, memory layers {list(spec.memory_layers)}, "
         f"{spec.tokens_per_head} tokens/head, codec {spec.codec}. {PROMPT_TOKENS} prompt tokens, {NEW_TOKENS} generated, "
         f"chunk {CHUNK}, top-{TOP_K}; server on loopback in its own process (embedded PostgreSQL, built-in "
-        f"embedder, query-embedding cache {args.query_cache or 'off'}); "
-        f"CPU, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores. Best of {args.repeats}.",
+        f"embedder, query-embedding cache {args.query_cache or 'off'}, at most {args.embed_batch_max} texts per embedder call); "
+        f"CPU, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores"
+        f"{', service and PostgreSQL pinned to their own core (--split-cores)' if args.split_cores else ''}. "
+        f"Best of {args.repeats}.",
         "",
         "| batch | mode | tok/s | × plain | × RAG | target |",
         "|---|---|---|---|---|---|",
@@ -281,11 +308,11 @@ def report(rows: list[Row], args, params, spec, hit_rate) -> None:
     lines += ["", f"Cache hit rate over the whole run: {hit_rate:.2f}.", ""]
     text = "\n".join(lines)
     print(text)
-    (RESULTS / "decoding.md").write_text(text)
-    plot(rows)
+    (RESULTS / f"{args.name}.md").write_text(text)
+    plot(rows, args.name)
 
 
-def plot(rows: list[Row]) -> None:
+def plot(rows: list[Row], name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +330,7 @@ def plot(rows: list[Row]) -> None:
             ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     fig.suptitle(f"Decoding speed, {PROMPT_TOKENS} prompt + {NEW_TOKENS} generated tokens, top-{TOP_K} every {CHUNK}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "decoding.png", dpi=120)
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":

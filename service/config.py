@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, description="torch threads for the built-in embedder (0: torch's default)")
     query_cache_size: int = Field(default=4096, description="Query texts whose embeddings are kept (LRU; 0: off)")
     embedder_device: str = Field(default="cpu", description="torch device of the built-in text embedder")
+    embed_batch_max: int = Field(
+        default=8, ge=1,
+        description="Most texts per embedder call when concurrent requests are coalesced; on a CPU a batch costs "
+                    "about its size in single calls, so a small cap answers the earliest requests sooner (raise it "
+                    "for a GPU embedder, where batches are nearly free)")
     grace_seconds: float = Field(default=10.0, description="How long shutdown waits for in-flight calls")
     key_cache_seconds: float = Field(default=2.0, description="How long a verified API key is trusted unrechecked")
     target: str | None = Field(default=None, description="Server the CLI's client commands talk to (default host:port)")

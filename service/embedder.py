@@ -23,9 +23,10 @@ class BuiltinEmbedder:
     name = BUILTIN_EMBEDDER
     dimension = BUILTIN_DIMENSION
 
-    def __init__(self, device: str = "cpu", query_cache_size: int = 4096) -> None:
+    def __init__(self, device: str = "cpu", query_cache_size: int = 4096, batch_max: int = 8) -> None:
         self.device = device
         self.query_cache_size = query_cache_size
+        self.batch_max = batch_max
         self._queries: OrderedDict[str, np.ndarray] = OrderedDict()
         self._model = None
         self._lock = threading.Lock()
@@ -58,7 +59,7 @@ class BuiltinEmbedder:
         loop = asyncio.get_running_loop()
         batcher = self._batchers.get(loop)
         if batcher is None:
-            batcher = self._batchers[loop] = _Batcher(self.embed)
+            batcher = self._batchers[loop] = _Batcher(self.embed, self.batch_max)
         return await batcher.submit(texts)
 
 
@@ -80,12 +81,12 @@ class BuiltinEmbedder:
 
 
 class _Batcher:
-    """Coalesces concurrent embed requests of one event loop into batched model calls."""
+    """Coalesces concurrent embed requests of one event loop into batched model calls of at most
+    ``max_texts`` texts (a single larger request still goes in one call), first come first served."""
 
-    MAX_TEXTS = 256
-
-    def __init__(self, embed) -> None:
+    def __init__(self, embed, max_texts: int = 8) -> None:
         self.embed = embed
+        self.max_texts = max_texts
         self.waiting: list[tuple[list[str], asyncio.Future]] = []
         self.running = False
 
@@ -101,7 +102,7 @@ class _Batcher:
         try:
             while self.waiting:
                 batch, size = [], 0
-                while self.waiting and (not batch or size + len(self.waiting[0][0]) <= self.MAX_TEXTS):
+                while self.waiting and (not batch or size + len(self.waiting[0][0]) <= self.max_texts):
                     texts, future = self.waiting.pop(0)
                     batch.append((texts, future))
                     size += len(texts)

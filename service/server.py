@@ -95,7 +95,7 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     auth = Authenticator(tenants, admin_key)
     banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction, settings.bank_cache_seconds)
     refs = ReferenceStore(engine, settings.hnsw_ef_search)
-    embedder = embedder or BuiltinEmbedder(settings.embedder_device, settings.query_cache_size)
+    embedder = embedder or BuiltinEmbedder(settings.embedder_device, settings.query_cache_size, settings.embed_batch_max)
 
     interceptor = ObservabilityInterceptor(settings.max_in_flight)
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(settings))

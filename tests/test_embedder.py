@@ -3,6 +3,7 @@
 import asyncio
 
 import numpy as np
+import pytest
 
 
 def test_embeds_offline_normalised(embedder):
@@ -11,27 +12,31 @@ def test_embeds_offline_normalised(embedder):
     np.testing.assert_allclose(np.linalg.norm(vectors[:2], axis=1), 1.0, atol=1e-5)
 
 
-def test_concurrent_requests_share_batches_and_match_single_calls(embedder):
+@pytest.mark.parametrize("batch_max", [8, 3])
+def test_concurrent_requests_share_batches_and_match_single_calls(embedder, batch_max):
+    from memory3.service.embedder import BuiltinEmbedder
+
+    capped = BuiltinEmbedder(query_cache_size=0, batch_max=batch_max)
+    capped._model = embedder._load()  # share the loaded weights
     texts = [f"fact number {i} about Zorvania" for i in range(12)]
     calls = []
-    original = embedder.embed
+    original = capped.embed
 
     def counting(batch):
         calls.append(len(batch))
         return original(batch)
 
-    embedder.embed = counting
-    try:
-        async def run():
-            return await asyncio.gather(*(embedder.embed_async([t]) for t in texts))
+    capped.embed = counting
 
-        together = asyncio.run(run())
-    finally:
-        embedder.embed = original
-    assert len(calls) < len(texts), calls  # coalesced
+    async def run():
+        return await asyncio.gather(*(capped.embed_async([t]) for t in texts))
+
+    together = asyncio.run(run())
+    assert len(calls) < len(texts), calls  # coalesced ...
+    assert max(calls) <= batch_max, calls  # ... but never past the cap
     assert sum(calls) == len(texts)
     alone = original(texts)
-    np.testing.assert_allclose(np.concatenate(together), alone, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(together), alone, atol=1e-5)  # each caller got its own rows
 
 
 def test_repeated_queries_come_from_the_cache(embedder):

@@ -140,6 +140,28 @@ def test_differentiable_encoding_matches_encode_and_trains_the_encoding_side(sma
     assert grad.abs().sum() > 0
 
 
+def test_answer_loss_reads_given_memories_like_encoded_references(small_world):
+    """``answer_loss(memories=...)`` (the codec QA bench's path) injects exactly what passing the
+    references would encode; a different memory changes the loss; passing both is refused."""
+    world, tokenizer = small_world
+    model = build_model("tiny", len(tokenizer), seed=0).eval()
+    spec = default_memory_spec(model, (2, 3), tokens_per_head=8)
+    entities = world.entities[:4]
+    import random
+
+    rng = random.Random(0)
+    docs = [entity_qa_document(e, rng) for e in entities]
+    refs = [[world.references[e.id].text] for e in entities]
+    encoded = MemoryEncoder(model, tokenizer, spec).encode([r for (r,) in refs])
+    by_references = answer_loss(model, tokenizer, spec, docs, refs, batch_size=3)
+    by_memories = answer_loss(model, tokenizer, spec, docs, batch_size=3, memories=[[m] for m in encoded])
+    assert by_memories == pytest.approx(by_references, rel=1e-5)
+    swapped = answer_loss(model, tokenizer, spec, docs, batch_size=3, memories=[[m] for m in encoded[::-1]])
+    assert swapped != pytest.approx(by_references, rel=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        answer_loss(model, tokenizer, spec, docs, refs, memories=[[m] for m in encoded])
+
+
 def test_drill_label_mask_counts_answers_and_the_token_after():
     world = build_world(0, n_entities=40, passages_per_entity=2)
     tokenizer = train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)

@@ -456,18 +456,23 @@ def drill_label_mask(tokenizer, document: str) -> list[bool]:
 
 @torch.no_grad()
 def answer_loss(model: torch.nn.Module, tokenizer, spec: MemorySpec, documents: Sequence[str],
-                references: Sequence[Sequence[str]] | None = None, batch_size: int = 32) -> float:
+                references: Sequence[Sequence[str]] | None = None, batch_size: int = 32,
+                memories: Sequence[Sequence[ExplicitMemory]] | None = None) -> float:
     """Mean next-token loss on the answer tokens of ``documents``; with ``references`` (per
-    document) their memories, encoded by ``model`` now, are injected through the SDK's injector.
+    document) their memories, encoded by ``model`` now, are injected through the SDK's injector;
+    ``memories`` (per document) injects given memories instead (e.g. after a codec round trip).
 
     The measure of "stage 2 really feeds memories": on drills about entities the weights never
     saw, the loss with the right reference in memory must fall below the loss without it.
     """
+    if references is not None and memories is not None:
+        raise ValueError("pass references or memories, not both")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ids, masks = answer_token_mask(tokenizer, documents)
     encoder = MemoryEncoder(model, tokenizer, spec) if references is not None else None
+    per_document = memories
     total, count = 0.0, 0
     try:
         for i in range(0, len(ids), batch_size):
@@ -477,16 +482,15 @@ def answer_loss(model: torch.nn.Module, tokenizer, spec: MemorySpec, documents: 
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
             attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
             target = torch.tensor([m + [False] * (width - len(m)) for m in row_masks], device=device)
-            context = contextlib.nullcontext()
+            rows_memories = per_document[i : i + batch_size] if per_document is not None else None
             if encoder is not None:
-                injector = MemoryInjector(model, spec)
                 refs = references[i : i + batch_size]
-                flat = [t for row in refs for t in row]
-                memories = iter(encoder.encode(flat))
-                context = injector
-            with context:
-                if encoder is not None:
-                    injector.set_memories([[next(memories) for _ in row] for row in refs])
+                encoded = iter(encoder.encode([t for row in refs for t in row]))
+                rows_memories = [[next(encoded) for _ in row] for row in refs]
+            injector = MemoryInjector(model, spec) if rows_memories is not None else None
+            with injector if injector is not None else contextlib.nullcontext():
+                if injector is not None:
+                    injector.set_memories(rows_memories)
                 logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                        input_ids[:, 1:].reshape(-1), reduction="none")

@@ -162,6 +162,22 @@ def test_answer_loss_reads_given_memories_like_encoded_references(small_world):
         answer_loss(model, tokenizer, spec, docs, refs, memories=[[m] for m in encoded])
 
 
+def test_memory_drills_never_state_main_world_names_and_other_offsets_drill_other_entities(small_world):
+    """The drill world shares no name word with the main world (so no held-out fact is ever
+    trained on), and a later stage's ``drill_seed_offset`` drills entities the first never saw."""
+    world, _ = small_world
+    taken = {w.lower() for e in world.entities for w in e.name.split()} | {c.lower() for c in world.countries}
+    first = memory_drill(world, n_entities=200)
+    second = memory_drill(world, n_entities=200, seed_offset=15887)
+    for drill in (first, second):
+        assert drill.entities and len(drill.documents) == len(drill.entities) == len(drill.references)
+        for e in drill.entities:
+            words = {w.lower() for w in e.name.split()} | {w.lower() for v in e.facts.values() for w in v.split()}
+            assert not words & taken, (e.name, words & taken)
+    shared = {e.name for e in first.entities} & {e.name for e in second.entities}
+    assert len(shared) <= 0.1 * len(second.entities), shared
+
+
 def test_drill_label_mask_counts_answers_and_the_token_after():
     world = build_world(0, n_entities=40, passages_per_entity=2)
     tokenizer = train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)

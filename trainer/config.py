@@ -43,6 +43,9 @@ class StageConfig:
     chunk_size: int = 64  # stage 2: each chunk retrieves references ...
     references_per_chunk: int = 1  # ... this many (the paper: 1 in training)
     previous_chunks: int = 4  # ... and also attends to the previous chunks' references
+    # which memory-drill world (memory3.trainer.memory_stage.memory_drill) the stage drills on:
+    # None = the default one; a later memory stage with another value reads entities it never saw
+    drill_seed_offset: int | None = None
 
 
 @dataclass

@@ -364,7 +364,10 @@ class RetrievalMemoryStage:
         self.stage = stage
         self.spec = ctx.spec
         self.tokenizer = ctx.tokenizer
-        self.drill = drill if drill is not None else memory_drill(world)
+        if drill is None:
+            offset = DRILL_SEED_OFFSET if stage.drill_seed_offset is None else stage.drill_seed_offset
+            drill = memory_drill(world, seed_offset=offset)
+        self.drill = drill
         train_refs = world.references_for(TRAIN)
         self.reference_texts = [r.text for r in train_refs] + list(self.drill.references)
         self.index = ReferenceIndex(self.reference_texts, cache_dir=cache_dir)

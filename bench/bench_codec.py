@@ -184,9 +184,7 @@ def model_memories(model_dir: str, texts_file: str | None, n: int):
                     mems.extend(enc.encode([t]))
                 except ReferenceTooShortError:
                     pass
-    cfg = model.config
-    dense = cfg.num_hidden_layers * 2 * spec.kv_heads * spec.reference_length * spec.head_dim * 2
-    return mems, dense, spec
+    return mems, spec.dense_kv_bytes(model.config.num_hidden_layers), spec
 
 
 def queries_from(pool: list[ExplicitMemory]) -> torch.Tensor:

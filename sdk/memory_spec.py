@@ -47,6 +47,11 @@ class MemorySpec:
         """Shape of one reference's memory: (layers, K/V, kv heads, tokens, head dim)."""
         return (len(self.memory_layers), 2, self.kv_heads, self.tokens_per_head, self.head_dim)
 
+    def dense_kv_bytes(self, num_layers: int, bytes_per_value: int = 2) -> int:
+        """Bytes of the dense K/V of one whole reference in every layer and KV head (bf16 by
+        default): the baseline the paper's storage ratios are measured against."""
+        return num_layers * 2 * self.kv_heads * self.reference_length * self.head_dim * bytes_per_value
+
     @property
     def context_position_offset(self) -> int:
         """First position id of the context: memories own positions [0, reference_length)."""

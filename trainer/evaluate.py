@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -290,25 +291,52 @@ def save_plot(evals: Sequence[Evaluation], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class RunUnderTest:
+    """A training run's saved model with the world it was trained on, that world's retrieval
+    index and its warm-start memory bank: what every evaluation of the run starts from."""
+
+    config: TrainConfig
+    model: torch.nn.Module
+    tokenizer: object
+    spec: object
+    world: World
+    index: ReferenceIndex
+    bank: list[ExplicitMemory]
+    bank_seconds: float
+
+    @classmethod
+    def load(cls, run_dir: str | Path, num_threads: int | None = None) -> "RunUnderTest":
+        """Load the model, rebuild its world and index, encode the bank; torch runs on
+        ``num_threads`` threads (default: the run's own setting) from here on."""
+        run_dir = Path(run_dir)
+        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        torch.set_num_threads(max(1, num_threads or config.num_threads))
+        model, tokenizer, spec = load_reference_model(run_dir / "model")
+        world = build_world(config.world.seed, config.world.n_entities, config.world.heldout_fraction,
+                            passages_per_entity=config.world.passages_per_entity)
+        texts = [r.text for r in world.references]
+        bank, bank_s = encode_memory_bank(model, tokenizer, spec, texts)
+        return cls(config, model, tokenizer, spec, world, ReferenceIndex(texts), bank, bank_s)
+
+    def train_questions(self, n: int) -> list[QAPair]:
+        """A fixed sample of ``n`` train-entity questions (the same in every evaluation)."""
+        pairs = self.world.qa(TRAIN)
+        return random.Random(0).sample(pairs, min(n, len(pairs)))
+
+
 def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130, batch_size: int = 32,
                  new_tokens: int = 8, out_dir: str | Path | None = None, num_threads: int | None = None) -> dict:
     """Evaluate a run directory's saved model and write the report; returns its data."""
     run_dir = Path(run_dir)
-    config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    torch.set_num_threads(max(1, num_threads or config.num_threads))
-    model, tokenizer, spec = load_reference_model(run_dir / "model")
-    world = build_world(config.world.seed, config.world.n_entities, config.world.heldout_fraction,
-                        passages_per_entity=config.world.passages_per_entity)
-    texts = [r.text for r in world.references]
-    index = ReferenceIndex(texts)
-    bank, bank_s = encode_memory_bank(model, tokenizer, spec, texts)
+    run = RunUnderTest.load(run_dir, num_threads)
+    config, model, tokenizer, spec, world, index, bank = (run.config, run.model, run.tokenizer, run.spec, run.world,
+                                                          run.index, run.bank)
+    bank_s = run.bank_seconds
     evals = [evaluate_qa(model, tokenizer, spec, world, world.qa(HELDOUT), index, bank, top_k,
                          new_tokens=new_tokens, batch_size=batch_size, split=HELDOUT)]
     if train_questions:
-        import random
-
-        pairs = world.qa(TRAIN)
-        pairs = random.Random(0).sample(pairs, min(train_questions, len(pairs)))
+        pairs = run.train_questions(train_questions)
         evals.append(evaluate_qa(model, tokenizer, spec, world, pairs, index, bank, top_k,
                                  new_tokens=new_tokens, batch_size=batch_size, split=TRAIN))
     for ev in evals:

@@ -85,17 +85,31 @@ def admin(server):
     client.close()
 
 
+def _make_tenant(admin) -> TenantKeys:
+    name = "t-" + secrets.token_hex(4)
+    admin.create_tenant(name)
+    key_id, api_key = admin.issue_key(name, "test")
+    return TenantKeys(name, key_id, api_key)
+
+
 @pytest.fixture
 def new_tenant(admin):
     """Factory: a fresh tenant with one key."""
+    return lambda: _make_tenant(admin)
 
-    def make() -> TenantKeys:
-        name = "t-" + secrets.token_hex(4)
-        admin.create_tenant(name)
-        key_id, api_key = admin.issue_key(name, "test")
-        return TenantKeys(name, key_id, api_key)
 
-    return make
+@pytest.fixture(scope="module")
+def api_key(admin) -> str:
+    """A key of a tenant of this test module's own (modules whose fixtures build banks once)."""
+    return _make_tenant(admin).api_key
+
+
+@pytest.fixture(scope="module")
+def blocking(server, api_key):
+    """A sync client for ``api_key``, shared by the module."""
+    client = Client(server.target, api_key)
+    yield client
+    client.close()
 
 
 @pytest.fixture

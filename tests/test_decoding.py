@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from memory3.sdk import decoding
-from memory3.sdk.client import Client
 from memory3.sdk.encoder import MemoryEncoder
 from memory3.sdk.fingerprint import model_fingerprint
 from memory3.sdk.memory_spec import MemorySpec
@@ -37,20 +36,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def spec(model):
     return MemorySpec.for_model_config(model.config, (0, 1), tokens_per_head=4, reference_length=96)
-
-
-@pytest.fixture(scope="module")
-def api_key(server, admin):
-    name = "dec-" + secrets.token_hex(3)
-    admin.create_tenant(name)
-    return admin.issue_key(name, "decoding")[1]
-
-
-@pytest.fixture(scope="module")
-def blocking(server, api_key):
-    client = Client(server.target, api_key)
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import secrets
 import pytest
 import torch
 
-from memory3.sdk.client import Client
 from memory3.sdk.codec import decode_memory
 from memory3.sdk.encoder import MemoryEncoder
 from memory3.sdk.fingerprint import model_fingerprint
@@ -34,20 +33,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def spec(model):
     return MemorySpec.for_model_config(model.config, (1, 2), tokens_per_head=4, reference_length=96)
-
-
-@pytest.fixture(scope="module")
-def api_key(server, admin):
-    name = "sup-" + secrets.token_hex(3)
-    admin.create_tenant(name)
-    return admin.issue_key(name, "supply")[1]
-
-
-@pytest.fixture(scope="module")
-def blocking(server, api_key):
-    client = Client(server.target, api_key)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from memory3.sdk.proxy import ProxyPolicy
 from memory3.sdk.trajectory_logger import TrajectoryLogger
 
 from test_decoding import (  # noqa: F401  (fixtures are used by name)
-    PROMPT, SHORT, api_key, blocking, chunk_bank, model, spec, supply, tokenizer, writer,
+    PROMPT, SHORT, chunk_bank, model, spec, supply, tokenizer, writer,
 )
 from tiny_models import tiny_llama
 

@@ -46,3 +46,20 @@ def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def assert_decisions_explain_tokens(decisions, token_ids, max_rejections: int) -> None:
+    """Logged proxy decisions match what was generated: at each position the rejections count up
+    from 0, only the last decision may accept (and then names the token), and a position with no
+    acceptance ran into the cap and took a fallback token that was not among those rejected."""
+    by_position: dict[int, list] = {}
+    for d in decisions:
+        by_position.setdefault(d.position, []).append(d)
+    for position, token in enumerate(token_ids):
+        step = by_position[position]
+        assert [d.rejections for d in step] == list(range(len(step)))
+        assert all(not d.accepted for d in step[:-1])
+        if step[-1].accepted:
+            assert step[-1].candidate_token == token
+        else:
+            assert len(step) == max_rejections and token not in {d.candidate_token for d in step}

@@ -15,6 +15,7 @@ from memory3.sdk.proxy_sampling import (
     step_features,
 )
 
+from helpers import assert_decisions_explain_tokens
 from tiny_models import byte_tokenizer, tiny_llama
 
 torch.set_num_threads(1)
@@ -92,17 +93,7 @@ def test_logged_decisions_match_a_replay(model, prompts):
             assert d.llm_prob == pytest.approx(llm_prob, abs=1e-5) and d.rank == rank
             p = proxy.p_accept(feats.hidden[d.position], embeddings(torch.tensor(d.candidate_token)))
             assert d.p_accept == pytest.approx(float(p.detach()), abs=1e-5)
-        by_position: dict[int, list] = {}
-        for d in episode.decisions:
-            by_position.setdefault(d.position, []).append(d)
-        for position, token in enumerate(episode.response_ids):
-            step = by_position[position]
-            assert [d.rejections for d in step] == list(range(len(step)))
-            assert all(not d.accepted for d in step[:-1])
-            if step[-1].accepted:
-                assert step[-1].candidate_token == token
-            else:
-                assert len(step) == config.max_rejections  # the fallback filled it
+        assert_decisions_explain_tokens(episode.decisions, episode.response_ids, config.max_rejections)
 
 
 def test_works_with_memory_injection(model, prompts):

@@ -24,7 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from memory3.v1 import proxies_pb2, proxies_pb2_grpc, trajectories_pb2, trajectories_pb2_grpc
 
 from .trajectory import Decision, Episode
-from .wire import DEFAULT_CHUNK_BYTES
+from .wire import DEFAULT_CHUNK_BYTES, size_batches
 
 # Log messages are packed up to this many bytes (well under the 4 MiB gRPC default and the
 # service's limit); an episode larger than that travels alone.
@@ -118,15 +118,7 @@ def log_requests(
     records: Iterable[trajectories_pb2.EpisodeRecord], message_bytes: int = LOG_MESSAGE_BYTES
 ) -> Iterator[trajectories_pb2.LogRequest]:
     """Pack episode records into Log messages of about ``message_bytes`` each."""
-    batch, size = [], 0
-    for record in records:
-        n = record.ByteSize() + 8
-        if batch and size + n > message_bytes:
-            yield trajectories_pb2.LogRequest(episodes=batch)
-            batch, size = [], 0
-        batch.append(record)
-        size += n
-    if batch:
+    for batch in size_batches(records, message_bytes, overhead=8):  # 8: field tag and length per record
         yield trajectories_pb2.LogRequest(episodes=batch)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from memory3.sdk.codec import CodecError, validate_payload
 from memory3.sdk.overlap import token_overlap
+from memory3.sdk.wire import size_batches
 from memory3.v1 import memories_pb2, memories_pb2_grpc
 
 from .auth import Authenticator
@@ -177,15 +178,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
 
     def _packed(self, frames):
         """Group frames into messages of up to about chunk_bytes (one message per small answer)."""
-        batch, size = [], 0
-        for frame in frames:
-            frame_size = frame.ByteSize()
-            if batch and size + frame_size > self.settings.chunk_bytes:
-                yield memories_pb2.ReferenceFrames(frames=batch)
-                batch, size = [], 0
-            batch.append(frame)
-            size += frame_size
-        if batch:
+        for batch in size_batches(frames, self.settings.chunk_bytes):
             yield memories_pb2.ReferenceFrames(frames=batch)
 
     async def _query_vector(self, bank: Bank, request: memories_pb2.RetrieveRequest) -> np.ndarray:

@@ -201,3 +201,16 @@ def test_stored_checksums_tell_memories_apart(client, vector_bank):
     _, refs = _write_vectors(client, vector_bank, unit_vectors(5, DIM))
     stored = client.fetch(vector_bank, [r.external_id for r in refs])
     assert len({s.memory_crc32 for s in stored}) == 5
+
+
+def test_size_batches_packs_messages_up_to_the_limit():
+    from memory3.sdk.wire import size_batches
+    from memory3.v1 import memories_pb2
+
+    frames = [memories_pb2.ReferenceFrame(memory_chunk=bytes(n)) for n in (40, 40, 40, 200, 10)]
+    sizes = [f.ByteSize() for f in frames]
+    batches = list(size_batches(frames, max_bytes=2 * sizes[0]))
+    assert [len(b) for b in batches] == [2, 1, 1, 1]  # two fit, then the oversized one alone
+    assert [f for b in batches for f in b] == frames  # order kept, nothing lost
+    assert [len(b) for b in size_batches(frames, max_bytes=10**6)] == [5]
+    assert list(size_batches([], 100)) == []

@@ -85,6 +85,9 @@ def test_qa_pairs_are_exact_matchable(world):
             assert q.answer and "\n" not in q.answer
             assert normalize_answer(" " + q.answer + ".\nQ: next") == q.answer.lower()
             assert q.prompt.endswith("A:")
+        every = world.qa(split, all_phrasings=True)
+        assert len(every) == sum(len(QUESTIONS[a]) for e in world.split_entities(split) for a in ATTRIBUTES[e.kind])
+        assert set(pairs) < set(every) and len({q.question for q in every}) == len(every)
 
 
 def test_token_overlap():

@@ -61,6 +61,9 @@ INDUSTRIES = ["shipbuilding", "textiles", "mining", "printing", "banking", "brew
 DEVICES = ["engine", "lens", "loom", "compass", "press", "lamp", "pump", "telescope", "clock",
            "scale", "kiln", "valve", "sextant", "bellows"]
 COMPANY_SUFFIXES = ["Works", "Company", "Industries", "Trading", "Foundry", "Guild", "Holdings"]
+GENERIC_NAME_WORDS = frozenset(w.lower() for w in COMPANY_SUFFIXES + DEVICES)
+"""Words that names share by design ("Tranfa Foundry", "Vorvu compass"): they say what kind of
+thing is named, not which one, so they do not make two names the same."""
 
 KINDS = ("person", "city", "company", "invention")
 KIND_SHARES = {"city": 0.2, "person": 0.4, "company": 0.25, "invention": 0.15}
@@ -251,13 +254,15 @@ class World:
         _check_split(split)
         return [r for r in self.references if r.split == split]
 
-    def qa(self, split: str) -> list[QAPair]:
-        """One canonical question per fact of the split's entities, in entity order."""
+    def qa(self, split: str, all_phrasings: bool = False) -> list[QAPair]:
+        """One canonical question per fact of the split's entities, in entity order; with
+        ``all_phrasings``, every phrasing of :data:`QUESTIONS` (a larger set, for finer measures)."""
         _check_split(split)
         pairs = []
         for e in self.split_entities(split):
             for attr in ATTRIBUTES[e.kind]:
-                pairs.append(QAPair(e.id, attr, QUESTIONS[attr][0].format(n=e.name), e.facts[attr], split))
+                for question in QUESTIONS[attr] if all_phrasings else QUESTIONS[attr][:1]:
+                    pairs.append(QAPair(e.id, attr, question.format(n=e.name), e.facts[attr], split))
         return pairs
 
     def facts(self, split: str | None = None) -> list[tuple[int, str, str]]:
@@ -380,7 +385,7 @@ def build_world(seed: int = 0, n_entities: int = 200, heldout_fraction: float = 
             e.facts[attr] = entities[target].name
 
     # 2. references: one per entity, all facts, shuffled order and phrasings
-    references = [Reference(e.id, e.id, e.split, _render_reference(e, rng)) for e in entities]
+    references = [Reference(e.id, e.id, e.split, render_reference(e, rng)) for e in entities]
 
     # 3. training text about train entities only
     train_entities = [e for e in entities if e.split == TRAIN]
@@ -410,7 +415,13 @@ def _statement(e: Entity, attr: str, rng: random.Random) -> str:
     return _articles(rng.choice(STATEMENTS[attr]).format(n=e.name, v=e.facts[attr]))
 
 
-def _render_reference(e: Entity, rng: random.Random) -> str:
+def distinctive_words(name: str) -> set[str]:
+    """The lower-cased words of a name that tell it apart (without :data:`GENERIC_NAME_WORDS`)."""
+    return {w.lower() for w in name.split()} - GENERIC_NAME_WORDS
+
+
+def render_reference(e: Entity, rng: random.Random) -> str:
+    """A reference text stating all of ``e``'s facts, in random order and phrasings."""
     attrs = list(ATTRIBUTES[e.kind])
     rng.shuffle(attrs)
     intro = rng.choice(_INTROS[e.kind]).format(n=e.name)

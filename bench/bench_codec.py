@@ -25,7 +25,9 @@ per line), whose fidelity figures are the ones to trust.
 PQ settings: pq14 is the paper's 14 bytes per 80-d vector (its ~365x counts codes only; with
 positions and header counted it lands just below), pq13 is the smallest change that clears 365x
 with everything counted, pq9 is the >= 500x setting. Codebooks are trained on a separate sample
-of memories and evaluated on held-out ones.
+of memories and evaluated on held-out ones, and code keys without their position (the model's
+RoPE frequencies in the codebook, ``train_codebook(key_rope=...)``); one more row, "pq9 keys as
+stored", is the >= 500x setting without that, for comparison.
 
 Usage: python bench/bench_codec.py [--model DIR --texts FILE] [--train N] [--eval N]
 Writes bench/results/codec.md and bench/results/codec_bytes_vs_fidelity.png.
@@ -46,6 +48,7 @@ from tqdm import tqdm
 from memory3.sdk.codec import decode_memory, encode_memory, read_header
 from memory3.sdk.memory import ExplicitMemory
 from memory3.sdk.pq import train_codebook
+from memory3.sdk.rope import Rotary
 from memory3.sdk.synthetic_kv import SyntheticKV
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,13 +127,15 @@ def measure(name, scheme, codebook, evals, queries, dense_bytes, repeats) -> Row
     )
 
 
-def run_shape(title, train, evals, queries, dense_bytes, pq_iters, repeats) -> tuple[str, list[Row]]:
+def run_shape(title, train, evals, queries, dense_bytes, pq_iters, repeats, key_rope) -> tuple[str, list[Row]]:
+    """Every scheme on one memory shape; ``key_rope``: the RoPE frequencies of the keys."""
     head_dim = train[0].kv.shape[-1]
     rows = []
     for scheme in ("fp16", "int8", "int4"):
         rows.append(measure(scheme, scheme, None, evals, queries, dense_bytes, repeats))
-    for name, m in tqdm(PQ_SETTINGS.items(), desc=f"{title}: training PQ codebooks", leave=False):
-        cb = train_codebook(train, min(m, head_dim), version=1, kmeans_iters=pq_iters)
+    settings = [(name, m, key_rope) for name, m in PQ_SETTINGS.items()] + [("pq9 keys as stored", 9, None)]
+    for name, m, rope in tqdm(settings, desc=f"{title}: training PQ codebooks", leave=False):
+        cb = train_codebook(train, min(m, head_dim), version=1, kmeans_iters=pq_iters, key_rope=rope)
         rows.append(measure(name, "pq", cb, evals, queries, dense_bytes, repeats))
     return table(title, rows, dense_bytes), rows
 
@@ -184,7 +189,7 @@ def model_memories(model_dir: str, texts_file: str | None, n: int):
                     mems.extend(enc.encode([t]))
                 except ReferenceTooShortError:
                     pass
-    return mems, spec.dense_kv_bytes(model.config.num_hidden_layers), spec
+    return mems, spec.dense_kv_bytes(model.config.num_hidden_layers), spec, Rotary.from_model(model)
 
 
 def queries_from(pool: list[ExplicitMemory]) -> torch.Tensor:
@@ -234,13 +239,13 @@ def main(argv=None) -> None:
     text, rows = run_shape(
         "Memory3 shape (22 x 2 x 8 x 8 x 80), synthetic structured KV",
         pool[: args.train], pool[args.train : args.train + args.eval], queries_from(pool[-2:]),
-        dense, args.kmeans_iters, args.repeats,
+        dense, args.kmeans_iters, args.repeats, gen.inv_freq,
     )
     sections.append(text), print(text)
     results["Memory3 synthetic"] = rows
 
     if args.model:
-        mems, dense_m, spec = model_memories(args.model, args.texts, args.train + args.eval + 2)
+        mems, dense_m, spec, rotary = model_memories(args.model, args.texts, args.train + args.eval + 2)
         if len(mems) < 6:
             print(f"only {len(mems)} memories encoded from {args.model}; skipping the model section")
         else:
@@ -249,7 +254,7 @@ def main(argv=None) -> None:
             shape = "x".join(str(s) for s in spec.shape)
             text, rows = run_shape(
                 f"model {Path(args.model).name} ({shape}), real KV, {len(train)} training memories",
-                train, evals, queries_from(q), dense_m, args.kmeans_iters, args.repeats,
+                train, evals, queries_from(q), dense_m, args.kmeans_iters, args.repeats, rotary,
             )
             sections.append(text), print(text)
             results["model"] = rows

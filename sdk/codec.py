@@ -286,7 +286,7 @@ def encode_memory(memory: ExplicitMemory, scheme: str = "int8", codebook: PQCode
                 f"memory was computed by model {_short(memory.fingerprint)}"
             )
         try:
-            data = codebook.encode(kv).tobytes()
+            data = codebook.encode(kv, positions).tobytes()
         except CodebookError as exc:
             raise CodecError(str(exc)) from None
         params = _PQ_PARAMS.pack(codebook.bytes_per_vector, codebook.digest)
@@ -368,7 +368,10 @@ def decode_memory(
             _check_codebook(header, codebook)
             m = header.pq_bytes_per_vector
             codes = view(dtype=torch.uint8, count=vectors * m, offset=off).reshape(kv_shape[:-1] + (m,))
-            kv = codebook.decode(codes)
+            try:
+                kv = codebook.decode(codes, positions)
+            except CodebookError as exc:
+                raise CodecError(str(exc)) from None
     return ExplicitMemory(kv.to(device=device, dtype=dtype), positions.to(device), header.fingerprint)
 
 

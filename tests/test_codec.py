@@ -171,6 +171,32 @@ def test_pq_beats_random_codebook(bank, codebook):
     assert good.mean() > bad.mean() + 0.05
 
 
+def test_pq_codes_keys_without_their_position(bank, codebook):
+    """With the model's RoPE frequencies, the codebook codes keys rotated back to position 0 (each
+    memory's stored positions undo and redo the rotation): same bytes per vector, closer keys,
+    values as before. The frequencies travel in the blob (format 2); plain codebooks stay format 1."""
+    train, test, _ = bank
+    rope_cb = train_codebook(train, bytes_per_vector=8, version=4, kmeans_iters=10,
+                             key_rope=SyntheticKV(2, 2, 8, 32, seed=7).inv_freq)
+    plain = [cosines(m, decode_memory(encode_memory(m, "pq", codebook), codebook=codebook)) for m in test]
+    rope = [cosines(m, decode_memory(encode_memory(m, "pq", rope_cb), codebook=rope_cb)) for m in test]
+    plain_k, rope_k = torch.cat([k for k, _ in plain]), torch.cat([k for k, _ in rope])
+    plain_v, rope_v = torch.cat([v for _, v in plain]), torch.cat([v for _, v in rope])
+    assert rope_k.mean() > plain_k.mean() + 0.01, (rope_k.mean(), plain_k.mean())
+    assert float(rope_v.mean()) == pytest.approx(float(plain_v.mean()), abs=0.01)
+    blob = rope_cb.to_bytes()
+    again = PQCodebook.from_bytes(blob)
+    assert torch.equal(again.key_rope, rope_cb.key_rope) and again.digest == rope_cb.digest
+    assert blob[4:6] == struct.pack("<H", 2) and codebook.to_bytes()[4:6] == struct.pack("<H", 1)
+    with pytest.raises(CodebookError, match="positions are needed"):
+        rope_cb.encode(test[0].kv)
+    no_rope = bytearray(blob)
+    fp_len = blob[struct.calcsize("<4sHIHHHHBB")]
+    no_rope[struct.calcsize("<4sHIHHHHBBB") + fp_len : struct.calcsize("<4sHIHHHHBBB") + fp_len + 2] = b"\0\0"
+    with pytest.raises(CodebookError, match="format 2 without RoPE"):
+        PQCodebook.from_bytes(_refresh_crc(no_rope))
+
+
 def test_decode_dtype_and_device():
     mem = SMALL.sample()
     out = decode_memory(encode_memory(mem, "int8"), dtype=torch.bfloat16, device="cpu")

@@ -7,14 +7,18 @@ world's memory bank once, round-trips every memory through each scheme (encode_m
 decode_memory, PQ codebooks trained on the bank itself, as a bank's would be), and measures
 held-out and train QA exact match in memory mode on the same questions and retrieved references
 (:func:`memory3.trainer.evaluate.evaluate_qa`). The baseline is the same bank uncompressed, in
-the same run; each scheme's loss is printed in points beside it. Exact match on ~130 questions
-moves in steps of ~0.8 point, so a smoother figure sits beside it: the mean loss (nats) on the
-held-out answer tokens with the question's own reference in memory
-(:func:`memory3.trainer.memory_stage.answer_loss`), and the same without memory for scale.
+the same run; each scheme's loss is printed in points beside it, with the questions it lost and
+gained against the baseline. Held-out questions are asked in every phrasing the corpus has
+(``World.qa(all_phrasings=True)``, 260 for the tiny world), so one question is ~0.4 point. A
+smoother figure sits beside it: the mean loss (nats) on the held-out answer tokens with the
+question's own reference in memory (:func:`memory3.trainer.memory_stage.answer_loss`), and the
+same without memory for scale.
 
 PQ settings are matched to the Memory3 shape by *bits per dimension*: the paper's 14 bytes per
 80-d vector is 1.4 bits/dim, the >= 500x setting (pq9 in bench_codec.py) 0.9 bits/dim; at this
-model's head dimension D that is round(14 D / 80) and round(9 D / 80) bytes per vector.
+model's head dimension D that is round(14 D / 80) and round(9 D / 80) bytes per vector. PQ
+codebooks code keys without their position (``key_rope``); the last row is the >= 500x setting
+with keys coded as stored, for comparison.
 
 Usage: python bench/bench_codec_qa.py [RUN_DIR] [--kmeans-iters N]
 Writes bench/results/codec_qa.md.
@@ -30,6 +34,7 @@ from tqdm import tqdm
 
 from memory3.sdk.codec import decode_memory, encode_memory
 from memory3.sdk.pq import train_codebook
+from memory3.sdk.rope import Rotary
 from memory3.trainer.corpus import HELDOUT, TRAIN, format_qa
 from memory3.trainer.evaluate import RunUnderTest, evaluate_qa
 from memory3.trainer.memory_stage import answer_loss
@@ -50,29 +55,33 @@ def main() -> None:
     torch.manual_seed(0)
     run = RunUnderTest.load(args.run_dir, num_threads=2)
     model, tokenizer, spec, world, index, bank = run.model, run.tokenizer, run.spec, run.world, run.index, run.bank
-    splits = {HELDOUT: world.qa(HELDOUT), TRAIN: run.train_questions(args.train_questions)}
+    splits = {HELDOUT: world.qa(HELDOUT, all_phrasings=True), TRAIN: run.train_questions(args.train_questions)}
 
     dim = spec.head_dim
-    settings = [("uncompressed", None, None), ("fp16", "fp16", None), ("int8", "int8", None), ("int4", "int4", None),
-                (f"pq{round(PAPER_BITS * dim)} (paper's 1.4 bits/dim)", "pq", round(PAPER_BITS * dim)),
-                (f"pq{round(BEYOND_BITS * dim)} (>= 500x setting, 0.9 bits/dim)", "pq", round(BEYOND_BITS * dim))]
+    paper, beyond = round(PAPER_BITS * dim), round(BEYOND_BITS * dim)
+    rotary = Rotary.from_model(model)
+    settings = [("uncompressed", None, None, None), ("fp16", "fp16", None, None), ("int8", "int8", None, None),
+                ("int4", "int4", None, None),
+                (f"pq{paper} (paper's 1.4 bits/dim)", "pq", paper, rotary),
+                (f"pq{beyond} (>= 500x setting, 0.9 bits/dim)", "pq", beyond, rotary),
+                (f"pq{beyond}, keys as stored", "pq", beyond, None)]
     dense = spec.dense_kv_bytes(model.config.num_hidden_layers)
     heldout_docs = [format_qa(p.question, p.answer) for p in splits[HELDOUT]]
     no_memory_nll = answer_loss(model, tokenizer, spec, heldout_docs)
     rows = []
-    for label, scheme, m in tqdm(settings, desc="schemes"):
+    for label, scheme, m, key_rope in tqdm(settings, desc="schemes"):
         if scheme is None:
             decoded, size = bank, float("nan")
         else:
-            codebook = train_codebook(bank, m, version=1, kmeans_iters=args.kmeans_iters,
-                                      opq_iters=args.opq_iters) if scheme == "pq" else None
+            codebook = train_codebook(bank, m, version=1, kmeans_iters=args.kmeans_iters, opq_iters=args.opq_iters,
+                                      key_rope=key_rope) if scheme == "pq" else None
             blobs = [encode_memory(mem, scheme, codebook) for mem in bank]
             decoded = [decode_memory(b, codebook=codebook) for b in blobs]
             size = sum(map(len, blobs)) / len(blobs)
         scores = {}
         for split, pairs in splits.items():
             ev = evaluate_qa(model, tokenizer, spec, world, pairs, index, decoded, modes=("memory",), split=split)
-            scores[split] = (ev.modes["memory"].correct, ev.modes["memory"].questions)
+            scores[split] = ev.modes["memory"].hits
         nll = answer_loss(model, tokenizer, spec, heldout_docs,
                           memories=[[decoded[p.entity_id]] for p in splits[HELDOUT]])
         rows.append((label, size, scores, nll))
@@ -87,19 +96,22 @@ def main() -> None:
         f"Baseline: the same bank uncompressed, same questions and references. Target: loss <= {MAX_LOSS_PT} pt. "
         f"Answer NLL: held-out answer tokens, own reference in memory (no memory: {no_memory_nll:.3f} nats).",
         "",
-        "| scheme | bytes/memory | vs dense bf16 | held-out EM | loss (pt) | train EM | loss (pt) | answer NLL (nats) "
-        "| vs uncompressed | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| scheme | bytes/memory | vs dense bf16 | held-out EM | loss (pt) | lost / gained | train EM | loss (pt) "
+        "| lost / gained | answer NLL (nats) | vs uncompressed | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     base_nll = rows[0][3]
     for label, size, scores, nll in rows:
         cells = []
         losses = []
         for split in (HELDOUT, TRAIN):
-            correct, total = scores[split]
-            loss = 100 * (base[split][0] - correct) / total
+            hits, total = scores[split], len(scores[split])
+            correct = sum(hits)
+            loss = 100 * (sum(base[split]) - correct) / total
+            lost = sum(b and not h for b, h in zip(base[split], hits))
+            gained = sum(h and not b for b, h in zip(base[split], hits))
             losses.append(loss)
-            cells += [f"{100 * correct / total:.1f}% ({correct}/{total})", f"{loss:+.1f}"]
+            cells += [f"{100 * correct / total:.1f}% ({correct}/{total})", f"{loss:+.1f}", f"{lost} / {gained}"]
         ratio = "" if size != size else f"{dense / size:.1f}x"
         verdict = "" if size != size else ("met" if max(losses) <= MAX_LOSS_PT else "MISSED")
         lines.append(f"| {label} | {'' if size != size else f'{size:,.0f}'} | {ratio} | {' | '.join(cells)} "

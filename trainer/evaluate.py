@@ -141,6 +141,7 @@ class ModeResult:
     tokens_per_s: float
     seconds: float
     generated_tokens: int
+    hits: list[bool] = field(default_factory=list)  # per question, in order: answered exactly
 
 
 @dataclass
@@ -193,7 +194,7 @@ def evaluate_qa(model, tokenizer, spec, world: World, pairs: Sequence[QAPair], i
         answers, seconds, generated = generate_answers(model, tokenizer, prompts, memories, spec, new_tokens, batch_size)
         correct = [normalize_answer(a) == normalize_answer(p.answer) for a, p in zip(answers, pairs)]
         ev.modes[mode] = ModeResult(mode, sum(correct) / max(1, len(pairs)), sum(correct), len(pairs),
-                                    generated / seconds if seconds else float("nan"), seconds, generated)
+                                    generated / seconds if seconds else float("nan"), seconds, generated, correct)
         for j in range(min(3, len(pairs))):
             if len(ev.examples) < 3 * len(modes):
                 ev.examples.append({"mode": mode, "question": questions[j], "answer": pairs[j].answer, "got": answers[j]})

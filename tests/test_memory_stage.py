@@ -15,11 +15,12 @@ from transformers import DynamicCache
 from memory3.sdk.encoder import MemoryEncoder
 from memory3.sdk.injection import MemoryInjector
 from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
-from memory3.trainer.corpus import TRAIN_OVERLAP_LIMIT, build_world, token_overlap
-from memory3.trainer.memory_stage import (ChunkMemoryInjector, ChunkRetriever, answer_loss, chunk_reference_plan,
-                                          drill_label_mask, entity_qa_document, memory_drill)
+from memory3.trainer.corpus import KINDS, TRAIN, TRAIN_OVERLAP_LIMIT, build_world, distinctive_words, token_overlap
+from memory3.trainer.memory_stage import (ChunkAlignedStream, ChunkMemoryInjector, ChunkRetriever, answer_loss, chunk_reference_plan,
+                                          drill_label_mask, entity_qa_document, memory_drill,
+                                          stage_documents)
 from memory3.trainer.model import build_model, default_memory_spec, load_reference_model
-from memory3.trainer.pretrain import run_training
+from memory3.trainer.pretrain import run_training, training_documents
 from memory3.trainer.retrieval_index import ReferenceIndex
 from memory3.trainer.tokenizer import encode_document, train_tokenizer
 
@@ -72,6 +73,26 @@ def test_chunk_plan_reads_own_and_previous_four_references():
     assert plan[0] == [10] and plan[1] == [11, 10]
     assert plan[5] == [15, 14, 13, 12, 11]  # own + previous 4; chunk 0's dropped
     assert chunk_reference_plan([[1], [1], [2]], 4)[2] == [2, 1]  # a repeated reference counts once
+    # with the 2 chunks before the window: the window's first chunk reads them too
+    assert chunk_reference_plan(retrieved, previous_chunks=4, preceding=2) == [[12, 11, 10], [13, 12, 11, 10],
+                                                                               [14, 13, 12, 11, 10], plan[5]]
+
+
+def test_stream_windows_carry_the_chunks_before_them(small_world):
+    """With ``preceding_chunks`` every window starts after that many chunks and carries them, so a
+    window's first chunk also has previous chunks to read; without, batches are as before."""
+    world, tokenizer = small_world
+    docs = [r.text for r in world.references[:40]]
+    plain = ChunkAlignedStream(docs, tokenizer, seq_len=128, seed=1, chunk_size=16)
+    carried = ChunkAlignedStream(docs, tokenizer, seq_len=128, seed=1, chunk_size=16, preceding_chunks=4)
+    assert plain.batch(0, 8).preceding is None
+    for step in range(3):
+        batch = carried.batch(step, 8)
+        assert batch.preceding.shape == (8, 4, 16)
+        for row, before in zip(batch.input_ids, batch.preceding):
+            start = next(s for s in range(4 * 16, len(carried.tokens), 16)
+                         if torch.equal(carried.tokens[s : s + 128], row) and torch.equal(carried.tokens[s - 64 : s], before.flatten()))
+            assert start >= 64
 
 
 def test_chunk_injector_matches_chunk_by_chunk_decoding_and_keeps_autograd(small_world):
@@ -162,20 +183,51 @@ def test_answer_loss_reads_given_memories_like_encoded_references(small_world):
         answer_loss(model, tokenizer, spec, docs, refs, memories=[[m] for m in encoded])
 
 
-def test_memory_drills_never_state_main_world_names_and_other_offsets_drill_other_entities(small_world):
-    """The drill world shares no name word with the main world (so no held-out fact is ever
-    trained on), and a later stage's ``drill_seed_offset`` drills entities the first never saw."""
+def test_memory_drills_never_state_main_world_facts_and_other_offsets_drill_other_entities(small_world):
+    """No drill entity shares a distinctive name word with the main world, so no main-world fact is
+    ever trained on; name-valued facts are drill-world names or *borrowed* main-world train names
+    (never a held-out one); every kind is drilled; a later stage's ``drill_seed_offset`` drills
+    entities the first never saw."""
     world, _ = small_world
-    taken = {w.lower() for e in world.entities for w in e.name.split()} | {c.lower() for c in world.countries}
+    taken = set().union(*(distinctive_words(e.name) for e in world.entities)) | {c.lower() for c in world.countries}
+    borrowable = {e.name for e in world.entities if e.split == TRAIN} | set(world.countries)
     first = memory_drill(world, n_entities=200)
     second = memory_drill(world, n_entities=200, seed_offset=15887)
     for drill in (first, second):
         assert drill.entities and len(drill.documents) == len(drill.entities) == len(drill.references)
-        for e in drill.entities:
-            words = {w.lower() for w in e.name.split()} | {w.lower() for v in e.facts.values() for w in v.split()}
-            assert not words & taken, (e.name, words & taken)
+        assert {e.kind for e in drill.entities} == set(KINDS)
+        borrowed = 0
+        for e, reference in zip(drill.entities, drill.references):
+            assert not distinctive_words(e.name) & taken, e.name
+            for value in e.facts.values():
+                assert value in reference
+                if value in borrowable:
+                    borrowed += 1
+                else:
+                    assert not distinctive_words(value) & taken, (e.name, value)
+        assert borrowed > 0.2 * len(drill.entities)
     shared = {e.name for e in first.entities} & {e.name for e in second.entities}
     assert len(shared) <= 0.1 * len(second.entities), shared
+    unborrowed = memory_drill(world, n_entities=200, borrowed_fraction=0.0)
+    assert not any(v in borrowable for e in unborrowed.entities for v in e.facts.values())
+
+
+def test_stage_documents_keep_drills_in_sheets_of_one_kind(small_world):
+    """Stage 2's stream has every stage-1 document and every drill once; drills come in runs of
+    ``sheet_size`` about one kind of entity, so a chunk's previous chunks read same-kind references."""
+    world, _ = small_world
+    drill = memory_drill(world, n_entities=200)
+    kind_of = dict(zip(drill.documents, drill.document_kinds))
+    docs = stage_documents(world, True, drill, seed=3, sheet_size=4)
+    assert sorted(docs) == sorted(training_documents(world, True) + drill.documents)
+    sheets = drill.sheets(4, seed=3)
+    assert all(len(sheet) <= 4 and len({kind_of[d] for d in sheet}) == 1 for sheet in sheets)
+    assert sum(len(sheet) == 4 for sheet in sheets) >= len(drill.documents) // 4 - len(KINDS)
+    position = {doc: i for i, doc in enumerate(docs)}
+    for sheet in sheets:  # each sheet is one contiguous run of the stream
+        start = position[sheet[0]]
+        assert docs[start : start + len(sheet)] == sheet
+    assert stage_documents(world, True, drill, seed=3, sheet_size=4) == docs
 
 
 def test_drill_label_mask_counts_answers_and_the_token_after():

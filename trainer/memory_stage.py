@@ -60,7 +60,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,8 +69,9 @@ from memory3.sdk.injection import MemoryInjector
 from memory3.sdk.memory import ExplicitMemory
 from memory3.sdk.memory_spec import MemorySpec
 from memory3.trainer.config import StageConfig
-from memory3.trainer.corpus import (ATTRIBUTES, QUESTIONS, TRAIN, TRAIN_OVERLAP_LIMIT, Entity, World,
-                                    build_world, format_qa, format_reference, token_overlap)
+from memory3.trainer.corpus import (ATTRIBUTES, QUESTIONS, RELATIONS, TRAIN, TRAIN_OVERLAP_LIMIT, Entity, World,
+                                    build_world, distinctive_words, format_qa, format_reference, render_reference,
+                                    token_overlap)
 from memory3.trainer.pretrain import (Batch, ChunkMemories, MemoryHooks, TokenStream, TrainContext,
                                       register_memory_stage, training_documents)
 from memory3.trainer.retrieval_index import DEFAULT_CACHE_DIR, ReferenceIndex
@@ -92,6 +93,27 @@ with the reference in context teach the attention heads to look up answers in re
 with a dense gradient into those tokens' keys, and memory reading rides on the same circuit."""
 DRILL_SEED_OFFSET = 7919
 """The drill world's seed is the main world's plus this: a different, still reproducible world."""
+DRILL_BORROWED_VALUE_FRACTION = 0.5
+"""Share of a drill entity's name-valued facts (country, birthplace, founder, headquarters,
+inventor, invented_in) that name a main-world train entity or country instead of a drill-world
+one. Why: a held-out answer is a main-world name, a single token the weights tie to the train
+facts they memorised; drills answered only with drill-world names taught copying those tokens
+from memory and no others (held-out EM with the question's own reference in memory: 0 of 8
+country questions, 4 of 16 birthplaces, while one-token common words like "honey" were read
+8 of 8)."""
+DRILL_SHEET_SIZE = 5
+"""Drill documents follow each other in stage 2's stream in runs ("sheets") of this many about
+entities of one kind. Why: a chunk reads its own reference and the previous 4 chunks'; in a sheet
+those are references about other entities of the same kind, phrased alike, which is what the
+top-5 memories of an evaluation question are. With drills shuffled one by one the previous
+chunks' references were about random kinds, and held-out EM with the top-5 memories was a
+third of that with the question's own reference alone (18 vs 61 of 130)."""
+PREVIOUS_CHUNKS_ACROSS_WINDOWS = True
+"""A window's first chunks read the references of the stream's chunks before the window
+(``Batch.preceding``), so every chunk reads its own and the previous ``previous_chunks`` chunks'
+references, as in the paper, instead of 1 + 1.5 on average when the look-back stopped at the
+window's start. Why: an evaluation question reads 5 memories, and one same-kind distractor
+alone halved held-out EM (top-1 65 of 130, top-2 29, top-5 22)."""
 MIN_DRILL_ENTITIES = 40  # build_world needs >= 20; keep tiny test worlds meaningful
 ANSWER_ONLY_DRILL_LOSS = True
 """Stage-2 loss on drill documents counts only answer tokens (:func:`drill_label_mask`); stage-1
@@ -112,11 +134,35 @@ class MemoryDrill:
     documents: list[str]
     references: list[str]
     entities: list[Entity]
+    document_kinds: list[str]  # the kind of entity each document drills
+
+    def sheets(self, sheet_size: int, seed: int) -> list[list[str]]:
+        """The documents in shuffled runs of ``sheet_size`` about entities of one kind
+        (:data:`DRILL_SHEET_SIZE`)."""
+        by_kind: dict[str, list[str]] = {}
+        for doc, kind in zip(self.documents, self.document_kinds):
+            by_kind.setdefault(kind, []).append(doc)
+        rng = random.Random(seed)
+        sheets = []
+        for kind in sorted(by_kind):
+            docs = by_kind[kind]
+            rng.shuffle(docs)
+            sheets += [docs[i : i + sheet_size] for i in range(0, len(docs), sheet_size)]
+        return sheets
 
 
 def _name_words(world: World) -> set[str]:
-    words = {w.lower() for e in world.entities for w in e.name.split()}
-    return words | {c.lower() for c in world.countries}
+    """The distinctive words of every main-world name and country (train and held-out)."""
+    return set().union(*(distinctive_words(e.name) for e in world.entities)) | {c.lower() for c in world.countries}
+
+
+def _borrowable_values(world: World) -> dict[str, list[str]]:
+    """Per name-valued attribute, the main-world values a drill fact may take: the countries, and
+    the names of the *train* entities of the attribute's kind (never a held-out one)."""
+    values = {"country": list(world.countries)}
+    for attr, kind in RELATIONS.items():
+        values[attr] = [e.name for e in world.entities if e.kind == kind and e.split == TRAIN]
+    return values
 
 
 def entity_qa_document(entity: Entity, rng: random.Random) -> str:
@@ -131,41 +177,56 @@ def entity_qa_document(entity: Entity, rng: random.Random) -> str:
 
 
 def memory_drill(world: World, n_entities: int | None = None, docs_per_entity: int = DRILL_DOCS_PER_ENTITY,
-                 seed_offset: int = DRILL_SEED_OFFSET, in_context_fraction: float | None = None) -> MemoryDrill:
+                 seed_offset: int = DRILL_SEED_OFFSET, in_context_fraction: float | None = None,
+                 borrowed_fraction: float | None = None) -> MemoryDrill:
     """Q/A drills about a second world's entities, and their references (see module docstring).
 
     All entities of the drill world are used, whatever their split there: none of their facts is
-    in the main world's training text. Entities whose name, or any fact value, shares a word with
-    a name of the main world are dropped, so a drill can never state a main-world (possibly
-    held-out) fact.
+    in the main world's training text. An entity is dropped when its name, or a value of its own
+    world, shares a distinctive word (:func:`~memory3.trainer.corpus.distinctive_words`) with a
+    main-world name, so a drill never states a main-world (possibly held-out) fact. A
+    ``borrowed_fraction`` of the name-valued facts instead take a main-world *train* name or
+    country (:data:`DRILL_BORROWED_VALUE_FRACTION`): the drill entity is still fictional, so that
+    is a fact about no main-world entity.
     """
     n_entities = n_entities or max(MIN_DRILL_ENTITIES, DRILL_ENTITIES_PER_ENTITY * len(world.entities))
     in_context_fraction = DRILL_IN_CONTEXT_FRACTION if in_context_fraction is None else in_context_fraction
+    borrowed_fraction = DRILL_BORROWED_VALUE_FRACTION if borrowed_fraction is None else borrowed_fraction
     drill_world = build_world(world.seed + seed_offset, n_entities, heldout_fraction=0.2, passages_per_entity=0,
                               qa_docs=0, filler_docs=0)
     taken = _name_words(world)
+    borrowable = _borrowable_values(world)
     rng = random.Random(world.seed + seed_offset)
-    entities, documents, references = [], [], []
+    entities, documents, references, kinds = [], [], [], []
     for e in drill_world.entities:
-        words = {w.lower() for w in e.name.split()} | {w.lower() for v in e.facts.values() for w in v.split()}
+        words = distinctive_words(e.name).union(*(distinctive_words(v) for v in e.facts.values()))
         if words & taken:
             continue
-        entities.append(e)
         reference = drill_world.references[e.id].text
+        borrowed = {a: rng.choice(borrowable[a]) for a in e.facts if a in borrowable and rng.random() < borrowed_fraction}
+        if borrowed:
+            e = replace(e, facts={**e.facts, **borrowed},
+                        relations={a: t for a, t in e.relations.items() if a not in borrowed})
+            reference = render_reference(e, rng)
+        entities.append(e)
         references.append(reference)
         for _ in range(docs_per_entity):
             doc = entity_qa_document(e, rng)
             if rng.random() < in_context_fraction:
                 doc = format_reference(reference) + "\n" + doc
             documents.append(doc)
-    return MemoryDrill(documents, references, entities)
+            kinds.append(e.kind)
+    return MemoryDrill(documents, references, entities, kinds)
 
 
-def stage_documents(world: World, include_train_references: bool, drill: MemoryDrill, seed: int) -> list[str]:
-    """Stage 2's documents: stage 1's (pretrain's own list) plus the drills, shuffled."""
-    docs = training_documents(world, include_train_references) + list(drill.documents)
-    random.Random(seed).shuffle(docs)
-    return docs
+def stage_documents(world: World, include_train_references: bool, drill: MemoryDrill, seed: int,
+                    sheet_size: int | None = None) -> list[str]:
+    """Stage 2's documents: stage 1's (pretrain's own list) plus the drills in sheets of one kind
+    (:data:`DRILL_SHEET_SIZE`), shuffled as units."""
+    sheet_size = DRILL_SHEET_SIZE if sheet_size is None else sheet_size
+    units = [[d] for d in training_documents(world, include_train_references)] + drill.sheets(sheet_size, seed)
+    random.Random(seed).shuffle(units)
+    return [d for unit in units for d in unit]
 
 
 class ChunkAlignedStream(TokenStream):
@@ -180,7 +241,7 @@ class ChunkAlignedStream(TokenStream):
     """
 
     def __init__(self, documents: Sequence[str], tokenizer, seq_len: int, seed: int, chunk_size: int,
-                 label_masks: Sequence[Sequence[bool] | None] | None = None):
+                 label_masks: Sequence[Sequence[bool] | None] | None = None, preceding_chunks: int = 0):
         if seq_len % chunk_size:
             raise ValueError(f"seq_len {seq_len} is not a multiple of chunk_size {chunk_size}")
         pad = tokenizer.pad_token_id
@@ -200,8 +261,9 @@ class ChunkAlignedStream(TokenStream):
         self.seq_len, self.seed, self.chunk_size = seq_len, seed, chunk_size
         self.n_chunks = len(self.tokens) // chunk_size
         self.window_chunks = seq_len // chunk_size
-        if self.n_chunks < self.window_chunks:
-            raise ValueError("stream is shorter than one window")
+        self.preceding_chunks = preceding_chunks
+        if self.n_chunks < self.window_chunks + preceding_chunks:
+            raise ValueError("stream is shorter than one window and its preceding chunks")
 
     def chunk_ids(self) -> torch.Tensor:
         """(n_chunks, chunk_size): every chunk a window can contain."""
@@ -209,10 +271,15 @@ class ChunkAlignedStream(TokenStream):
 
     def batch(self, step: int, batch_size: int) -> Batch:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        starts = torch.randint(0, self.n_chunks - self.window_chunks + 1, (batch_size,), generator=gen) * self.chunk_size
+        p = self.preceding_chunks
+        starts = torch.randint(p, self.n_chunks - self.window_chunks + 1, (batch_size,), generator=gen) * self.chunk_size
         window = torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()])
         real = torch.stack([self.real[s : s + self.seq_len] for s in starts.tolist()])
-        return Batch(window, window.masked_fill(~real, -100), step)
+        preceding = None
+        if p:
+            before = torch.stack([self.tokens[s - p * self.chunk_size : s] for s in starts.tolist()])
+            preceding = before.view(batch_size, p, self.chunk_size)
+        return Batch(window, window.masked_fill(~real, -100), step, preceding)
 
 
 # ------------------------------------------------------------------ retrieval per chunk
@@ -343,11 +410,12 @@ class ChunkMemoryInjector(MemoryInjector):
 # ------------------------------------------------------------------ the stage
 
 
-def chunk_reference_plan(retrieved: Sequence[Sequence[int]], previous_chunks: int) -> list[list[int]]:
+def chunk_reference_plan(retrieved: Sequence[Sequence[int]], previous_chunks: int, preceding: int = 0) -> list[list[int]]:
     """Per chunk of one row, the reference positions it reads: its own, then the previous chunks'
-    (nearest first), each once."""
+    (nearest first), each once. The first ``preceding`` entries of ``retrieved`` are chunks before
+    the row's window: read by the window's chunks, planned for none."""
     plan = []
-    for c in range(len(retrieved)):
+    for c in range(preceding, len(retrieved)):
         refs: dict[int, None] = {}
         for j in range(c, max(-1, c - previous_chunks - 1), -1):
             refs.update(dict.fromkeys(retrieved[j]))
@@ -377,7 +445,9 @@ class RetrievalMemoryStage:
         if ANSWER_ONLY_DRILL_LOSS:
             drills = set(self.drill.documents)
             masks = [drill_label_mask(ctx.tokenizer, d) if d in drills else None for d in docs]
-        self.stream = ChunkAlignedStream(docs, ctx.tokenizer, config.seq_len, config.seed + 1, stage.chunk_size, masks)
+        preceding = stage.previous_chunks if PREVIOUS_CHUNKS_ACROSS_WINDOWS else 0
+        self.stream = ChunkAlignedStream(docs, ctx.tokenizer, config.seq_len, config.seed + 1, stage.chunk_size, masks,
+                                         preceding)
         if precompute:
             self.retriever.precompute(self.stream.chunk_ids())
         self.encoder = MemoryEncoder(ctx.model, ctx.tokenizer, ctx.spec, batch_size=64)
@@ -385,10 +455,13 @@ class RetrievalMemoryStage:
 
     def plan(self, batch: Batch) -> list[list[list[int]]]:
         """[row][chunk] -> reference positions (into ``reference_texts``) that chunk reads."""
-        chunks = batch.chunks(self.stage.chunk_size)
+        chunks = batch.chunks(self.stage.chunk_size).cpu()
+        p = 0 if batch.preceding is None else batch.preceding.shape[1]
+        if p:  # the window's first chunks also read the references of the chunks before it
+            chunks = torch.cat((batch.preceding.cpu(), chunks), dim=1)
         b, n, size = chunks.shape
-        retrieved = self.retriever(chunks.reshape(b * n, size).cpu())
-        return [chunk_reference_plan(retrieved[r * n : (r + 1) * n], self.stage.previous_chunks) for r in range(b)]
+        retrieved = self.retriever(chunks.reshape(b * n, size))
+        return [chunk_reference_plan(retrieved[r * n : (r + 1) * n], self.stage.previous_chunks, p) for r in range(b)]
 
     def chunk_memories(self, model: torch.nn.Module, batch: Batch) -> ChunkMemories:
         plan = self.plan(batch)

@@ -62,12 +62,15 @@ class Batch:
     """One training batch. ``input_ids``/``labels``: (B, T); ``step``: the global step.
 
     ``chunks(size)`` views the ids as (B, T // size, size) — the unit a memory stage retrieves
-    for; ``texts(tokenizer, size)`` decodes those chunks for text retrieval.
+    for; ``texts(tokenizer, size)`` decodes those chunks for text retrieval. ``preceding``: the
+    stream's chunks right before each row's window (B, P, size), when the stream provides them,
+    so a window's first chunks can read the references of the chunks before them.
     """
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     step: int
+    preceding: torch.Tensor | None = None
 
     def chunks(self, size: int) -> torch.Tensor:
         b, t = self.input_ids.shape
@@ -465,7 +468,7 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
                 group["lr"] = lr
             source = hooks.stream if hooks is not None and hooks.stream is not None else stream
             batch = source.batch(step, config.batch_size)
-            batch = Batch(batch.input_ids.to(device), batch.labels.to(device), step)
+            batch = Batch(batch.input_ids.to(device), batch.labels.to(device), step, batch.preceding)
             with autocast:
                 loss = batch_loss(model, batch, hooks)
             optimizer.zero_grad(set_to_none=True)

@@ -103,6 +103,8 @@ class PQCodebook:
     _digest: bytes | None = field(default=None, repr=False)
     _padded_centroids: torch.Tensor | None = field(default=None, repr=False)
     _decode_rows: torch.Tensor | None = field(default=None, repr=False)
+    _rope_cos: torch.Tensor | None = field(default=None, repr=False)
+    _rope_sin: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.share not in SHARE_MODES:
@@ -202,15 +204,27 @@ class PQCodebook:
 
     def _move_keys(self, kv: torch.Tensor, positions: torch.Tensor | None, sign: int) -> torch.Tensor:
         """Keys rotated by ``sign * positions`` (to position 0 and back) when the codebook codes
-        keys without their position; ``kv`` unchanged otherwise."""
+        keys without their position, in place on ``kv`` (a float32 tensor the caller owns); ``kv``
+        unchanged otherwise. The rotation is the model's (``rotate_half`` layout, as
+        :class:`~memory3.sdk.rope.Rotary`), from a cached table of cos/sin per position."""
         if self.key_rope is None:
             return kv
         if positions is None:
             raise CodebookError(f"codebook v{self.version} codes keys without their position: positions are needed")
         if tuple(positions.shape) != (kv.shape[0], kv.shape[2], kv.shape[3]):
             raise CodebookError(f"positions shape {tuple(positions.shape)} does not match kv {tuple(kv.shape)}")
-        keys = Rotary(self.key_rope).rotate(kv[:, 0], sign * positions.to(kv.device))
-        return torch.stack((keys, kv[:, 1]), dim=1)
+        positions = positions.to("cpu", torch.long)
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if self._rope_cos is None or self._rope_cos.shape[0] < needed:
+            angles = torch.arange(max(needed, 256), dtype=torch.float64)[:, None] * self.key_rope.double()
+            self._rope_cos, self._rope_sin = angles.cos().float(), angles.sin().float()
+        cos, sin = self._rope_cos[positions], self._rope_sin[positions] * sign  # (L, H, T, half)
+        half = self.key_rope.numel()
+        first, second = kv[:, 0, ..., :half], kv[:, 0, ..., half : 2 * half]
+        rotated_first = first * cos - second * sin
+        second.mul_(cos).addcmul_(first, sin)
+        first.copy_(rotated_first)
+        return kv
 
     def encode(self, kv: torch.Tensor, positions: torch.Tensor | None = None) -> np.ndarray:
         """Codes for kv (layers, 2, heads, tokens, D): uint8 array (layers, 2, heads, tokens, M).
@@ -219,7 +233,8 @@ class PQCodebook:
         layers, _, heads, tokens, dim = kv.shape
         self.check_shape(layers, heads, dim)
         with torch.inference_mode():
-            x = self._move_keys(kv.detach().to("cpu", torch.float32), positions, -1) - self.mean[:, :, :, None, :]
+            x = self._move_keys(kv.detach().to("cpu", torch.float32, copy=True), positions, -1)
+            x = x - self.mean[:, :, :, None, :]
             y = torch.bmm(self._group_view(x), self.rotation)  # (G, N, D)
             codes = _assign(y, self.centroids, self.sizes, self._encode_table())  # (G, N, M)
             codes = self._ungroup(codes, layers, heads, tokens)
@@ -437,8 +452,8 @@ def train_codebook(
         groups = layers * 2 if share == "layer" else 2
         proto = PQCodebook(version, fingerprint, torch.zeros(layers, 2, heads, dim), torch.eye(dim).repeat(groups, 1, 1),
                            torch.zeros(groups, CENTROIDS, dim), bytes_per_vector, share, rope)
-        kv = torch.cat([proto._move_keys(m.kv.detach().to("cpu", torch.float32), m.positions, -1) for m in memories],
-                       dim=3)  # tokens stacked
+        kv = torch.cat([proto._move_keys(m.kv.detach().to("cpu", torch.float32, copy=True), m.positions, -1)
+                        for m in memories], dim=3)  # tokens stacked
         mean = kv.mean(dim=3)  # (L, 2, H, D)
         x = proto._group_view(kv - mean[:, :, :, None, :])  # (G, N, D)
         rotations, cents = [], []

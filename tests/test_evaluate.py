@@ -88,3 +88,7 @@ def test_evaluate_run_writes_the_report(tmp_path):
         assert (out / name).exists(), name
     saved = json.loads((out / "reference_model.json").read_text())
     assert saved["info"]["parameters"] > 0 and set(saved["evaluations"][0]["modes"]) == set(MODES)
+    held = data["evaluations"][0]
+    by_k = saved["info"]["memory_by_top_k"]
+    assert set(by_k) == {"1", "2"} and by_k["2"] == [held.modes["memory"].correct, held.questions]
+    assert "top-1 " in (out / "reference_model.md").read_text()

@@ -212,6 +212,19 @@ def test_memory_drills_never_state_main_world_facts_and_other_offsets_drill_othe
     assert not any(v in borrowable for e in unborrowed.entities for v in e.facts.values())
 
 
+def test_in_context_drills_can_show_same_kind_distractor_references(small_world):
+    world, _ = small_world
+    drill = memory_drill(world, n_entities=200, in_context_fraction=1.0, in_context_distractors=2)
+    kind_of = dict(zip(drill.references, (e.kind for e in drill.entities)))
+    with_distractors = 0
+    for doc, entity, reference in zip(drill.documents, drill.entities, drill.references):
+        shown = [line.removeprefix("Reference: ") for line in doc.split("\n") if line.startswith("Reference: ")]
+        assert reference in shown and len(shown) == len(set(shown)) <= 3
+        assert all(kind_of[r] == entity.kind for r in shown)
+        with_distractors += len(shown) == 3
+    assert with_distractors >= len(drill.documents) - 2 * len(KINDS)
+
+
 def test_stage_documents_keep_drills_in_sheets_of_one_kind(small_world):
     """Stage 2's stream has every stage-1 document and every drill once; drills come in runs of
     ``sheet_size`` about one kind of entity, so a chunk's previous chunks read same-kind references."""

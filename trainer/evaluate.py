@@ -255,6 +255,11 @@ def report_markdown(evals: Sequence[Evaluation], info: dict) -> str:
         lines.append(f"retrieval {ev.retrieval_s:.2f} s for {ev.questions} questions (MiniLM, shared by RAG and memory); "
                      f"memory bank: {ev.references} references encoded in {ev.memory_bank_s:.2f} s (once).")
         lines.append("")
+    if info.get("memory_by_top_k"):
+        lines += ["Explicit memory on held-out questions by how many retrieved memories each reads (reading "
+                  "one memory vs picking the right one among similar ones): "
+                  + ", ".join(f"top-{k} {c / n:.1%} ({c}/{n})" for k, (c, n) in sorted(info["memory_by_top_k"].items(),
+                                                                                    key=lambda kv: int(kv[0]))) + ".", ""]
     held = next((e for e in evals if e.split == HELDOUT), None)
     if held and {"plain", "rag", "memory"} <= set(held.modes):
         m, p, r = (held.modes[k].exact_match for k in ("memory", "plain", "rag"))
@@ -342,6 +347,11 @@ def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130
                                  new_tokens=new_tokens, batch_size=batch_size, split=TRAIN))
     for ev in evals:
         ev.memory_bank_s = bank_s
+    memory_by_top_k = {}  # held-out memory EM by how many retrieved memories a question reads
+    for k in sorted({1, 2, top_k}):
+        r = evaluate_qa(model, tokenizer, spec, world, world.qa(HELDOUT), index, bank, k, modes=("memory",),
+                        new_tokens=new_tokens, batch_size=batch_size).modes["memory"]
+        memory_by_top_k[k] = [r.correct, r.questions]
     drill_entities = None
     if any(s.memory != "none" for s in config.stages):
         from memory3.trainer.memory_stage import memory_drill
@@ -351,7 +361,7 @@ def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130
             "layers": model.config.num_hidden_layers, "memory_layers": list(spec.memory_layers),
             "tokens_per_head": spec.tokens_per_head, "entities": len(world.entities),
             "heldout_entities": len(world.split_entities(HELDOUT)), "references": len(world.references),
-            "drill_entities": drill_entities, "device": f"CPU, {torch.get_num_threads()} thread(s)"
+            "drill_entities": drill_entities, "memory_by_top_k": memory_by_top_k, "device": f"CPU, {torch.get_num_threads()} thread(s)"
             if config.device == "cpu" or not torch.cuda.is_available() else "GPU",
             **{k: v for k, v in _run_facts(run_dir).items()}}
     info = {k: (0 if v is None and k in ("train_time_s", "corpus_tokens", "steps") else v) for k, v in info.items()}

@@ -38,7 +38,7 @@ skill held-out evaluation needs. What the measurements (from the stage-1 model, 
 loss with vs without the reference in memory, and held-out QA) taught:
 
 * few drill entities drilled often get memorised, not read: ~600 entities x 4 documents gave no
-  gap at all; now ~4850 entities (:data:`DRILL_ENTITIES_PER_ENTITY`), one document each;
+  gap at all; now 7958 (:data:`DRILL_ENTITIES_PER_ENTITY`), one document each;
 * the loss counts only a drill's answer tokens (:data:`ANSWER_ONLY_DRILL_LOSS`): the question
   lines are mostly unpredictable names that drown the few tokens memory can help with;
 * half the drills carry their reference as text first (:data:`DRILL_IN_CONTEXT_FRACTION`): the

@@ -347,8 +347,9 @@ def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130
                                  new_tokens=new_tokens, batch_size=batch_size, split=TRAIN))
     for ev in evals:
         ev.memory_bank_s = bank_s
-    memory_by_top_k = {}  # held-out memory EM by how many retrieved memories a question reads
-    for k in sorted({1, 2, top_k}):
+    held_memory = evals[0].modes["memory"]
+    memory_by_top_k = {top_k: [held_memory.correct, held_memory.questions]}  # held-out memory EM by memories read
+    for k in sorted({1, 2} - {top_k}):
         r = evaluate_qa(model, tokenizer, spec, world, world.qa(HELDOUT), index, bank, k, modes=("memory",),
                         new_tokens=new_tokens, batch_size=batch_size).modes["memory"]
         memory_by_top_k[k] = [r.correct, r.questions]
@@ -361,7 +362,8 @@ def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130
             "layers": model.config.num_hidden_layers, "memory_layers": list(spec.memory_layers),
             "tokens_per_head": spec.tokens_per_head, "entities": len(world.entities),
             "heldout_entities": len(world.split_entities(HELDOUT)), "references": len(world.references),
-            "drill_entities": drill_entities, "memory_by_top_k": memory_by_top_k, "device": f"CPU, {torch.get_num_threads()} thread(s)"
+            "drill_entities": drill_entities, "memory_by_top_k": memory_by_top_k,
+            "device": f"CPU, {torch.get_num_threads()} thread(s)"
             if config.device == "cpu" or not torch.cuda.is_available() else "GPU",
             **{k: v for k, v in _run_facts(run_dir).items()}}
     info = {k: (0 if v is None and k in ("train_time_s", "corpus_tokens", "steps") else v) for k, v in info.items()}

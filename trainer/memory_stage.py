@@ -221,6 +221,7 @@ def memory_drill(world: World, n_entities: int | None = None, docs_per_entity: i
     distractor_rng = random.Random(world.seed + seed_offset + 1)
     distractors = DRILL_IN_CONTEXT_DISTRACTORS if in_context_distractors is None else in_context_distractors
     entities, documents, references, kinds = [], [], [], []
+    by_kind: dict[str, list[str]] = {}
     for e in drill_world.entities:
         words = distinctive_words(e.name).union(*(distinctive_words(v) for v in e.facts.values()))
         if words & taken:
@@ -231,15 +232,17 @@ def memory_drill(world: World, n_entities: int | None = None, docs_per_entity: i
             e = replace(e, facts={**e.facts, **borrowed},
                         relations={a: t for a, t in e.relations.items() if a not in borrowed})
             reference = render_reference(e, rng)
-        same_kind = [r for r, k in zip(references, entities) if k.kind == e.kind]
+        same_kind = by_kind.setdefault(e.kind, [])  # references of earlier kept entities of this kind
+        earlier = len(same_kind)
         entities.append(e)
         references.append(reference)
+        same_kind.append(reference)
         for _ in range(docs_per_entity):
             doc = entity_qa_document(e, rng)
             if rng.random() < in_context_fraction:
                 shown = [reference]
-                if distractors and same_kind:
-                    shown += distractor_rng.sample(same_kind, min(distractors, len(same_kind)))
+                if distractors and earlier:
+                    shown += distractor_rng.sample(same_kind[:earlier], min(distractors, earlier))
                     distractor_rng.shuffle(shown)
                 doc = "\n".join(format_reference(r) for r in shown) + "\n" + doc
             documents.append(doc)

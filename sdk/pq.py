@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .memory import ExplicitMemory
-from .rope import Rotary
+from .rope import Rotary, rotate_halves
 
 CODEBOOK_MAGIC = b"M3PQ"
 CODEBOOK_FORMAT_VERSION = 2
@@ -207,8 +207,9 @@ class PQCodebook:
     def _move_keys(self, kv: torch.Tensor, positions: torch.Tensor | None, sign: int) -> torch.Tensor:
         """Keys rotated by ``sign * positions`` (to position 0 and back) when the codebook codes
         keys without their position, in place on ``kv`` (a float32 tensor the caller owns); ``kv``
-        unchanged otherwise. The rotation is the model's (``rotate_half`` layout, as
-        :class:`~memory3.sdk.rope.Rotary`), from a cached table of cos/sin per position."""
+        unchanged otherwise. The rotation is :func:`~memory3.sdk.rope.rotate_halves` (the model's),
+        from a cached table of cos/sin per position (computing the angles per call, as
+        :meth:`~memory3.sdk.rope.Rotary.rotate` does, halved PQ decode speed)."""
         if self.key_rope is None:
             return kv
         if positions is None:
@@ -223,9 +224,9 @@ class PQCodebook:
         cos, sin = self._rope_cos[positions], self._rope_sin[positions] * sign  # (L, H, T, half)
         half = self.key_rope.numel()
         first, second = kv[:, 0, ..., :half], kv[:, 0, ..., half : 2 * half]
-        rotated_first = first * cos - second * sin
-        second.mul_(cos).addcmul_(first, sin)
+        rotated_first, rotated_second = rotate_halves(first, second, cos, sin)
         first.copy_(rotated_first)
+        second.copy_(rotated_second)
         return kv
 
     def encode(self, kv: torch.Tensor, positions: torch.Tensor | None = None) -> np.ndarray:

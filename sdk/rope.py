@@ -51,6 +51,14 @@ def find_rotary_embedding(model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError(f"{type(model).__name__} has no rotary embedding module (no `inv_freq` buffer); RoPE is required")
 
 
+def rotate_halves(first: torch.Tensor, second: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE rotation in the ``rotate_half`` layout: rotary dims split in a first and a second
+    half, pair ``i`` of the two turned by the angle whose ``cos``/``sin`` are given (``(..., half)``).
+    The one place the formula lives (:meth:`Rotary.rotate`, and PQ codebooks moving keys)."""
+    return first * cos - second * sin, second * cos + first * sin
+
+
 @dataclass(frozen=True)
 class Rotary:
     """RoPE frequencies of one model; rotates ``(..., tokens, head_dim)`` tensors by positions."""
@@ -77,12 +85,9 @@ class Rotary:
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         positions = torch.as_tensor(positions, device=x.device)
         freqs = positions.to(compute)[..., None] * self.inv_freq.to(device=x.device, dtype=compute)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        rot, rest = x[..., : self.rotary_dim].to(compute), x[..., self.rotary_dim :]
-        half = rot.shape[-1] // 2
-        rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-        out = (rot * cos + rotated_half * sin).to(x.dtype)
+        half = self.inv_freq.numel()
+        rot, rest = x[..., : 2 * half].to(compute), x[..., 2 * half :]
+        out = torch.cat(rotate_halves(rot[..., :half], rot[..., half:], freqs.cos(), freqs.sin()), dim=-1).to(x.dtype)
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
     def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

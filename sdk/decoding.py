@@ -212,9 +212,10 @@ class _Run:
         for b, row in enumerate(rows):
             if row is not None:
                 self._memories[b] = row.memories
+                self._memory_scores[b] = row.memory_scores
                 self.current_ids[b] = list(row.memory_ids)
             memories.append(self._memories[b])
-        self.injector.set_memories(memories)
+        self.injector.set_memories(memories, self._memory_scores)
         if future is not None:
             future.timing.inject += time.perf_counter() - t0
 
@@ -240,6 +241,7 @@ class _Run:
                 logits = self.forward(self.input_ids[:, start:end], start, end)
             return logits
         self._memories: list[list] = [[] for _ in range(self.batch)]
+        self._memory_scores: list[list[float]] = [[] for _ in range(self.batch)]
         futures = self.prefetched or submit_prompt_queries(self.tokenizer, self.supply, self.bank, self.prompt_ids, chunk, top_k)
         results: dict[int, list[Retrieved]] = {}
         logits = None
@@ -358,7 +360,7 @@ def _rag_prompts(tokenizer, supply, bank, prompts, prompt_ids, top_k) -> tuple[l
 
 def _prepare(model, tokenizer, prompts, *, mode, supply, bank, max_new_tokens, chunk, top_k, temperature, top_p, seed,
              stop_at_eos, output_scores, lag, prefetch, chunked_prefill=False, proxy=None, max_rejections=4,
-             stochastic_proxy=True):
+             stochastic_proxy=True, retrieval_bias=0.0):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "plain" and (supply is None or bank is None):
@@ -378,7 +380,7 @@ def _prepare(model, tokenizer, prompts, *, mode, supply, bank, max_new_tokens, c
         if (prefetch.bank, prefetch.prompt_ids, prefetch.chunk, prefetch.top_k) != (bank, prompt_ids, chunk, top_k):
             raise ValueError("prefetch was started for other prompts, bank, chunk or top_k")
         futures = prefetch.futures
-    injector = MemoryInjector(model, supply.spec)
+    injector = MemoryInjector(model, supply.spec, retrieval_bias=retrieval_bias)
     return _Run(model, tokenizer, prompt_ids, options, supply, bank, injector, futures), injector, rag_refs
 
 
@@ -407,12 +409,15 @@ def generate(
     seed: int | None = None, stop_at_eos: bool = True, output_scores: bool = False, lag: int = 0,
     prefetch: Prefetch | None = None, chunked_prefill: bool = False, proxy: ProxyPolicy | None = None,
     max_rejections: int = 4, stochastic_proxy: bool = True, reward=None, trajectory_logger=None,
+    retrieval_bias: float = 0.0,
 ) -> list[GenerationResult]:
     """Generate for a batch of prompts (strings or token id lists) in one of :data:`MODES`.
 
     ``lag`` (memory mode): switch to a generated chunk's new memories ``lag`` tokens after the chunk
     boundary instead of at it (the query text is unchanged), giving the retrieval ``lag + 1``
-    forward steps to hide behind; 0 is the paper's schedule exactly. ``chunked_prefill`` (plain,
+    forward steps to hide behind; 0 is the paper's schedule exactly. ``retrieval_bias`` (memory
+    mode): the injector's retrieval prior (:mod:`~memory3.sdk.injection`), from each memory's
+    retrieval score; 0, the default, reads memories as the model learned. ``chunked_prefill`` (plain,
     RAG): prefill in the memory mode's pieces, so a memory run with no memories found computes
     bit for bit what this computes (one whole-prompt forward rounds differently).
 
@@ -428,7 +433,7 @@ def generate(
         model, tokenizer, prompts, mode=mode, supply=supply, bank=bank, max_new_tokens=max_new_tokens, chunk=chunk,
         top_k=top_k, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
         output_scores=output_scores, lag=lag, prefetch=prefetch, chunked_prefill=chunked_prefill, proxy=proxy,
-        max_rejections=max_rejections, stochastic_proxy=stochastic_proxy,
+        max_rejections=max_rejections, stochastic_proxy=stochastic_proxy, retrieval_bias=retrieval_bias,
     )
     with torch.inference_mode(), context, (evaluating(proxy) if proxy is not None else contextlib.nullcontext()):
         for _ in run.run():

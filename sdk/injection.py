@@ -23,6 +23,13 @@ How (DESIGN.md, Memory3 arXiv 2407.01178):
   ``position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)`` itself — without memories the
   plain model is shift-invariant and does not care, with memories the absolute position matters.
 
+* Retrieval prior (opt-in, ``retrieval_bias``): each memory's slots may get an additive attention
+  logit ``retrieval_bias * (score - best score of the row)`` (0 for the best memory, negative for
+  the others) from the retriever's scores, in every memory layer. Off (0) by default: memories are
+  then read exactly as the model learned. Why it exists: a model too small to tell similar memories
+  apart reads the asked attribute from whichever memory it attends to; the retriever's margin says
+  which one the query is about (bench/results/reference_model.md measures both).
+
 The eager wrapper calls the model's own ``eager_attention_forward`` (from its modeling module),
 falling back to a plain implementation of the same maths. Flash/flex attention are not wrapped.
 """
@@ -173,24 +180,31 @@ def extend_mask(
     kv_len: int,
     slot_valid: torch.Tensor,
     kwargs: dict,
+    slot_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Prepend memory columns to the attention mask: real memory slots visible to every query.
 
     ``slot_valid``: (batch, memory slots) bool. Keeps the mask's kind (bool for sdpa, additive
     float for eager) and returns None when no mask is needed at all (decoding one token with every
-    slot real and no padding), so sdpa keeps its fastest path.
+    slot real and no padding), so sdpa keeps its fastest path. ``slot_bias`` (batch, memory slots)
+    adds to the logits of the memory slots; the mask is then additive float for both kinds.
     """
     batch, q_len = query.shape[0], query.shape[2]
-    if attention_mask is None and bool(slot_valid.all()) and not _sdpa_would_be_causal(base_name, module, q_len, kwargs):
+    if (attention_mask is None and slot_bias is None and bool(slot_valid.all())
+            and not _sdpa_would_be_causal(base_name, module, q_len, kwargs)):
         return None
     ctx = _context_mask(attention_mask, base_name, module, query, kv_len, kwargs)
     if ctx.shape[-1] != kv_len:
         raise ValueError(f"attention mask covers {ctx.shape[-1]} keys but the layer has {kv_len}")
+    if slot_bias is not None and ctx.dtype == torch.bool:
+        ctx = torch.zeros(ctx.shape, dtype=query.dtype, device=ctx.device).masked_fill(~ctx, torch.finfo(query.dtype).min)
     rows = max(batch, ctx.shape[0])
     heads = ctx.shape[1]
     mem = slot_valid[:, None, None, :].to(ctx.device)
     if ctx.dtype != torch.bool:
-        mem = torch.zeros(mem.shape, dtype=ctx.dtype, device=ctx.device).masked_fill(~mem, torch.finfo(ctx.dtype).min)
+        bias = 0.0 if slot_bias is None else slot_bias[:, None, None, :].to(device=ctx.device, dtype=ctx.dtype)
+        mem = (torch.zeros(mem.shape, dtype=ctx.dtype, device=ctx.device) + bias).masked_fill(
+            ~mem, torch.finfo(ctx.dtype).min)
     mem = mem.expand(rows, heads, q_len, slot_valid.shape[1])
     return torch.cat((mem, ctx.expand(rows, heads, q_len, kv_len)), dim=-1)
 
@@ -205,10 +219,14 @@ class MemoryInjector:
     Memories may be replaced or cleared between calls; with none set (or all rows empty) the model
     computes exactly what it computes without the injector. A single memory list is broadcast to
     every batch row (beam search, ``num_return_sequences``). ``verify_fingerprint`` refuses
-    memories encoded by a different model (config or weights).
+    memories encoded by a different model (config or weights). ``retrieval_bias`` > 0 turns on the
+    retrieval prior (module docstring) for memories set with their ``scores``.
     """
 
-    def __init__(self, model: torch.nn.Module, spec: MemorySpec, verify_fingerprint: bool = True):
+    def __init__(self, model: torch.nn.Module, spec: MemorySpec, verify_fingerprint: bool = True,
+                 retrieval_bias: float = 0.0):
+        if not retrieval_bias >= 0:
+            raise ValueError(f"retrieval_bias must be >= 0, got {retrieval_bias}")
         config = model.config
         n_layers = config.num_hidden_layers
         if max(spec.memory_layers) >= n_layers:
@@ -217,10 +235,12 @@ class MemoryInjector:
         self.spec = spec
         self.rotary = Rotary.from_model(model)
         self.verify_fingerprint = verify_fingerprint
+        self.retrieval_bias = float(retrieval_bias)
         self._context: contextlib.AbstractContextManager | None = None
         self._keys: torch.Tensor | None = None  # (memory layers, batch, kv heads, slots, head dim)
         self._values: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None  # (batch, slots) bool
+        self._bias: torch.Tensor | None = None  # (batch, slots) float32 retrieval prior, or None
         self._mask_cache: tuple | None = None  # (context mask object, shape key, extended mask)
         self.counts: list[int] = []
 
@@ -252,18 +272,23 @@ class MemoryInjector:
     # ---------------------------------------------------------------- memories
     def clear(self) -> None:
         """Drop all memories: the model runs as if there were none."""
-        self._keys = self._values = self._valid = None
+        self._keys = self._values = self._valid = self._bias = None
         self._mask_cache = None
         self.counts = []
 
-    def set_memories(self, memories: Sequence[Sequence[ExplicitMemory]]) -> None:
+    def set_memories(self, memories: Sequence[Sequence[ExplicitMemory]],
+                     scores: Sequence[Sequence[float]] | None = None) -> None:
         """Use these memories from now on: ``memories[b]`` for batch row ``b`` (any count each).
 
         Rows with fewer memories get masked slots. Keys are rotated to parallel positions here,
-        once, and everything is moved to the model's dtype and device.
+        once, and everything is moved to the model's dtype and device. ``scores`` (one per memory,
+        higher = more relevant, as retrieval returns them) feed the retrieval prior when
+        ``retrieval_bias`` > 0; without them, or at 0, every memory is read alike.
         """
         memories = [list(row) for row in memories]
         counts = [len(row) for row in memories]
+        if scores is not None and [len(row) for row in scores] != counts:
+            raise ValueError(f"scores per row {[len(row) for row in scores]} do not match memories per row {counts}")
         if not counts or max(counts) == 0:
             self.clear()
             self.counts = counts
@@ -298,6 +323,14 @@ class MemoryInjector:
             valid[b, : len(row) * tokens] = True
         keys = self.rotary.rotate(keys, memory_key_shift(self.spec))
         self._keys, self._values, self._valid = keys.to(dtype), values.to(dtype), valid
+        self._bias = None
+        if scores is not None and self.retrieval_bias > 0:
+            bias = torch.zeros(len(memories), slots, dtype=torch.float32)
+            for b, row in enumerate(scores):
+                if row:
+                    relative = torch.tensor(row, dtype=torch.float32) - max(row)
+                    bias[b, : len(row) * tokens] = (self.retrieval_bias * relative).repeat_interleave(tokens)
+            self._bias = bias.to(device)
         self._mask_cache = None
         self.counts = counts
 
@@ -306,7 +339,7 @@ class MemoryInjector:
         slot = self.spec.layer_slot(module.layer_idx)
         if slot is None or self._keys is None:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
-        mem_k, mem_v, valid = self._keys[slot], self._values[slot], self._valid
+        mem_k, mem_v, valid, bias = self._keys[slot], self._values[slot], self._valid, self._bias
         batch = query.shape[0]
         if mem_k.shape[0] != batch:
             if mem_k.shape[0] != 1:
@@ -314,13 +347,14 @@ class MemoryInjector:
             mem_k = mem_k.expand(batch, -1, -1, -1)
             mem_v = mem_v.expand(batch, -1, -1, -1)
             valid = valid.expand(batch, -1)
+            bias = bias.expand(batch, -1) if bias is not None else None
         # All memory layers of one forward get the same mask object: extend it once per forward.
         cache_key = (base_name, query.shape[0], query.shape[2], key.shape[2], query.dtype, query.device)
         cached = self._mask_cache
         if cached is not None and cached[0] is attention_mask and cached[1] == cache_key:
             mask = cached[2]
         else:
-            mask = extend_mask(attention_mask, base_name, module, query, key.shape[2], valid, kwargs)
+            mask = extend_mask(attention_mask, base_name, module, query, key.shape[2], valid, kwargs, bias)
             self._mask_cache = (attention_mask, cache_key, mask)
         key = torch.cat((mem_k.to(key.dtype), key), dim=2)
         value = torch.cat((mem_v.to(value.dtype), value), dim=2)

@@ -100,6 +100,7 @@ class Retrieved:
     references: list[StoredReference] = field(default_factory=list)
     memories: list[ExplicitMemory] = field(default_factory=list)
     memory_ids: list[str] = field(default_factory=list)
+    memory_scores: list[float] = field(default_factory=list)  # retrieval score of each memory
 
 
 def _version(ref: StoredReference) -> tuple[int, int]:
@@ -380,6 +381,7 @@ class MemorySupply:
                 if ref.external_id in decoded:
                     result.memories.append(decoded[ref.external_id])
                     result.memory_ids.append(ref.external_id)
+                    result.memory_scores.append(ref.score)
         timing.total = time.perf_counter() - start
         self.timings.append(timing)
         return results

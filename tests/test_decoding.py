@@ -136,6 +136,19 @@ def test_memories_change_generation_and_lag_delays_the_switch(model, tokenizer, 
     assert lagged.token_ids[: CHUNK + 1] == strict.token_ids[: CHUNK + 1]
 
 
+def test_retrieval_prior_follows_the_service_scores(model, tokenizer, supply, chunk_bank):
+    """With a decisive retrieval prior, reading the top-2 memories computes what reading the top-1
+    computes (the second is always less similar here); without it the second memory matters."""
+    [top1] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], output_scores=True)
+    [top2] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], top_k=2, output_scores=True)
+    [prior] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], top_k=2, output_scores=True,
+                        retrieval_bias=1e4)
+    assert all(len(s.reference_ids) == 2 for s in prior.segments)
+    assert prior.token_ids == top1.token_ids
+    torch.testing.assert_close(prior.scores, top1.scores, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(top2.scores, top1.scores, atol=1e-3)
+
+
 def test_stream_pieces_add_up_and_name_references(model, tokenizer, supply, chunk_bank):
     pieces = list(decoding.stream(model, tokenizer, [PROMPT], supply=supply, bank=chunk_bank, max_new_tokens=40,
                                   chunk=CHUNK, top_k=1, stop_at_eos=False))

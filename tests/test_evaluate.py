@@ -68,7 +68,20 @@ def test_three_modes_run_on_the_same_questions(setup):
     text = report_markdown([ev], {"model_dir": "m", "parameters": 1e6, "layers": 4, "memory_layers": [2, 3],
                                   "tokens_per_head": 8, "entities": 40, "heldout_entities": 8, "references": 40,
                                   "corpus_tokens": 1, "steps": 0, "train_time_s": 0.0, "device": "cpu"})
-    assert "| explicit memory (top-k) |" in text and "memory ≥ RAG − 2 pt" in text
+    assert "| explicit memory (top-k) |" in text and "explicit memory (top-k) ≥ RAG − 2 pt" in text
+    assert "| explicit memory (top-k), retrieval prior |" in text
+    assert "explicit memory (top-k), retrieval prior ≥ no memory + 50 pt" in text
+
+
+def test_retrieval_scores_come_with_the_positions_best_first(setup):
+    world, _, _, _, index = setup
+    questions = [p.question for p in world.qa(HELDOUT)[:8]]
+    positions, scores, dropped = retrieve_for_questions(index, questions, top_k=4, with_scores=True)
+    assert (positions, dropped) == retrieve_for_questions(index, questions, top_k=4)
+    vectors = index.embed_queries(questions)
+    for q, row, row_scores in zip(vectors, positions, scores):
+        assert row_scores == sorted(row_scores, reverse=True)
+        assert row_scores == pytest.approx([float(q @ index.vectors[i]) for i in row], abs=1e-5)
 
 
 def test_evaluate_run_writes_the_report(tmp_path):

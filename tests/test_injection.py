@@ -266,6 +266,43 @@ def test_parallel_positions_rotation_equals_context_shift(model):
     torch.testing.assert_close(shifted_context, rotated_memory)
 
 
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_retrieval_prior_weighs_memories_by_their_scores(impl, tokenizer, spec, memories):
+    """The prior lowers a memory's attention by ``retrieval_bias * (best score - its score)``: equal
+    scores read as without the prior; a far worse score reads as if that memory were absent; the
+    bias follows the memory wherever it sits in the row and whatever the batch's padding."""
+    model = tiny_llama(seed=2, attn_implementation=impl)
+    batch = left_padded(tokenizer, PROMPTS)
+    rows = [memories[:2], [memories[2], memories[0]], [memories[3]]]
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories(rows)
+        unbiased = logits(model, batch)
+        injector.set_memories([[rows[0][0]], [rows[1][1]], rows[2]])
+        best_only = logits(model, batch)
+    with MemoryInjector(model, spec, retrieval_bias=5.0) as injector:
+        injector.set_memories(rows, [[0.7, 0.7], [0.3, 0.3], [0.9]])
+        torch.testing.assert_close(real(batch, logits(model, batch)), real(batch, unbiased), atol=1e-5, rtol=1e-5)
+        injector.set_memories(rows, [[0.9, -1e4], [-1e4, 0.2], [0.5]])
+        torch.testing.assert_close(real(batch, logits(model, batch)), real(batch, best_only), atol=1e-5, rtol=1e-5)
+        injector.set_memories(rows, [[0.9, 0.8], [0.4, 0.5], [0.5]])
+        between = real(batch, logits(model, batch))
+        assert not torch.allclose(between, real(batch, unbiased), atol=1e-4)
+        assert not torch.allclose(between, real(batch, best_only), atol=1e-4)
+        injector.set_memories(rows)  # no scores: no prior
+        assert torch.equal(logits(model, batch), unbiased)
+    with MemoryInjector(model, spec) as injector:  # retrieval_bias 0: scores are ignored
+        injector.set_memories(rows, [[0.9, -1e4], [-1e4, 0.2], [0.5]])
+        assert torch.equal(logits(model, batch), unbiased)
+
+
+def test_retrieval_prior_refuses_bad_scores(model, spec, memories):
+    with pytest.raises(ValueError, match="retrieval_bias must be >= 0"):
+        MemoryInjector(model, spec, retrieval_bias=-1.0)
+    with MemoryInjector(model, spec, retrieval_bias=1.0) as injector:
+        with pytest.raises(ValueError, match=r"scores per row \[1\] do not match memories per row \[2\]"):
+            injector.set_memories([memories[:2]], [[0.5]])
+
+
 def test_refuses_foreign_or_misshapen_memories(model, tokenizer, spec, memories):
     foreign = dataclasses.replace(memories[0], fingerprint="f" * 64)
     with MemoryInjector(model, spec) as injector:

@@ -98,6 +98,12 @@ class ReferenceIndex:
         ``candidates`` nearest are examined (default ``4 * top_k + 4``) before ``exclude`` drops
         some, so a query loses a reference only to the rule, not to a short candidate list.
         """
+        return [positions for positions, _ in self.search_scored(queries, top_k, exclude, query_vectors, candidates)]
+
+    def search_scored(self, queries: Sequence[str], top_k: int,
+                      exclude: Callable[[str, int], bool] | None = None, query_vectors: np.ndarray | None = None,
+                      candidates: int | None = None) -> list[tuple[list[int], list[float]]]:
+        """:meth:`search` with each kept reference's cosine similarity to its query."""
         if not queries:
             return []
         q = self.embed_queries(queries) if query_vectors is None else query_vectors
@@ -105,7 +111,7 @@ class ReferenceIndex:
         n = min(len(self.texts), candidates or 4 * top_k + 4)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :n]
         out = []
-        for query, row in zip(queries, order):
-            kept = [int(i) for i in row if exclude is None or not exclude(query, int(i))]
-            out.append(kept[:top_k])
+        for query, row, row_scores in zip(queries, order, scores):
+            kept = [int(i) for i in row if exclude is None or not exclude(query, int(i))][:top_k]
+            out.append((kept, [float(row_scores[i]) for i in kept]))
         return out

@@ -444,7 +444,7 @@ def generate(
 def stream(
     model, tokenizer, prompts, *, mode: str = "memory", supply: MemorySupply | None = None, bank: str | None = None,
     max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0, top_p: float = 1.0,
-    seed: int | None = None, stop_at_eos: bool = True, lag: int = 0,
+    seed: int | None = None, stop_at_eos: bool = True, lag: int = 0, retrieval_bias: float = 0.0,
 ) -> Iterator[TextPiece]:
     """Like :func:`generate`, but yield text pieces per row as tokens arrive.
 
@@ -457,7 +457,7 @@ def stream(
         run, context, rag_refs = _prepare(
             model, tokenizer, prompts, mode=mode, supply=supply, bank=bank, max_new_tokens=max_new_tokens, chunk=chunk,
             top_k=top_k, temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
-            output_scores=False, lag=lag, prefetch=None,
+            output_scores=False, lag=lag, prefetch=None, retrieval_bias=retrieval_bias,
         )
     shown = [""] * run.batch
     with context:
@@ -500,7 +500,7 @@ def generate_rag(model, tokenizer, supply: MemorySupply, bank: str, prompts, max
 
 def generate_cli(target: str, api_key: str, bank: str, model_dir: str, prompt: str, *, mode: str = "memory",
                  max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0,
-                 out=None, err=None) -> None:
+                 retrieval_bias: float = 0.0, out=None, err=None) -> None:
     """What ``memory3 generate`` runs: stream one prompt's text to ``out`` and, on ``err``, the
     references whose memories are in use each time they change, then a list of all of them."""
     import sys
@@ -514,7 +514,7 @@ def generate_cli(target: str, api_key: str, bank: str, model_dir: str, prompt: s
         used: dict[str, None] = {}
         for piece in stream(model, tokenizer, [prompt], mode=mode, supply=supply if mode != "plain" else None,
                             bank=bank if mode != "plain" else None, max_new_tokens=max_new_tokens, chunk=chunk,
-                            top_k=top_k, temperature=temperature):
+                            top_k=top_k, temperature=temperature, retrieval_bias=retrieval_bias):
             if piece.reference_ids != shown:
                 shown = piece.reference_ids
                 used.update(dict.fromkeys(shown))

@@ -168,7 +168,7 @@ def cmd_generate(args) -> None:
     generate_cli(
         args.target or settings.target or f"{settings.host}:{settings.port}", key or "", args.bank, args.model,
         args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k,
-        temperature=args.temperature,
+        temperature=args.temperature, retrieval_bias=args.retrieval_bias,
     )
 
 
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chunk", type=int, default=64, help="tokens between memory retrievals")
     generate.add_argument("--top-k", type=int, default=5, help="memories (or RAG references) per retrieval")
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--retrieval-bias", type=float, default=0.0,
+                          help="memory mode: weigh memories by retrieval score (0: off; 20 for small models)")
     generate.set_defaults(func=cmd_generate)
 
     health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for health checks)")

@@ -59,6 +59,7 @@ from memory3.trainer.retrieval_index import ReferenceIndex
 MODES = ("plain", "rag", "memory", "memory_prior")
 MODE_LABELS = {"plain": "no memory", "rag": "RAG (top-k texts in prompt)", "memory": "explicit memory (top-k)",
                "memory_prior": "explicit memory (top-k), retrieval prior"}
+PLOT_LABELS = {"plain": "no memory", "rag": "RAG", "memory": "memory", "memory_prior": "memory + prior"}
 MEMORY_MODES = ("memory", "memory_prior")
 RETRIEVAL_PRIOR_BIAS = 20.0
 """``memory_prior`` mode: the injector's ``retrieval_bias`` (:mod:`memory3.sdk.injection`): a memory
@@ -308,9 +309,8 @@ def save_plot(evals: Sequence[Evaluation], path: Path) -> None:
         ax1.bar(xs, [ev.modes[m].exact_match for m in modes], width, label=f"{ev.split} questions")
         if j == 0:
             ax2.bar(range(len(modes)), [ev.modes[m].tokens_per_s for m in modes], 0.6, color="gray")
-            ax2.set_xticks(range(len(modes)), [MODE_LABELS[m].split(" (")[0] for m in modes])
-        ax1.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(modes))],
-                       [MODE_LABELS[m].split(" (")[0] for m in modes])
+            ax2.set_xticks(range(len(modes)), [PLOT_LABELS[m] for m in modes])
+        ax1.set_xticks([i + width * (len(evals) - 1) / 2 for i in range(len(modes))], [PLOT_LABELS[m] for m in modes])
     ax1.set_ylim(0, 1)
     ax1.set_ylabel("QA exact match")
     ax1.legend()

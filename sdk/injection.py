@@ -37,6 +37,7 @@ falling back to a plain implementation of the same maths. Flash/flex attention a
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -225,8 +226,8 @@ class MemoryInjector:
 
     def __init__(self, model: torch.nn.Module, spec: MemorySpec, verify_fingerprint: bool = True,
                  retrieval_bias: float = 0.0):
-        if not retrieval_bias >= 0:
-            raise ValueError(f"retrieval_bias must be >= 0, got {retrieval_bias}")
+        if not 0 <= retrieval_bias < float("inf"):
+            raise ValueError(f"retrieval_bias must be finite and >= 0, got {retrieval_bias}")
         config = model.config
         n_layers = config.num_hidden_layers
         if max(spec.memory_layers) >= n_layers:
@@ -287,8 +288,12 @@ class MemoryInjector:
         """
         memories = [list(row) for row in memories]
         counts = [len(row) for row in memories]
-        if scores is not None and [len(row) for row in scores] != counts:
-            raise ValueError(f"scores per row {[len(row) for row in scores]} do not match memories per row {counts}")
+        if scores is not None:
+            if [len(row) for row in scores] != counts:
+                raise ValueError(f"scores per row {[len(row) for row in scores]} do not match memories per row {counts}")
+            for b, row in enumerate(scores):
+                if not all(math.isfinite(x) for x in row):
+                    raise ValueError(f"scores of row {b} are not all finite: {list(row)}")
         if not counts or max(counts) == 0:
             self.clear()
             self.counts = counts

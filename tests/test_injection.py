@@ -296,11 +296,17 @@ def test_retrieval_prior_weighs_memories_by_their_scores(impl, tokenizer, spec, 
 
 
 def test_retrieval_prior_refuses_bad_scores(model, spec, memories):
-    with pytest.raises(ValueError, match="retrieval_bias must be >= 0"):
-        MemoryInjector(model, spec, retrieval_bias=-1.0)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="retrieval_bias must be finite and >= 0"):
+            MemoryInjector(model, spec, retrieval_bias=bad)
     with MemoryInjector(model, spec, retrieval_bias=1.0) as injector:
         with pytest.raises(ValueError, match=r"scores per row \[1\] do not match memories per row \[2\]"):
             injector.set_memories([memories[:2]], [[0.5]])
+        injector.set_memories([memories[:1]], [[0.5]])
+        before = injector.counts
+        with pytest.raises(ValueError, match="scores of row 0 are not all finite"):
+            injector.set_memories([memories[:2]], [[0.5, float("nan")]])
+        assert injector.counts == before  # refused input changes nothing
 
 
 def test_refuses_foreign_or_misshapen_memories(model, tokenizer, spec, memories):

@@ -8,7 +8,7 @@ must be rebuilt (DESIGN.md). The fingerprint is a SHA-256 over
 * every parameter and buffer, in name order: name, dtype, shape and raw bytes.
 
 Hashing all weights of a large model takes a while, so the digest is cached per model object and
-reused while no tensor has changed. "Changed" is detected through each tensor's version counter
+reused while no tensor and no config field has changed. "Changed" is detected through each tensor's version counter
 (bumped by every in-place write: optimizer steps, ``load_state_dict``, ``p.add_()`` under
 ``no_grad``) and its storage pointer (bumped by re-assigning ``.data`` or moving the model).
 """
@@ -33,9 +33,15 @@ VOLATILE_CONFIG_FIELDS = frozenset(
         "output_hidden_states",
         "return_dict",
         "torchscript",
+        "architectures",
+        "dtype",
+        "torch_dtype",
     }
 )
-"""Config keys left out of the fingerprint: they name or steer a run, not the function computed."""
+"""Config keys left out of the fingerprint: they name or steer a run, not the function computed.
+``architectures`` and ``dtype`` are filled in by ``save_pretrained``: with them a model's
+fingerprint changed between the object that was saved and the same model loaded back (every
+tensor's dtype is hashed with its bytes anyway)."""
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
 
@@ -65,15 +71,16 @@ def config_digest_text(config) -> str:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hex SHA-256 of a model's config and weights; cached until a tensor changes."""
     tensors = _named_tensors(model)
-    key = _state_key(tensors)
+    config = getattr(model, "config", None)
+    config_text = config_digest_text(config) if config is not None else "null"
+    key = (config_text, _state_key(tensors))
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
 
     digest = hashlib.sha256()
-    config = getattr(model, "config", None)
     digest.update(b"config\0")
-    digest.update(config_digest_text(config).encode() if config is not None else b"null")
+    digest.update(config_text.encode())
     with torch.no_grad():
         for name, tensor in tensors:
             digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())

@@ -149,6 +149,30 @@ def test_retrieval_prior_follows_the_service_scores(model, tokenizer, supply, ch
     assert not torch.allclose(top2.scores, top1.scores, atol=1e-3)
 
 
+def test_generate_cli_streams_what_generate_computes(tmp_path, server, api_key, model, tokenizer, spec, supply,
+                                                     chunk_bank):
+    """``memory3 generate`` (its function): a saved model dir, the text on out, the references in use
+    on err; the same text as :func:`decoding.generate` with the same options, retrieval prior included."""
+    import io
+
+    from memory3.trainer.model import save_reference_model
+
+    save_reference_model(model, tokenizer, spec, tmp_path / "model")
+    out, err = io.StringIO(), io.StringIO()
+    decoding.generate_cli(server.target, api_key, chunk_bank, str(tmp_path / "model"), PROMPT, max_new_tokens=24,
+                          chunk=CHUNK, top_k=2, retrieval_bias=1e4, out=out, err=err)
+    [expected] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], max_new_tokens=24, top_k=2,
+                           retrieval_bias=1e4, stop_at_eos=True)
+    assert out.getvalue() == expected.text + "\n"
+    lines = err.getvalue().splitlines()
+    shown = [line[len("[references: ") : -1].split(", ") for line in lines if line.startswith("[references: ")]
+    generated_from = len(expected.prompt_ids) - 1  # the last prompt position's logits give the first token
+    in_use = [s.reference_ids for s in expected.segments if s.end > generated_from]
+    assert shown == [ids for k, ids in enumerate(in_use) if k == 0 or ids != in_use[k - 1]]  # printed on change
+    listed = lines[lines.index("references used:") + 1 :]
+    assert [line.split(":")[0].strip() for line in listed] == list(dict.fromkeys(i for ids in shown for i in ids))
+
+
 def test_stream_pieces_add_up_and_name_references(model, tokenizer, supply, chunk_bank):
     pieces = list(decoding.stream(model, tokenizer, [PROMPT], supply=supply, bank=chunk_bank, max_new_tokens=40,
                                   chunk=CHUNK, top_k=1, stop_at_eos=False))

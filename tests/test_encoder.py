@@ -250,6 +250,22 @@ def test_fingerprint_changes_with_any_weight():
     assert model_fingerprint(tiny_llama(seed=7, layers=3)) != fa
 
 
+def test_fingerprint_survives_save_and_load_and_follows_the_config(tmp_path, spec):
+    """The model that was saved, and the same model loaded back, have one fingerprint
+    (save_pretrained fills in ``architectures`` and ``dtype``); a config change is seen even
+    after the digest was cached."""
+    from memory3.trainer.model import load_reference_model, save_reference_model
+
+    model = tiny_llama(seed=7)
+    before = model_fingerprint(model)
+    save_reference_model(model, byte_tokenizer(), spec, tmp_path / "m")
+    assert model_fingerprint(model) == before
+    loaded, _, _ = load_reference_model(tmp_path / "m")
+    assert model_fingerprint(loaded) == before
+    loaded.config.rope_theta = 5000.0
+    assert model_fingerprint(loaded) != before
+
+
 def test_parallel_position_convention_single_source(spec):
     assert memory_key_shift(spec) == -spec.context_position_offset == -spec.reference_length
 

@@ -33,15 +33,9 @@ VOLATILE_CONFIG_FIELDS = frozenset(
         "output_hidden_states",
         "return_dict",
         "torchscript",
-        "architectures",
-        "dtype",
-        "torch_dtype",
     }
 )
-"""Config keys left out of the fingerprint: they name or steer a run, not the function computed.
-``architectures`` and ``dtype`` are filled in by ``save_pretrained``: with them a model's
-fingerprint changed between the object that was saved and the same model loaded back (every
-tensor's dtype is hashed with its bytes anyway)."""
+"""Config keys left out of the fingerprint: they name or steer a run, not the function computed."""
 
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
 
@@ -60,11 +54,22 @@ def _state_key(tensors: list[tuple[str, torch.Tensor]]) -> tuple:
     return tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in tensors)
 
 
-def config_digest_text(config) -> str:
-    """The config as canonical JSON (sorted keys, volatile fields removed)."""
+def config_digest_text(config, model: torch.nn.Module | None = None) -> str:
+    """The config as canonical JSON (sorted keys, volatile fields removed).
+
+    With ``model``: ``architectures`` and ``dtype``, when unset, are filled in as
+    ``save_pretrained`` writes them, so a model built in memory and the same model saved and loaded
+    back have one fingerprint (and loaded models keep the fingerprint they always had).
+    """
     data = json.loads(config.to_json_string(use_diff=False))
     for key in VOLATILE_CONFIG_FIELDS:
         data.pop(key, None)
+    if model is not None:
+        if not data.get("architectures"):
+            data["architectures"] = [type(model).__name__]
+        if data.get("dtype") is None:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            data["dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else None
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
@@ -72,7 +77,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """Hex SHA-256 of a model's config and weights; cached until a tensor changes."""
     tensors = _named_tensors(model)
     config = getattr(model, "config", None)
-    config_text = config_digest_text(config) if config is not None else "null"
+    config_text = config_digest_text(config, model) if config is not None else "null"
     key = (config_text, _state_key(tensors))
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:

@@ -8,9 +8,10 @@ must be rebuilt (DESIGN.md). The fingerprint is a SHA-256 over
 * every parameter and buffer, in name order: name, dtype, shape and raw bytes.
 
 Hashing all weights of a large model takes a while, so the digest is cached per model object and
-reused while no tensor and no config field has changed. "Changed" is detected through each tensor's version counter
-(bumped by every in-place write: optimizer steps, ``load_state_dict``, ``p.add_()`` under
-``no_grad``) and its storage pointer (bumped by re-assigning ``.data`` or moving the model).
+reused while its config text is the same and no tensor has changed. "Changed" is detected through
+each tensor's version counter (bumped by every in-place write: optimizer steps,
+``load_state_dict``, ``p.add_()`` under ``no_grad``) and its storage pointer (bumped by
+re-assigning ``.data`` or moving the model).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def config_digest_text(config, model: torch.nn.Module | None = None) -> str:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hex SHA-256 of a model's config and weights; cached until a tensor changes."""
+    """Hex SHA-256 of a model's config and weights; cached until the config or a tensor changes."""
     tensors = _named_tensors(model)
     config = getattr(model, "config", None)
     config_text = config_digest_text(config, model) if config is not None else "null"

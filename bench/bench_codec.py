@@ -184,32 +184,20 @@ def model_memories(model_dir: str, texts_file: str | None, n: int):
         words = "river stone lantern orchard harbor meadow copper violet falcon ember glacier willow".split()
         texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40 + i % 30)) + "." for i in range(n)]
     enc = MemoryEncoder(model, tok, spec)
-    throughput = encoder_throughput(enc, texts)
-    mems = []
-    for i in tqdm(range(0, min(n, len(texts)), 16), desc="encoding references"):
+    encoded = []  # (text, memory) of every text long enough to encode, in order
+    for t in tqdm(texts, desc="encoding references"):
         try:
-            mems.extend(enc.encode(texts[i : i + 16]))
+            encoded.append((t, enc.encode([t])[0]))
         except ReferenceTooShortError:
-            for t in texts[i : i + 16]:
-                try:
-                    mems.extend(enc.encode([t]))
-                except ReferenceTooShortError:
-                    pass
+            pass
+    throughput = encoder_throughput(enc, [t for t, _ in encoded])
+    mems = [m for _, m in encoded[:n]]
     return mems, spec.dense_kv_bytes(model.config.num_hidden_layers), spec, Rotary.from_model(model), throughput
 
 
-def encoder_throughput(enc, texts: list[str], batch_size: int = 16, repeats: int = 3) -> str:
+def encoder_throughput(enc, usable: list[str], batch_size: int = 16, repeats: int = 3) -> str:
     """The encoder's references/s beside a plain forward of the same padded batches (best of
-    ``repeats``); texts too short to encode are left out of both."""
-    from memory3.sdk.encoder import ReferenceTooShortError
-
-    usable = []
-    for t in texts:
-        try:
-            enc.encode([t])
-            usable.append(t)
-        except ReferenceTooShortError:
-            pass
+    ``repeats``), on texts long enough to encode."""
     batches = [usable[i : i + batch_size] for i in range(0, len(usable), batch_size)]
     padded = [enc.pad(enc.tokenize(b)) for b in batches]
 

@@ -29,7 +29,8 @@ Body (before compression): positions (layers, kv heads, tokens) as uint8/uint16,
 * ``int8``: per-vector scales as float16 (layers, 2, heads, tokens), then kv as int8 with
   ``x ~= q * scale``, ``scale = absmax / 127`` (symmetric, per head-dim vector);
 * ``int4``: same with ``scale = absmax / 7`` and two 4-bit values ``q + 8`` per byte
-  (even index in the low nibble; head dim padded to even);
+  (even index in the low nibble; head dim padded to even), decoded by the compiled
+  :mod:`~memory3.sdk.dequantize`;
 * ``pq``: one byte per subvector (layers, 2, heads, tokens, M) from a bank's
   :class:`~memory3.sdk.pq.PQCodebook`; the memory names the codebook version and digest it needs.
 
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 import zstandard
 
+from .dequantize import dequantize_int4
 from .memory import ExplicitMemory
 from .memory_spec import MemorySpec
 from .pq import CodebookError, PQCodebook
@@ -343,48 +345,45 @@ def decode_memory(
     layers, heads, tokens, dim = header.shape
     kv_shape = header.kv_shape
     vectors = layers * 2 * heads * tokens
-    pos16 = bool(header.flags & FLAG_POS16)
     n_pos = layers * heads * tokens
-    with warnings.catch_warnings():  # read-only views of `raw`; every tensor returned is a fresh copy
-        warnings.simplefilter("ignore", UserWarning)
-        view = partial(torch.frombuffer, raw)
-        pos_t = view(dtype=torch.int16 if pos16 else torch.uint8, count=n_pos)
-        positions = (pos_t.to(torch.int64) & 0xFFFF).reshape(layers, heads, tokens)
-        off = n_pos * (2 if pos16 else 1)
-        if header.scheme == "fp16":
-            kv = view(dtype=torch.float16, count=vectors * dim, offset=off).reshape(kv_shape).float()
-            _require_finite(kv, "value in fp16 body")
-        elif header.scheme in ("int8", "int4"):
-            scale = view(dtype=torch.float16, count=vectors, offset=off).float().reshape(kv_shape[:-1] + (1,))
-            _require_finite(scale, "scale in body")
-            off += vectors * 2
-            if header.scheme == "int8":
-                kv = view(dtype=torch.int8, count=vectors * dim, offset=off).reshape(kv_shape) * scale
+    pos_dtype = "<u2" if header.flags & FLAG_POS16 else np.uint8
+    positions = torch.from_numpy(np.frombuffer(raw, pos_dtype, n_pos).astype(np.int64).reshape(layers, heads, tokens))
+    off = n_pos * np.dtype(pos_dtype).itemsize
+    if header.scheme == "int4":
+        kv = _dequantize_int4_body(raw, off, kv_shape)
+    else:
+        with warnings.catch_warnings():  # read-only views of `raw`; every tensor returned is a fresh copy
+            warnings.simplefilter("ignore", UserWarning)
+            view = partial(torch.frombuffer, raw)
+            if header.scheme == "fp16":
+                kv = view(dtype=torch.float16, count=vectors * dim, offset=off).reshape(kv_shape).float()
+                _require_finite(kv, "value in fp16 body")
+            elif header.scheme == "int8":
+                scale = view(dtype=torch.float16, count=vectors, offset=off).float().reshape(kv_shape[:-1] + (1,))
+                _require_finite(scale, "scale in body")
+                kv = view(dtype=torch.int8, count=vectors * dim, offset=off + vectors * 2).reshape(kv_shape) * scale
             else:
-                half = (dim + 1) // 2
-                packed = view(dtype=torch.uint8, count=vectors * half, offset=off).reshape(kv_shape[:-1] + (half,))
-                kv = _unpack_int4(packed)[..., :dim].mul_(scale).contiguous()
-        else:
-            _check_codebook(header, codebook)
-            m = header.pq_bytes_per_vector
-            codes = view(dtype=torch.uint8, count=vectors * m, offset=off).reshape(kv_shape[:-1] + (m,))
-            try:
-                kv = codebook.decode(codes, positions)
-            except CodebookError as exc:
-                raise CodecError(str(exc)) from None
+                _check_codebook(header, codebook)
+                m = header.pq_bytes_per_vector
+                codes = view(dtype=torch.uint8, count=vectors * m, offset=off).reshape(kv_shape[:-1] + (m,))
+                try:
+                    kv = codebook.decode(codes, positions)
+                except CodebookError as exc:
+                    raise CodecError(str(exc)) from None
     return ExplicitMemory(kv.to(device=device, dtype=dtype), positions.to(device), header.fingerprint)
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Bytes (..., half) -> signed nibbles as float32 (..., 2 * half), low nibble first.
-
-    Writing both nibbles into one preallocated float tensor is about 3x faster than a byte -> pair
-    lookup table (``embedding``) and avoids the int64 index copy.
-    """
-    q = torch.empty(packed.shape + (2,), dtype=torch.float32)
-    q[..., 0] = packed & 0x0F
-    q[..., 1] = packed >> 4
-    return q.flatten(-2).sub_(8)
+def _dequantize_int4_body(raw: bytes, offset: int, kv_shape) -> torch.Tensor:
+    """Per-vector float16 scales, then packed nibbles -> float32 kv (one compiled pass, see dequantize)."""
+    dim = kv_shape[-1]
+    half = (dim + 1) // 2
+    vectors = math.prod(kv_shape[:-1])
+    scales = np.frombuffer(raw, "<f2", vectors, offset).astype(np.float32)
+    packed = np.frombuffer(raw, np.uint8, vectors * half, offset + 2 * vectors).reshape(vectors, half)
+    kv = torch.empty(kv_shape[:-1] + (2 * half,))
+    if not dequantize_int4(packed, scales, kv.numpy().reshape(vectors, 2 * half)):
+        raise CodecError("non-finite scale in body")
+    return kv if dim == 2 * half else kv[..., :dim].contiguous()
 
 
 def _require_finite(x: torch.Tensor, what: str) -> None:

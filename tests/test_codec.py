@@ -19,10 +19,12 @@ import zlib
 
 import pytest
 import torch
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memory3.sdk.codec import (
+    FLAG_ZSTD,
     SCHEMES,
     CodecError,
     MemoryHeader,
@@ -219,6 +221,44 @@ def test_positions_beyond_uint8_and_odd_head_dim():
         out = decode_memory(encode_memory(mem, scheme))
         assert torch.equal(out.positions, pos)
         assert torch.nn.functional.cosine_similarity(out.kv, kv, dim=-1).min() > 0.9
+
+
+def _raw_body(blob: bytes) -> bytes:
+    """The body as written before compression."""
+    header = read_header(blob)
+    body = blob[header.body_offset : header.body_offset + header.payload_size]
+    return zstandard.ZstdDecompressor().decompress(body, max_output_size=header.raw_size) if header.compressed else body
+
+
+def test_int4_decode_is_exactly_nibble_minus_8_times_scale():
+    """The compiled dequantizer computes exactly what the format says, for even and odd head dims."""
+    for dim in (16, 7):
+        mem = ExplicitMemory(torch.randn(2, 2, 3, 4, dim) * 3, torch.zeros(2, 3, 4, dtype=torch.long), FP)
+        blob = encode_memory(mem, "int4")
+        raw = _raw_body(blob)
+        vectors, half = mem.kv[..., 0].numel(), (dim + 1) // 2
+        offset = mem.positions.numel()
+        scale = torch.frombuffer(bytearray(raw[offset : offset + 2 * vectors]), dtype=torch.float16).float()
+        packed = torch.frombuffer(bytearray(raw[offset + 2 * vectors :]), dtype=torch.uint8).reshape(vectors, half)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(vectors, 2 * half)[:, :dim]
+        expected = ((nibbles.float() - 8) * scale[:, None]).reshape(mem.kv.shape)
+        assert torch.equal(decode_memory(blob).kv, expected)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_non_finite_scale_rejected_even_with_a_valid_checksum(scheme):
+    """A writer bug, not corruption: the checksum matches, the decoder must still refuse."""
+    mem = SyntheticKV(1, 1, 2, 4, seed=5).sample()
+    blob = encode_memory(mem, scheme)
+    header = read_header(blob)
+    raw = bytearray(_raw_body(blob))
+    offset = mem.positions.numel()
+    raw[offset + 2 : offset + 4] = struct.pack("<e", float("inf"))  # the second vector's scale
+    head = bytearray(blob[: header.body_offset])
+    head[20:24] = struct.pack("<I", len(raw))  # payload size; the body is now stored raw
+    head[7] &= ~FLAG_ZSTD
+    with pytest.raises(CodecError, match="non-finite scale in body"):
+        decode_memory(_refresh_crc(head + raw + b"crc!"))
 
 
 def test_zero_vectors_round_trip_exactly():

@@ -30,9 +30,11 @@ positions and header counted it lands just below), pq13 is the smallest change t
 with everything counted, pq9 is the >= 500x setting. Codebooks are trained on a separate sample
 of memories and evaluated on held-out ones, and code keys without their position (the model's
 RoPE frequencies in the codebook, ``train_codebook(key_rope=...)``); one more row, "pq9 keys as
-stored", is the >= 500x setting without that, for comparison.
+stored", is the >= 500x setting without that, for comparison; "pq9 residual" is the >= 500x setting
+with the residual quantizer (one full-dimension codebook per byte, each coding what the previous
+left; ``train_codebook(quantizer="residual")``).
 
-Usage: python bench/bench_codec.py [--model DIR --texts FILE] [--train N] [--eval N]
+Usage: python bench/bench_codec.py [--model DIR --texts FILE] [--train N (150)] [--eval N]
 Writes bench/results/codec.md and bench/results/codec_bytes_vs_fidelity.png.
 """
 
@@ -56,7 +58,7 @@ from memory3.sdk.synthetic_kv import SyntheticKV
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PQ_SETTINGS = {"pq14": 14, "pq13": 13, "pq9": 9}
-TARGETS = {"int8": 64, "int4": 120, "pq13": 365, "pq9": 500}
+TARGETS = {"int8": 64, "int4": 120, "pq13": 365, "pq9": 500, "pq9 residual": 500}
 LOGIT_STD = 2.0
 FINGERPRINT = "5e" * 32
 
@@ -138,9 +140,11 @@ def run_shape(title, train, evals, queries, dense_bytes, pq_iters, repeats, key_
     rows = []
     for scheme in ("fp16", "int8", "int4"):
         rows.append(measure(scheme, scheme, None, evals, queries, dense_bytes, repeats))
-    settings = [(name, m, key_rope) for name, m in PQ_SETTINGS.items()] + [("pq9 keys as stored", 9, None)]
-    for name, m, rope in tqdm(settings, desc=f"{title}: training PQ codebooks", leave=False):
-        cb = train_codebook(train, min(m, head_dim), version=1, kmeans_iters=pq_iters, key_rope=rope)
+    settings = [(name, m, key_rope, "product") for name, m in PQ_SETTINGS.items()]
+    settings += [("pq9 keys as stored", 9, None, "product"), ("pq9 residual", 9, key_rope, "residual")]
+    for name, m, rope, quantizer in tqdm(settings, desc=f"{title}: training PQ codebooks", leave=False):
+        cb = train_codebook(train, min(m, head_dim), version=1, kmeans_iters=pq_iters, key_rope=rope,
+                            quantizer=quantizer)
         rows.append(measure(name, "pq", cb, evals, queries, dense_bytes, repeats))
     return table(title, rows, dense_bytes, TARGETS if targets else {}), rows
 
@@ -251,7 +255,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF causal LM dir with memory_spec.json (trainer/ output)")
     ap.add_argument("--texts", help="reference texts, one per line (with --model)")
-    ap.add_argument("--train", type=int, default=40, help="memories to train PQ codebooks on")
+    ap.add_argument("--train", type=int, default=150,
+                    help="memories to train PQ codebooks on (the residual quantizer needs ~100+, see memory3.sdk.pq)")
     ap.add_argument("--eval", type=int, default=12, help="held-out memories to measure")
     ap.add_argument("--kmeans-iters", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)

@@ -31,8 +31,9 @@ Body (before compression): positions (layers, kv heads, tokens) as uint8/uint16,
 * ``int4``: same with ``scale = absmax / 7`` and two 4-bit values ``q + 8`` per byte
   (even index in the low nibble; head dim padded to even), decoded by the compiled
   :mod:`~memory3.sdk.dequantize`;
-* ``pq``: one byte per subvector (layers, 2, heads, tokens, M) from a bank's
-  :class:`~memory3.sdk.pq.PQCodebook`; the memory names the codebook version and digest it needs.
+* ``pq``: one byte per subvector, or per stage of a residual codebook, (layers, 2, heads, tokens,
+  M) from a bank's :class:`~memory3.sdk.pq.PQCodebook`; the memory names the codebook version and
+  digest it needs.
 
 The body is zstd-compressed when that makes it smaller (always tried); decompression is bounded
 by the raw size in the header, which itself must equal the size the shape implies.

@@ -32,6 +32,25 @@ The scheme, per vector ``x`` of memory layer ``l``, K/V slot ``s`` and KV head `
    held-out answer NLL increase 0.48 -> 0.37 nats (exact-match loss 9.2 vs 10.0 points, within
    noise; on an earlier model 8.8 -> 6.5).
 
+5. **Residual quantizer** (optional, ``quantizer="residual"``): instead of splitting ``y`` into
+   ``M`` subvectors, code it in ``M`` stages of 256 *full-dimension* centroids each: stage ``m``
+   stores the centroid nearest to what stages ``0..m-1`` left (greedy), and decoding sums the
+   ``M`` chosen centroids -- the same one-byte-per-code layout and the same gather-and-sum decode,
+   so memories and the codec do not change; the codebook names its quantizer (format 3). Why:
+   at the ">= 500x" budget (0.9 bits/dim) the product quantizer cannot use the correlation
+   between subspaces and loses too much. Measured on memories its codebook never saw
+   (bench/bench_codec_qa.py, codebook trained on 2,000 other memories, 0.9 bits/dim): squared
+   error over the keys' and values' variance 0.10 vs 0.15; held-out top-1 exact-match loss 8.1 vs
+   17.3 points, below the paper's 1.4 bits/dim product setting (9.6); at the Memory3 shape
+   (bench/bench_codec.py, synthetic KV, 150 training memories, 9 bytes per 80-d vector) key /
+   value cosine 0.993 / 0.992 vs 0.930 / 0.912 and attention-output error 0.13 vs 0.42, better
+   than 14-byte product PQ (0.30). Costs: encoding is ``M`` sequential nearest-centroid searches in ``D`` dimensions (about
+   2-3x slower than product PQ), the codebook is ``M`` times larger, and training needs more
+   memories (each stage is k-means on the residuals: with fewer than ~10 training vectors per
+   centroid the later stages fit the sample, and on 40 memories of the reference model it coded
+   unseen memories worse than product PQ). Rotation is the identity (full-dimension k-means does
+   not depend on one).
+
 Per-vector norm/scale: **none is stored**. Every stored byte counts against the ~365x / 500x
 budgets, and an fp16 norm would cost 2 of the 14 bytes; the per-head mean and the per-group
 rotation absorb the systematic scale differences between heads and channels, and the centroids
@@ -56,15 +75,20 @@ from .memory import ExplicitMemory
 from .rope import Rotary, rotate_halves
 
 CODEBOOK_MAGIC = b"M3PQ"
-CODEBOOK_FORMAT_VERSION = 2
-"""2 adds the keys' RoPE frequencies (``key_rope``); a codebook without them is written and read
-as format 1."""
+CODEBOOK_FORMAT_VERSION = 3
+"""2 adds the keys' RoPE frequencies (``key_rope``); 3 adds the quantizer (``residual``). A codebook
+is written in the lowest format that holds it (product without RoPE: 1; product with RoPE: 2), so
+the digest that stored memories name never changes with the build."""
 CENTROIDS = 256
 """Centroids per subquantizer: one byte per code (the paper's and faiss' default)."""
 SHARE_MODES = ("layer", "kv")
+QUANTIZERS = ("product", "residual")
+"""``product``: the paper's (O)PQ, one byte per subvector. ``residual``: one byte per stage, each stage
+a full-dimension codebook for what the stages before it left (module docstring, step 5)."""
 
 _HEADER = struct.Struct("<4sHIHHHHBBB")  # magic, fmt, version, layers, heads, head_dim, centroids, M, share, fp_len
-_ROPE_LEN = struct.Struct("<H")  # format 2, after the fingerprint: number of RoPE frequencies (>= 1)
+_ROPE_LEN = struct.Struct("<H")  # format 2, after the fingerprint: number of RoPE frequencies (>= 1; 3: >= 0)
+_QUANTIZER = struct.Struct("<B")  # format 3, after the RoPE length: index into QUANTIZERS
 
 
 class CodebookError(ValueError):
@@ -87,11 +111,13 @@ class PQCodebook:
     fingerprint: the model fingerprint of the memories it was trained on.
     mean:        (layers, 2, kv heads, head dim) float32, subtracted before rotation.
     rotation:    (groups, head dim, head dim) float32, orthogonal; ``y = x @ R``.
-    centroids:   (groups, 256, head dim) float32; subvector ``m`` owns columns
-                 ``offsets[m] : offsets[m] + sizes[m]``.
+    centroids:   product: (groups, 256, head dim) float32; subvector ``m`` owns columns
+                 ``offsets[m] : offsets[m] + sizes[m]``. residual: (groups, M * 256, head dim);
+                 stage ``m`` owns rows ``m * 256 : (m + 1) * 256``.
     share:       ``"layer"`` (group = layer x K/V) or ``"kv"`` (group = K/V).
     key_rope:    RoPE frequencies (``inv_freq``, float32) when keys are coded without their position
                  (step 4 of the module docstring); ``None``: keys are coded as stored.
+    quantizer:   ``"product"`` or ``"residual"`` (:data:`QUANTIZERS`).
     """
 
     version: int
@@ -102,6 +128,7 @@ class PQCodebook:
     subvectors: int
     share: str = "layer"
     key_rope: torch.Tensor | None = None
+    quantizer: str = "product"
     _digest: bytes | None = field(default=None, repr=False)
     _padded_centroids: torch.Tensor | None = field(default=None, repr=False)
     _decode_rows: torch.Tensor | None = field(default=None, repr=False)
@@ -117,9 +144,12 @@ class PQCodebook:
         groups = self.groups_for(layers)
         if tuple(self.rotation.shape) != (groups, dim, dim):
             raise CodebookError(f"rotation shape {tuple(self.rotation.shape)} != {(groups, dim, dim)}")
-        if tuple(self.centroids.shape) != (groups, CENTROIDS, dim):
-            raise CodebookError(f"centroids shape {tuple(self.centroids.shape)} != {(groups, CENTROIDS, dim)}")
+        if self.quantizer not in QUANTIZERS:
+            raise CodebookError(f"unknown quantizer {self.quantizer!r}, expected one of {QUANTIZERS}")
         subvector_sizes(dim, self.subvectors)
+        want = (groups, CENTROIDS * (self.subvectors if self.residual else 1), dim)
+        if tuple(self.centroids.shape) != want:
+            raise CodebookError(f"centroids shape {tuple(self.centroids.shape)} != {want}")
         self.mean = self.mean.float().contiguous()
         self.rotation = self.rotation.float().contiguous()
         self.centroids = self.centroids.float().contiguous()
@@ -146,6 +176,10 @@ class PQCodebook:
         return self.subvectors
 
     @property
+    def residual(self) -> bool:
+        return self.quantizer == "residual"
+
+    @property
     def sizes(self) -> tuple[int, ...]:
         return subvector_sizes(self.head_dim, self.subvectors)
 
@@ -157,12 +191,14 @@ class PQCodebook:
         return self._padded_centroids
 
     def _decode_table(self) -> torch.Tensor:
-        """Cached (G * M * K, D) rows: centroid k of subvector m of group g, already rotated back.
+        """Cached (G * M * K, D) rows: centroid k of subvector (residual: stage) m of group g, rotated back.
 
         Decoding is then one fused gather-and-sum per vector (``embedding_bag``) instead of a
         gather, a column shuffle and a D x D matmul: a memory decodes about 3x faster, for a
         table M times the codebook's size (about 32 MB at the Memory3 shape, 9 bytes per vector).
         """
+        if self._decode_rows is None and self.residual:  # stage rows are whole vectors: rotate each back
+            self._decode_rows = torch.bmm(self.centroids, self.rotation.transpose(1, 2)).reshape(-1, self.head_dim)
         if self._decode_rows is None:
             rows, offset = [], 0
             for size in self.sizes:
@@ -239,7 +275,10 @@ class PQCodebook:
             x = self._move_keys(kv.detach().to("cpu", torch.float32, copy=True), positions, -1)
             x = x - self.mean[:, :, :, None, :]
             y = torch.bmm(self._group_view(x), self.rotation)  # (G, N, D)
-            codes = _assign(y, self.centroids, self.sizes, self._encode_table())  # (G, N, M)
+            if self.residual:
+                codes = _assign_residual(y, self.centroids.unflatten(1, (self.subvectors, CENTROIDS)))
+            else:
+                codes = _assign(y, self.centroids, self.sizes, self._encode_table())  # (G, N, M)
             codes = self._ungroup(codes, layers, heads, tokens)
         return codes.to(torch.uint8).contiguous().numpy()
 
@@ -268,16 +307,18 @@ class PQCodebook:
         fp = self.fingerprint.encode("utf-8")
         if len(fp) > 255:
             raise CodebookError("fingerprint longer than 255 bytes")
-        fmt = 1 if self.key_rope is None else CODEBOOK_FORMAT_VERSION
+        fmt = 3 if self.residual else 1 if self.key_rope is None else 2
         head = _HEADER.pack(
             CODEBOOK_MAGIC, fmt, int(self.version), self.layers, self.kv_heads,
             self.head_dim, CENTROIDS, self.subvectors, SHARE_MODES.index(self.share), len(fp),
-        )
+        ) + fp
         arrays = (self.mean, self.rotation, self.centroids)
+        if fmt >= 2:
+            head += _ROPE_LEN.pack(0 if self.key_rope is None else self.key_rope.numel())
+        if fmt >= 3:
+            head += _QUANTIZER.pack(QUANTIZERS.index(self.quantizer))
         if self.key_rope is not None:
-            head, arrays = head + fp + _ROPE_LEN.pack(self.key_rope.numel()), (self.key_rope,) + arrays
-        else:
-            head = head + fp
+            arrays = (self.key_rope,) + arrays
         return head + b"".join(a.numpy().astype("<f4").tobytes() for a in arrays)
 
     def to_bytes(self) -> bytes:
@@ -293,21 +334,26 @@ class PQCodebook:
         (magic, fmt, version, layers, heads, dim, centroids, m, share, fp_len) = _HEADER.unpack_from(blob)
         if magic != CODEBOOK_MAGIC:
             raise CodebookError(f"not a PQ codebook: magic {magic!r}, expected {CODEBOOK_MAGIC!r}")
-        if fmt not in (1, CODEBOOK_FORMAT_VERSION):
+        if fmt not in range(1, CODEBOOK_FORMAT_VERSION + 1):
             raise CodebookError(f"unsupported codebook format version {fmt} (this build reads 1 to {CODEBOOK_FORMAT_VERSION})")
         if centroids != CENTROIDS or share >= len(SHARE_MODES) or not (layers and heads and dim and 1 <= m <= dim):
             raise CodebookError("corrupt codebook header")
         groups = layers * 2 if SHARE_MODES[share] == "layer" else 2
-        rope_len, rope_field = 0, 0
+        rope_len, quantizer = 0, 0
+        fields = (_ROPE_LEN.size if fmt >= 2 else 0) + (_QUANTIZER.size if fmt >= 3 else 0)
+        if len(blob) < _HEADER.size + fp_len + fields:
+            raise CodebookError(f"truncated codebook: {len(blob)} bytes is shorter than its header")
         if fmt >= 2:
-            rope_field = _ROPE_LEN.size
-            if len(blob) < _HEADER.size + fp_len + rope_field:
-                raise CodebookError(f"truncated codebook: {len(blob)} bytes is shorter than its header")
             (rope_len,) = _ROPE_LEN.unpack_from(blob, _HEADER.size + fp_len)
-            if not rope_len:
+            if fmt == 2 and not rope_len:
                 raise CodebookError("corrupt codebook header: format 2 without RoPE frequencies")
-        sizes = (rope_len, layers * 2 * heads * dim, groups * dim * dim, groups * CENTROIDS * dim)
-        expected = _HEADER.size + fp_len + rope_field + 4 * sum(sizes) + 4
+        if fmt >= 3:
+            (quantizer,) = _QUANTIZER.unpack_from(blob, _HEADER.size + fp_len + _ROPE_LEN.size)
+            if quantizer >= len(QUANTIZERS):
+                raise CodebookError(f"corrupt codebook header: unknown quantizer {quantizer}")
+        stages = m if QUANTIZERS[quantizer] == "residual" else 1
+        sizes = (rope_len, layers * 2 * heads * dim, groups * dim * dim, groups * stages * CENTROIDS * dim)
+        expected = _HEADER.size + fp_len + fields + 4 * sum(sizes) + 4
         if len(blob) != expected:
             raise CodebookError(f"truncated codebook: header says {expected} bytes, got {len(blob)}")
         (stored,) = struct.unpack_from("<I", blob, len(blob) - 4)
@@ -316,7 +362,7 @@ class PQCodebook:
             raise CodebookError(f"codebook checksum mismatch: stored 0x{stored:08x} computed 0x{computed:08x}")
         off = _HEADER.size
         fingerprint = blob[off : off + fp_len].decode("utf-8")
-        off += fp_len + rope_field
+        off += fp_len + fields
         arrays = []
         for n in sizes:
             arrays.append(torch.from_numpy(np.frombuffer(blob, "<f4", n, off).astype(np.float32)))
@@ -324,8 +370,8 @@ class PQCodebook:
         rope = arrays[0] if rope_len else None
         mean = arrays[1].reshape(layers, 2, heads, dim)
         rotation = arrays[2].reshape(groups, dim, dim)
-        cents = arrays[3].reshape(groups, CENTROIDS, dim)
-        return cls(version, fingerprint, mean, rotation, cents, m, SHARE_MODES[share], rope)
+        cents = arrays[3].reshape(groups, stages * CENTROIDS, dim)
+        return cls(version, fingerprint, mean, rotation, cents, m, SHARE_MODES[share], rope, QUANTIZERS[quantizer])
 
 
 # ---- k-means / OPQ internals --------------------------------------------------------------------
@@ -351,6 +397,33 @@ def _assign(y: torch.Tensor, centroids: torch.Tensor, sizes: tuple[int, ...], pa
         dist = torch.baddbmm((cs * cs).sum(-1)[:, None, :], xs, cs.transpose(1, 2), alpha=-2)  # (M, N, K)
         out.append(dist.argmin(-1).T)
     return torch.stack(out)
+
+
+def _assign_residual(y: torch.Tensor, stages: torch.Tensor) -> torch.Tensor:
+    """Greedy residual coding: y (G, N, D), stage centroids (G, M, K, D) -> codes (G, N, M) int64.
+
+    Stage m picks the centroid nearest to what stages 0..m-1 left of the vector.
+    """
+    residual = y.clone()
+    codes = []
+    for m in range(stages.shape[1]):
+        cents = stages[:, m]  # (G, K, D)
+        dist = torch.baddbmm((cents * cents).sum(-1)[:, None, :], residual, cents.transpose(1, 2), alpha=-2)
+        code = dist.argmin(-1)  # (G, N)
+        residual -= torch.gather(cents, 1, code[:, :, None].expand(-1, -1, y.shape[-1]))
+        codes.append(code)
+    return torch.stack(codes, -1)
+
+
+def _train_residual(x: torch.Tensor, stages: int, iters: int, gen: torch.Generator) -> torch.Tensor:
+    """Residual codebooks for one group: x (N, D) -> (stages * K, D), each stage k-means on what
+    the stages before it left."""
+    residual, books = x.clone(), []
+    for _ in range(stages):
+        cents = _kmeans(residual[None], iters, gen)[0]  # (K, D)
+        residual -= cents[_assign_residual(residual[None], cents[None, None])[0, :, 0]]
+        books.append(cents)
+    return torch.cat(books)
 
 
 def _column_map(sizes: tuple[int, ...]) -> torch.Tensor:
@@ -425,6 +498,7 @@ def train_codebook(
     opq_iters: int = 0,
     seed: int = 0,
     key_rope: Rotary | torch.Tensor | None = None,
+    quantizer: str = "product",
 ) -> PQCodebook:
     """Train an OPQ codebook on a sample of a bank's memories.
 
@@ -440,6 +514,8 @@ def train_codebook(
         raise ValueError("train_codebook needs at least one memory")
     if share not in SHARE_MODES:
         raise ValueError(f"share must be one of {SHARE_MODES}, got {share!r}")
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
     fingerprint = memories[0].fingerprint
     shape = tuple(memories[0].kv.shape)
     for mem in memories:
@@ -453,8 +529,9 @@ def train_codebook(
     rope = key_rope.inv_freq if isinstance(key_rope, Rotary) else key_rope
     with torch.inference_mode():
         groups = layers * 2 if share == "layer" else 2
+        stages = bytes_per_vector if quantizer == "residual" else 1
         proto = PQCodebook(version, fingerprint, torch.zeros(layers, 2, heads, dim), torch.eye(dim).repeat(groups, 1, 1),
-                           torch.zeros(groups, CENTROIDS, dim), bytes_per_vector, share, rope)
+                           torch.zeros(groups, stages * CENTROIDS, dim), bytes_per_vector, share, rope, quantizer)
         kv = torch.cat([proto._move_keys(m.kv.detach().to("cpu", torch.float32, copy=True), m.positions, -1)
                         for m in memories], dim=3)  # tokens stacked
         mean = kv.mean(dim=3)  # (L, 2, H, D)
@@ -462,6 +539,10 @@ def train_codebook(
         rotations, cents = [], []
         for g in range(x.shape[0]):
             xg = x[g]
+            if quantizer == "residual":  # full-dimension k-means does not depend on a rotation
+                rotations.append(torch.eye(dim))
+                cents.append(_train_residual(xg, bytes_per_vector, kmeans_iters, gen))
+                continue
             rot = _eigen_allocation(xg, sizes)
             c = None
             for it in range(opq_iters + 1):
@@ -477,7 +558,7 @@ def train_codebook(
             rotations.append(rot)
             cents.append(_unpad(c, sizes))
     return PQCodebook(version, fingerprint, mean, torch.stack(rotations), torch.stack(cents), bytes_per_vector, share,
-                      rope)
+                      rope, quantizer)
 
 
 def _unpad(c: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:

@@ -28,9 +28,10 @@ The scheme, per vector ``x`` of memory layer ``l``, K/V slot ``s`` and KV head `
    model's RoPE frequencies, keys are rotated back to position 0 (their stored positions are in
    every memory) before steps 1-3 and rotated forward again after decoding. The rotation is exact
    and orthogonal, so it costs no byte. Measured (bench/bench_codec.py, bench_codec_qa.py): key
-   cosine at 9 bytes per 80-d vector 0.874 -> 0.925; at 0.9 bits/dim on the reference model,
-   held-out answer NLL increase 0.48 -> 0.37 nats (exact-match loss 9.2 vs 10.0 points, within
-   noise; on an earlier model 8.8 -> 6.5).
+   cosine at 9 bytes per 80-d vector 0.883 -> 0.930 (synthetic KV); on the reference model at 0.9
+   bits/dim, with codebooks trained on memories the evaluation does not read, held-out answer NLL
+   increase 0.673 -> 0.669 nats and top-1 exact-match loss 15.0 -> 17.3 points: no gain there.
+   (Codebooks trained on the evaluated bank itself had shown 0.48 -> 0.37 nats.)
 
 5. **Residual quantizer** (optional, ``quantizer="residual"``): instead of splitting ``y`` into
    ``M`` subvectors, code it in ``M`` stages of 256 *full-dimension* centroids each: stage ``m``
@@ -39,14 +40,15 @@ The scheme, per vector ``x`` of memory layer ``l``, K/V slot ``s`` and KV head `
    so memories and the codec do not change; the codebook names its quantizer (format 3). Why:
    at the ">= 500x" budget (0.9 bits/dim) the product quantizer cannot use the correlation
    between subspaces and loses too much. Measured on memories its codebook never saw
-   (bench/bench_codec_qa.py, codebook trained on 2,000 other memories, 0.9 bits/dim): squared
-   error over the keys' and values' variance 0.10 vs 0.15; held-out top-1 exact-match loss 8.1 vs
-   17.3 points, below the paper's 1.4 bits/dim product setting (9.6); at the Memory3 shape
+   (bench/bench_codec_qa.py, codebook trained on 2,000 other memories, 0.9 bits/dim): held-out
+   top-1 exact-match loss 8.1 vs 17.3 points and answer NLL +0.39 vs +0.67 nats, less than the
+   paper's 1.4 bits/dim product setting (9.6 points, +0.53); squared error over the variance
+   0.10 vs 0.15 (a probe of the same data); at the Memory3 shape
    (bench/bench_codec.py, synthetic KV, 150 training memories, 9 bytes per 80-d vector) key /
    value cosine 0.993 / 0.992 vs 0.930 / 0.912 and attention-output error 0.13 vs 0.42, better
-   than 14-byte product PQ (0.30). Costs: encoding is ``M`` sequential nearest-centroid searches in ``D`` dimensions (about
-   2-3x slower than product PQ), the codebook is ``M`` times larger, and training needs more
-   memories (each stage is k-means on the residuals: with fewer than ~10 training vectors per
+   than 14-byte product PQ (0.30). Costs: encoding is ``M`` sequential nearest-centroid searches
+   in ``D`` dimensions (about 2-3x slower than product PQ), the codebook is ``M`` times larger,
+   and training needs more memories (each stage is k-means on the residuals: with fewer than ~10 training vectors per
    centroid the later stages fit the sample, and on 40 memories of the reference model it coded
    unseen memories worse than product PQ). Rotation is the identity (full-dimension k-means does
    not depend on one).
@@ -509,6 +511,8 @@ def train_codebook(
     fewer still trains, with centroids repeated, but fidelity on unseen memories drops.
     ``key_rope`` (the model's :class:`~memory3.sdk.rope.Rotary`, or its ``inv_freq``): code keys
     without their position (step 4 of the module docstring); recommended for RoPE models.
+    ``quantizer``: ``"product"`` (the paper's) or ``"residual"`` (step 5: closer at the same bytes,
+    wants a larger sample -- hundreds of memories, not tens); ``opq_iters`` applies to product only.
     """
     if not memories:
         raise ValueError("train_codebook needs at least one memory")

@@ -1,4 +1,4 @@
-"""Small helpers shared by the service tests."""
+"""Small helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from memory3.sdk.codec import encode_memory
 from memory3.sdk.memory import ExplicitMemory
 from memory3.sdk.memory_spec import MemorySpec
+from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
 
 FINGERPRINT = "ab12" * 16
 SPEC = MemorySpec((0, 1), 2, 16, 4, 32, "int8")
@@ -63,3 +64,22 @@ def assert_decisions_explain_tokens(decisions, token_ids, max_rejections: int) -
             assert step[-1].candidate_token == token
         else:
             assert len(step) == max_rejections and token not in {d.candidate_token for d in step}
+
+
+STAGE2 = "memory3.trainer.memory_stage:retrieval_stage"
+
+
+def two_stage_config(out_dir, stage1=4, stage2=4, **kw) -> TrainConfig:
+    """A small world, a tiny model, ``stage1`` steps without memory, ``stage2`` with it."""
+    defaults = dict(
+        out_dir=str(out_dir), seed=0,
+        world=WorldConfig(seed=0, n_entities=40, heldout_fraction=0.2, passages_per_entity=2),
+        vocab_size=1024, preset="tiny", memory_layers=[2, 3], tokens_per_head=8, seq_len=128, batch_size=8,
+        stages=[StageConfig(name="warmup", steps=stage1, lr=3e-3, min_lr=3e-4, warmup_steps=5),
+                StageConfig(name="memory", steps=stage2, lr=2e-3, min_lr=2e-4, warmup_steps=5, memory=STAGE2,
+                            chunk_size=64, references_per_chunk=1, previous_chunks=4)],
+        log_interval=1, eval_interval=10_000, eval_questions=0, checkpoint_interval=10_000,
+        num_threads=1, device="cpu", progress=False,
+    )
+    defaults.update(kw)
+    return TrainConfig(**defaults)

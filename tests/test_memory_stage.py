@@ -13,7 +13,6 @@ from transformers import DynamicCache
 
 from memory3.sdk.encoder import MemoryEncoder
 from memory3.sdk.injection import MemoryInjector
-from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
 from memory3.trainer.corpus import KINDS, TRAIN, TRAIN_OVERLAP_LIMIT, build_world, distinctive_words, token_overlap
 from memory3.trainer.memory_stage import (ChunkAlignedStream, ChunkMemoryInjector, ChunkRetriever, answer_loss, chunk_reference_plan,
                                           drill_label_mask, entity_qa_document, memory_drill,
@@ -23,25 +22,9 @@ from memory3.trainer.pretrain import run_training, training_documents
 from memory3.trainer.retrieval_index import ReferenceIndex
 from memory3.trainer.tokenizer import encode_document, train_tokenizer
 
+from helpers import two_stage_config
+
 torch.set_num_threads(1)
-STAGE2 = "memory3.trainer.memory_stage:retrieval_stage"
-
-
-def two_stage_config(out_dir, stage1=4, stage2=4, **kw) -> TrainConfig:
-    defaults = dict(
-        out_dir=str(out_dir), seed=0,
-        world=WorldConfig(seed=0, n_entities=40, heldout_fraction=0.2, passages_per_entity=2),
-        vocab_size=1024, preset="tiny", memory_layers=[2, 3], tokens_per_head=8, seq_len=128, batch_size=8,
-        stages=[StageConfig(name="warmup", steps=stage1, lr=3e-3, min_lr=3e-4, warmup_steps=5),
-                StageConfig(name="memory", steps=stage2, lr=2e-3, min_lr=2e-4, warmup_steps=5, memory=STAGE2,
-                            chunk_size=64, references_per_chunk=1, previous_chunks=4)],
-        log_interval=1, eval_interval=10_000, eval_questions=0, checkpoint_interval=10_000,
-        num_threads=1, device="cpu", progress=False,
-    )
-    defaults.update(kw)
-    return TrainConfig(**defaults)
-
-
 @pytest.fixture(scope="module")
 def small_world():
     world = build_world(0, n_entities=40, passages_per_entity=2)

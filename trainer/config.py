@@ -15,6 +15,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from memory3.sdk.pq import QUANTIZERS
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -46,6 +48,12 @@ class StageConfig:
     # which memory-drill world (memory3.trainer.memory_stage.memory_drill) the stage drills on:
     # None = the default one; a later memory stage with another value reads entities it never saw
     drill_seed_offset: int | None = None
+    # quantization-aware reading (memory3.trainer.quantization_aware): > 0 = every memory the stage
+    # reads is first coded and decoded by a PQ codebook of this many bytes per vector ...
+    pq_bytes: int = 0
+    pq_quantizer: str = "residual"  # ... of this kind (memory3.sdk.pq.QUANTIZERS) ...
+    pq_sample: int = 500  # ... trained on this many memories of another generated world ...
+    pq_refresh: int = 50  # ... with the current weights, again every this many steps
 
 
 @dataclass
@@ -101,6 +109,12 @@ class TrainConfig:
                 raise ValueError(f"stage {s.name}: steps and warmup_steps must be >= 0")
             if s.memory != "none" and self.seq_len % s.chunk_size:
                 raise ValueError(f"seq_len {self.seq_len} is not a multiple of chunk_size {s.chunk_size}")
+            if s.pq_bytes < 0 or s.pq_sample < 1 or s.pq_refresh < 1:
+                raise ValueError(f"stage {s.name}: pq_bytes must be >= 0, pq_sample and pq_refresh >= 1")
+            if s.pq_bytes and s.memory == "none":
+                raise ValueError(f"stage {s.name}: pq_bytes needs a memory stage (memory is 'none')")
+            if s.pq_bytes and s.pq_quantizer not in QUANTIZERS:
+                raise ValueError(f"stage {s.name}: pq_quantizer must be one of {QUANTIZERS}, got {s.pq_quantizer!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype}")
         return self

@@ -93,6 +93,7 @@ from memory3.trainer.corpus import (ATTRIBUTES, QUESTIONS, RELATIONS, TRAIN, TRA
                                     token_overlap)
 from memory3.trainer.pretrain import (Batch, ChunkMemories, MemoryHooks, TokenStream, TrainContext,
                                       register_memory_stage, training_documents)
+from memory3.trainer.quantization_aware import CodebookRoundTrip, sample_references
 from memory3.trainer.retrieval_index import DEFAULT_CACHE_DIR, ReferenceIndex
 from memory3.trainer.tokenizer import encode_document
 
@@ -491,6 +492,10 @@ class RetrievalMemoryStage:
             self.retriever.precompute(self.stream.chunk_ids())
         self.encoder = MemoryEncoder(ctx.model, ctx.tokenizer, ctx.spec, batch_size=64)
         self.injector = ChunkMemoryInjector(ctx.model, ctx.spec)
+        self.round_trip = None  # quantization-aware reading: memories as a PQ codebook returns them
+        if stage.pq_bytes:
+            self.round_trip = CodebookRoundTrip(self.encoder, sample_references(world, stage.pq_sample),
+                                                stage.pq_bytes, stage.pq_quantizer, stage.pq_refresh)
 
     def plan(self, batch: Batch) -> list[list[list[int]]]:
         """[row][chunk] -> reference positions (into ``reference_texts``) that chunk reads."""
@@ -508,6 +513,8 @@ class RetrievalMemoryStage:
         trainable = ENCODE_WITH_GRAD and torch.is_grad_enabled()
         encode = self.encoder.encode_differentiable if trainable else self.encoder.encode
         encoded = encode([self.reference_texts[p] for p in distinct]) if distinct else []
+        if self.round_trip is not None:
+            encoded = self.round_trip(encoded)
         memory = dict(zip(distinct, encoded))
         return [[[memory[p] for p in chunk] for chunk in row] for row in plan]
 

@@ -10,21 +10,21 @@ import pytest
 import torch
 
 from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
-from memory3.trainer.corpus import EVAL_OVERLAP_LIMIT, HELDOUT, build_world, token_overlap
+from memory3.trainer.corpus import EVAL_OVERLAP_LIMIT, HELDOUT, token_overlap
 from memory3.trainer.evaluate import (MODES, evaluate_qa, evaluate_run, prompt_ids, report_markdown,
                                       retrieve_for_questions)
 from memory3.trainer.model import build_model, default_memory_spec
 from memory3.trainer.pretrain import run_training
 from memory3.trainer.retrieval_index import ReferenceIndex
-from memory3.trainer.tokenizer import train_tokenizer
+
+from helpers import small_world_and_tokenizer
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    world = build_world(0, n_entities=40, passages_per_entity=2)
-    tokenizer = train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)
+    world, tokenizer = small_world_and_tokenizer()
     model = build_model("tiny", len(tokenizer), seed=0)
     spec = default_memory_spec(model, (2, 3), tokens_per_head=8)
     index = ReferenceIndex([r.text for r in world.references])

@@ -13,22 +13,21 @@ from transformers import DynamicCache
 
 from memory3.sdk.encoder import MemoryEncoder
 from memory3.sdk.injection import MemoryInjector
-from memory3.trainer.corpus import KINDS, TRAIN, TRAIN_OVERLAP_LIMIT, build_world, distinctive_words, token_overlap
+from memory3.trainer.corpus import KINDS, TRAIN, TRAIN_OVERLAP_LIMIT, distinctive_words, token_overlap
 from memory3.trainer.memory_stage import (ChunkAlignedStream, ChunkMemoryInjector, ChunkRetriever, answer_loss, chunk_reference_plan,
                                           drill_label_mask, entity_qa_document, memory_drill,
                                           stage_documents)
 from memory3.trainer.model import build_model, default_memory_spec, load_reference_model
 from memory3.trainer.pretrain import run_training, training_documents
 from memory3.trainer.retrieval_index import ReferenceIndex
-from memory3.trainer.tokenizer import encode_document, train_tokenizer
+from memory3.trainer.tokenizer import encode_document
 
-from helpers import two_stage_config
+from helpers import small_world_and_tokenizer, two_stage_config
 
 torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def small_world():
-    world = build_world(0, n_entities=40, passages_per_entity=2)
-    tokenizer = train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)
+    world, tokenizer = small_world_and_tokenizer()
     return world, tokenizer
 
 
@@ -226,8 +225,7 @@ def test_stage_documents_keep_drills_in_sheets_of_one_kind(small_world):
 
 
 def test_drill_label_mask_counts_answers_and_the_token_after():
-    world = build_world(0, n_entities=40, passages_per_entity=2)
-    tokenizer = train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)
+    world, tokenizer = small_world_and_tokenizer()
     doc = "Q: Where was Tom born?\nA: Brask\nQ: What did Tom do?\nA: painter"
     ids = encode_document(tokenizer, doc)
     mask = drill_label_mask(tokenizer, doc)

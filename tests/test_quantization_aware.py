@@ -8,21 +8,18 @@ import torch
 from memory3.sdk.codec import decode_memory, encode_memory
 from memory3.sdk.encoder import MemoryEncoder
 from memory3.trainer.config import StageConfig, TrainConfig
-from memory3.trainer.corpus import build_world
 from memory3.trainer.model import build_model, default_memory_spec
 from memory3.trainer.pretrain import run_training
 from memory3.trainer.quantization_aware import CodebookRoundTrip, round_trip, sample_references
-from memory3.trainer.tokenizer import train_tokenizer
 
-from helpers import two_stage_config
+from helpers import small_world_and_tokenizer, two_stage_config
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def encoder():
-    world = build_world(0, n_entities=40, passages_per_entity=2)
-    tokenizer = train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)
+    world, tokenizer = small_world_and_tokenizer()
     model = build_model("tiny", len(tokenizer), seed=0)
     spec = default_memory_spec(model, (2, 3), tokens_per_head=8)
     return world, MemoryEncoder(model, tokenizer, spec)

@@ -52,6 +52,11 @@ The scheme, per vector ``x`` of memory layer ``l``, K/V slot ``s`` and KV head `
    centroid the later stages fit the sample, and on 40 memories of the reference model it coded
    unseen memories worse than product PQ). Rotation is the identity (full-dimension k-means does
    not depend on one).
+6. **A reader trained on coded memories** (not in this module: a training stage,
+   :mod:`memory3.trainer.quantization_aware`): the rest of the QA loss at 1 bit/dim is the model
+   reading slightly wrong keys and values it never saw in training; a short continuation of
+   stage 2 that reads every memory through a residual codebook shrinks it (figures there). The
+   codec and this module do not change for it.
 
 Per-vector norm/scale: **none is stored**. Every stored byte counts against the ~365x / 500x
 budgets, and an fp16 norm would cost 2 of the 14 bytes; the per-head mean and the per-group

@@ -28,13 +28,14 @@ runs/reference-tiny itself (no continuation)           180           +8.1 pt    
 +500 steps PQ-aware, seed 1                            177           +5.8 pt     +0.195
 +500 steps PQ-aware, lr 1e-4 -> 3e-5                   178           +5.4 pt     +0.157
 +1000 steps PQ-aware, lr 3e-4 -> 3e-5                  171           +4.2 pt     +0.155
-LOWLR1500
++1500 steps PQ-aware, lr 1e-4 -> 3e-5                   180           +9.2 pt     +0.192
 stage 2 PQ-aware from the start (3000 steps)           108           +3.5 pt     -0.061
 =====================================================  ============  ==========  ============
 
-So reading coded memories in training halves to quarters the loss they cost (NLL gap 0.31-0.39
--> 0.07-0.20 nats), but the ">= 500x with <= 0.5 pt" target is not reached, and replicates
-differ by as much as the effect (seed 0 vs 1: +1.5 vs +5.8 pt). Any continuation also moves
+So reading coded memories in training halves or better what they cost in answer NLL (0.31-0.39
+-> 0.07-0.20 nats, every run), but exact-match loss varies from run to run as much as the effect
+(+1.5 to +9.2 pt; seed 0 vs 1 of one recipe: +1.5 vs +5.8), and the ">= 500x with <= 0.5 pt"
+target is not reached. Any continuation also moves
 exact reading by a few points (the control loses 6 questions), which is why the bench compares
 against the starting model too. Coding memories through all of stage 2 is worse: the model
 learns to read far less from memory at all (108 vs 180), so the stage is a short fine-tune.
@@ -77,7 +78,10 @@ def round_trip(memories: Sequence[ExplicitMemory], codebook: PQCodebook) -> list
 
 
 class CodebookRoundTrip:
-    """Codes a training step's memories with a codebook that follows the weights being trained."""
+    """Codes a training step's memories with a codebook that follows the weights being trained.
+
+    The codebook is not checkpointed: a resumed run trains one at the step it resumes from, so it
+    matches an uninterrupted run only when it resumes on a refresh boundary."""
 
     def __init__(self, encoder: MemoryEncoder, sample_texts: Sequence[str], bytes_per_vector: int,
                  quantizer: str = "residual", refresh: int = 50, kmeans_iters: int = 15):

@@ -13,6 +13,8 @@ from memory3.sdk.codec import encode_memory
 from memory3.sdk.memory import ExplicitMemory
 from memory3.sdk.memory_spec import MemorySpec
 from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
+from memory3.trainer.corpus import build_world
+from memory3.trainer.tokenizer import train_tokenizer
 
 FINGERPRINT = "ab12" * 16
 SPEC = MemorySpec((0, 1), 2, 16, 4, 32, "int8")
@@ -87,8 +89,5 @@ def two_stage_config(out_dir, stage1=4, stage2=4, **kw) -> TrainConfig:
 
 def small_world_and_tokenizer():
     """The trainer tests' world (40 entities) and a 1024-token tokenizer trained on its text."""
-    from memory3.trainer.corpus import build_world
-    from memory3.trainer.tokenizer import train_tokenizer
-
     world = build_world(0, n_entities=40, passages_per_entity=2)
     return world, train_tokenizer(world.training_texts + [r.text for r in world.references], 1024)

@@ -36,8 +36,9 @@ So reading coded memories in training halves or better what they cost in answer 
 -> 0.07-0.20 nats, every continuation), but exact-match loss varies from run to run as much as
 the effect (+1.5 to +9.2 pt; seed 0 vs 1 of one recipe: +1.5 vs +5.8), and the ">= 500x with
 <= 0.5 pt" target is not reached. Any continuation also moves exact reading by a few points (the
-control loses 6 questions), which is why the bench compares against the starting model too. Coding memories through all of stage 2 is worse: the model
-learns to read far less from memory at all (108 vs 180), so the stage is a short fine-tune.
+control loses 6 questions), which is why the bench compares against the starting model too.
+Coding memories through all of stage 2 is worse: the model learns to read far less from memory
+at all (108 vs 180), so the stage is a short fine-tune.
 """
 
 from __future__ import annotations

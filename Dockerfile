@@ -3,9 +3,11 @@ WORKDIR /app
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 COPY pyproject.toml README.md ./
 COPY proto ./proto
+COPY core ./core
 COPY service ./service
 COPY sdk ./sdk
 COPY trainer ./trainer
+COPY cli ./cli
 COPY migrations ./migrations
 RUN pip install .
 RUN useradd --create-home memory3

@@ -1,41 +1,16 @@
 """Benchmark the memory codec: storage, fidelity and speed per scheme.
 
-Why: the storage claim of Memory3 (arXiv 2407.01178) is that sparse, quantized memories are
-32x (sparsity) / 64x (int8) / ~365x (14-byte OPQ-PQ) smaller than the dense bf16 KV of the whole
-reference (all layers, all KV heads, 128 tokens). This script measures, per scheme:
-
-* bytes per memory, *everything counted* (header, fingerprint, positions, scales, checksum), and
-  its ratio to the dense bf16 reference KV -- the baseline;
-* fidelity: per-vector cosine of K and of V (mean and min), and the relative error of a memory
-  layer's attention output softmax(qK^T/sqrt d)V with decoded vs original memory; queries are
-  keys of other memories of the same (layer, head), rescaled so logits have standard deviation 2;
-* encode memories/s, beside fp16's (ratio);
-* with ``--model``: the encoder's references/s (model forward with K/V capture and top-k
-  selection, :class:`memory3.sdk.encoder.MemoryEncoder`), beside a plain forward of the same
-  padded batches (ratio: the encoder's cost over the forward it cannot avoid);
-* decode MB/s (payload bytes per second into float32 tensors), beside raw zstd decompression
-  MB/s of the same bytes: for zstd schemes the body frame itself, for pq (whose codes zstd does not
-  shrink, so the body is stored raw) a zstd frame of the whole payload. Ratio = zstd time / decode
-  time; the target is >= 0.5.
-
-Data: the Memory3 shape (22 layers x K,V x 8 heads x 8 tokens x 80) uses *synthetic structured*
-KV (low-rank, heavy-tailed coefficients, outlier key channels, RoPE; as in tests/test_codec.py),
-because no trained model of that shape exists here; its fidelity figures are indicative only.
-``--model PATH`` (a Hugging Face causal LM saved by trainer/ with memory_spec.json) adds real
-memories encoded by :class:`memory3.sdk.encoder.MemoryEncoder` from ``--texts`` (one reference
-per line), whose fidelity figures are the ones to trust.
-
-PQ settings: pq14 is the paper's 14 bytes per 80-d vector (its ~365x counts codes only; with
-positions and header counted it lands just below), pq13 is the smallest change that clears 365x
-with everything counted, pq9 is the >= 500x setting. Codebooks are trained on a separate sample
-of memories and evaluated on held-out ones, and code keys without their position (the model's
-RoPE frequencies in the codebook, ``train_codebook(key_rope=...)``); one more row, "pq9 keys as
-stored", is the >= 500x setting without that, for comparison; "pq9 residual" is the >= 500x setting
-with the residual quantizer (one full-dimension codebook per byte, each coding what the previous
-left; ``train_codebook(quantizer="residual")``).
+Checks the storage claim of Memory3 (arXiv 2407.01178), sparse and quantized memories far below the
+dense bf16 KV of the whole reference, per scheme: bytes per memory with everything counted against
+that baseline; per-vector K/V cosine and the error of a memory layer's attention output; encode and
+decode speed, decode beside raw zstd; with ``--model``, the throughput of
+:class:`memory3.sdk.memory.encoder.MemoryEncoder` beside a plain forward. The Memory3 shape uses
+synthetic structured KV (indicative only); ``--model`` adds real memories encoded from ``--texts``.
+PQ codebooks are trained on other memories than those evaluated.
 
 Usage: python bench/bench_codec.py [--model DIR --texts FILE] [--train N (150)] [--eval N]
 Writes bench/results/codec.md and bench/results/codec_bytes_vs_fidelity.png.
+Measurements: docs/experiments.md ("Codec storage", "Codec speed", "PQ codebooks").
 """
 
 from __future__ import annotations
@@ -50,11 +25,12 @@ import torch
 import zstandard
 from tqdm import tqdm
 
-from memory3.sdk.codec import decode_memory, encode_memory, read_header
-from memory3.sdk.memory import ExplicitMemory
-from memory3.sdk.pq import train_codebook
-from memory3.sdk.rope import Rotary
-from memory3.sdk.synthetic_kv import SyntheticKV
+from memory3.core.blob import read_header
+from memory3.sdk.memory.codec import decode_memory, encode_memory
+from memory3.sdk.memory.pq import train_codebook
+from memory3.sdk.memory.synthetic import SyntheticKV
+from memory3.sdk.memory.tensors import ExplicitMemory
+from memory3.sdk.model.rope import Rotary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PQ_SETTINGS = {"pq14": 14, "pq13": 13, "pq9": 9}
@@ -176,8 +152,8 @@ def model_memories(model_dir: str, texts_file: str | None, n: int):
     """Real memories from a trained model via the SDK encoder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memory3.sdk.encoder import MemoryEncoder, ReferenceTooShortError
-    from memory3.sdk.memory_spec import MemorySpec
+    from memory3.core.memory_spec import MemorySpec
+    from memory3.sdk.memory.encoder import MemoryEncoder, ReferenceTooShortError
 
     spec = MemorySpec.load(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
@@ -256,7 +232,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", help="HF causal LM dir with memory_spec.json (trainer/ output)")
     ap.add_argument("--texts", help="reference texts, one per line (with --model)")
     ap.add_argument("--train", type=int, default=150,
-                    help="memories to train PQ codebooks on (the residual quantizer needs ~100+, see memory3.sdk.pq)")
+                    help="memories to train PQ codebooks on (the residual quantizer needs ~100+, see memory3.sdk.memory.pq)")
     ap.add_argument("--eval", type=int, default=12, help="held-out memories to measure")
     ap.add_argument("--kmeans-iters", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)

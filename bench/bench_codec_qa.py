@@ -1,43 +1,16 @@
 """QA loss per codec scheme: the reference model answering from compressed memories.
 
-Why: the codec's storage ratios only count if the model still reads the facts. The paper's
-14-byte OPQ-PQ cost it under 0.5 point of QA accuracy; the ">= 500x" setting must not lose more.
-This script takes a trained reference model (``runs/reference-tiny`` by default), encodes its
-world's memory bank once, round-trips every memory through each scheme (encode_memory ->
-decode_memory), and measures
-held-out and train QA exact match in memory mode on the same questions and retrieved references
-(:func:`memory3.trainer.evaluate.evaluate_qa`), reading the top-5 memories and, for held-out
-questions, also only the top-1 (:data:`EVALUATIONS`). The baseline is the same bank uncompressed, in
-the same run; each scheme's loss is printed in points beside it, with the questions it lost and
-gained against the baseline. Held-out questions are asked in every phrasing the corpus has
-(``World.qa(all_phrasings=True)``, 260 for the tiny world), so one question is ~0.4 point. A
-smoother figure sits beside it: the mean loss (nats) on the held-out answer tokens with the
-question's own reference in memory (:func:`memory3.trainer.memory_stage.answer_loss`), and the
-same without memory for scale.
-
-PQ codebooks are trained on a sample of memories that the evaluation never reads: the references
-of another generated world (same generator, :func:`memory3.trainer.quantization_aware.sample_references`,
-``--codebook-sample`` entities, 2,000 by default), encoded by the same model. That is a bank's
-situation: its codebook is trained on a sample and codes every memory written after. (Training on
-the evaluated bank itself, as this script once did, lets 200 memories' codebooks memorise them: in
-a probe the residual quantizer scored 182 / 260 top-1 that way, above the uncompressed 180; this
-script, on unseen memories, measures 159.)
-
-PQ settings are matched to the Memory3 shape by *bits per dimension*: the paper's 14 bytes per
-80-d vector is 1.4 bits/dim, the >= 500x setting (pq9 in bench_codec.py) 0.9 bits/dim; at this
-model's head dimension D that is round(14 D / 80) and round(9 D / 80) bytes per vector. PQ
-codebooks code keys without their position (``key_rope``); one row is the >= 500x setting with keys
-coded as stored, for comparison. ``residual`` rows use the residual quantizer
-(:data:`memory3.sdk.pq.QUANTIZERS`) at the same bytes per vector.
-
-A model trained to read coded memories (``trainer/configs/tiny-pq.yaml``, a stage with
-``pq_bytes``) is a different model from the one it started from: ``--baseline-run`` (the run it
-started from) adds that run's uncompressed bank as a second baseline, and the target then holds
-only if each scheme's loss is <= 0.5 pt against both -- its own uncompressed reading, and the
-model a deployment would otherwise run with exact memories.
+The codec's storage ratios only count if the model still reads the facts. This encodes a trained
+reference model's memory bank once, round-trips every memory through each scheme, and measures
+held-out and train QA exact match in memory mode (top-5, and top-1 for held-out questions) and the
+held-out answer loss, against the same bank uncompressed in the same run. PQ codebooks are trained
+on memories of another generated world (as a bank's are on a sample), and PQ bytes match the Memory3
+setting in bits per dimension. ``--baseline-run`` adds a second baseline for a model trained to read
+coded memories.
 
 Usage: python bench/bench_codec_qa.py [RUN_DIR] [--baseline-run RUN_DIR] [--kmeans-iters N] [--name NAME]
 Writes bench/results/NAME.md (default ``codec_qa``).
+Measurements: docs/experiments.md ("Codec QA on the reference model", "Quantization-aware reading").
 """
 
 from __future__ import annotations
@@ -48,9 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from memory3.sdk.codec import decode_memory, encode_memory
-from memory3.sdk.pq import train_codebook
-from memory3.sdk.rope import Rotary
+from memory3.sdk.memory.codec import decode_memory, encode_memory
+from memory3.sdk.memory.pq import train_codebook
+from memory3.sdk.model.rope import Rotary
 from memory3.trainer.corpus import HELDOUT, TRAIN, format_qa
 from memory3.trainer.evaluate import RunUnderTest, encode_memory_bank, evaluate_qa
 from memory3.trainer.memory_stage import answer_loss

@@ -1,40 +1,16 @@
 """Benchmark decoding speed: plain vs RAG vs explicit memory, batch 1 and 8, service on loopback.
 
-Why: Memory3 (arXiv 2407.01178) lost 35% of plain decoding speed to its memory reads (733 vs
-1131 tok/s) while RAG lost more. This measures the same three modes through one decode loop
-(:mod:`memory3.sdk.decoding`) on the same model and prompts, with a real memory3 server (embedded
-PostgreSQL + pgvector, built-in embedder) in this process, memories in its database:
-
-* the paper's set-up: 128 prompt tokens, 128 generated (greedy, no early stop);
-* RAG retrieves the top 5 references once with the prompt and puts their text before it;
-* memory follows the every-64-token schedule (prompt chunks of 64 each with 5 memories; every 64
-  generated tokens 5 new ones), cache **cold** (a fresh supply: every memory fetched and decoded)
-  and **warm** (the same prompts again: ids-only retrieval, no fetch, no decode). "strict" is the
-  paper's schedule to the token; "pipelined" also starts the next batch's prompt retrievals while
-  the current batch decodes (:func:`memory3.sdk.decoding.prefetch`) and switches generated-chunk
-  memories ``--lag`` tokens after the boundary so their retrieval hides behind compute.
-
-Tokens/s = generated tokens / wall time of the generate calls (retrieval, prefill and decode all
-inside). Ratios are to the baselines measured in this run. The retrieval step breakdown is the
-mean per step from :class:`memory3.sdk.memory_supply.StepTiming`: search (Retrieve RPC: query
-embedding + vector search on the server), fetch (payloads of cache misses), decode (codec, worker
-thread), inject (setting memories into the injector), and wait (how long decoding actually
-blocked on the step: the part the overlap did not hide).
-
-Model: ``--model DIR`` (saved by trainer/: model, tokenizer, memory_spec.json); else a random
-Llama from the trainer's ``small`` preset with a BPE tokenizer trained on the generated corpus —
-random weights are fine for speed. References: the trainer's knowledge-world passages, one
-reference per entity (its passages joined, ~128 tokens).
-
-Where the service runs matters on a small CPU: the built-in MiniLM embeds a 64-token query in
-~35 ms on one core, whatever the model's size. Deployed, the model decodes on an accelerator and
-the service uses the host's CPU; ``--split-cores`` reproduces that separation here (service and
-PostgreSQL on the last core, the decoder on the rest). The embedding is then a fixed cost per 64
-tokens, small next to a 100M-parameter model's decode (``--preset large``) but as large as a
-5M-parameter model's own work (``--preset small``): results for both are kept.
+Memory3 (arXiv 2407.01178) lost part of plain decoding speed to its memory reads, and RAG lost more.
+This runs the three modes through one decode loop (:mod:`memory3.sdk.generation`) on the same model and
+prompts against a real memory3 server in this process: the paper's 128 + 128 tokens, memories every 64
+tokens with a cold and a warm cache, "strict" and "pipelined" schedules, and the mean retrieval step
+breakdown of :class:`memory3.sdk.memory.supply.StepTiming`. The model is ``--model DIR`` or a random
+Llama of ``--preset`` (fine for speed); ``--split-cores`` gives the service and PostgreSQL their own
+core, as when the model decodes on an accelerator.
 
 Usage: python bench/bench_decoding.py [--model DIR] [--preset large] [--split-cores] [--lag 16]
 Writes bench/results/NAME.md and NAME.png (``--name``, default ``decoding``).
+Measurements: docs/experiments.md ("Decoding speed").
 """
 
 from __future__ import annotations
@@ -52,13 +28,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from memory3.sdk import decoding
-from memory3.sdk.client import Client
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.fingerprint import model_fingerprint
-from memory3.sdk.memory_supply import MemorySupply, Retrieved, StepTiming
-from memory3.sdk.memory_writer import MemoryWriter
-from memory3.sdk.types import BankInfo
+from memory3.sdk import generation as decoding
+from memory3.sdk.client import BankInfo
+from memory3.sdk.client.client import Client
+from memory3.sdk.generation import DecodingOptions, MemoryOptions
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.supply import MemorySupply, Retrieved, StepTiming
+from memory3.sdk.memory.writer import MemoryWriter
+from memory3.sdk.model.fingerprint import model_fingerprint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_TOKENS = 128
@@ -158,7 +135,7 @@ class Row:
 def run_mode(model, tokenizer, supply, bank, prompts, batch, mode, *, lag=0, pipelined=False) -> tuple[float, int]:
     """Generate for all prompts in batches; (seconds, generated tokens)."""
     batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
-    options = dict(max_new_tokens=NEW_TOKENS, chunk=CHUNK, top_k=TOP_K, stop_at_eos=False)
+    options = DecodingOptions(max_new_tokens=NEW_TOKENS, chunk=CHUNK, stop_at_eos=False)
     tokens = 0
     start = time.perf_counter()
     ahead = decoding.prefetch(tokenizer, supply, bank, batches[0], CHUNK, TOP_K) if pipelined else None
@@ -167,11 +144,12 @@ def run_mode(model, tokenizer, supply, bank, prompts, batch, mode, *, lag=0, pip
         if pipelined and i + 1 < len(batches):
             ahead = decoding.prefetch(tokenizer, supply, bank, batches[i + 1], CHUNK, TOP_K)
         if mode == "plain":
-            out = decoding.generate_plain(model, tokenizer, group, **options)
+            out = decoding.generate_plain(model, tokenizer, group, options)
         elif mode == "rag":
-            out = decoding.generate_rag(model, tokenizer, supply, bank, group, **options)
+            out = decoding.generate_rag(model, tokenizer, group, MemoryOptions(supply, bank, top_k=TOP_K), options)
         else:
-            out = decoding.generate_with_memory(model, tokenizer, supply, bank, group, lag=lag, prefetch=current, **options)
+            memory = MemoryOptions(supply, bank, top_k=TOP_K, lag=lag, prefetch=current)
+            out = decoding.generate_with_memory(model, tokenizer, group, memory, options)
         tokens += sum(len(r.token_ids) for r in out)
     return time.perf_counter() - start, tokens
 
@@ -235,8 +213,9 @@ def main(argv=None) -> None:
             writer = MemoryWriter(MemoryEncoder(model, tokenizer, spec), skip_short=True)
             supply.run(writer.write(supply.client, bank, [(f"e{i}", t) for i, t in enumerate(references)]))
             # warm up the server's embedder, the model and the code paths once (not measured)
-            decoding.generate_with_memory(model, tokenizer, supply, bank, prompts[:1], max_new_tokens=8, stop_at_eos=False)
-            decoding.generate_rag(model, tokenizer, supply, bank, prompts[:1], max_new_tokens=8, stop_at_eos=False)
+            warm = DecodingOptions(max_new_tokens=8, stop_at_eos=False)
+            decoding.generate_with_memory(model, tokenizer, prompts[:1], MemoryOptions(supply, bank), warm)
+            decoding.generate_rag(model, tokenizer, prompts[:1], MemoryOptions(supply, bank), warm)
             for batch in (1, 8):
                 variants = [
                     ("plain", {}, None), ("rag", {}, None),

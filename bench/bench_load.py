@@ -22,17 +22,16 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import torch
 
-from memory3.sdk.client import AsyncClient, Client
-from memory3.sdk.codec import encode_memory
-from memory3.sdk.memory import ExplicitMemory
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.trajectory import Decision, Episode
-from memory3.sdk.types import BankInfo, Reference
+from memory3.core.episodes import Decision, Episode
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.client.client import AsyncClient, Client
+from memory3.sdk.memory.codec import encode_memory
+from memory3.sdk.memory.tensors import ExplicitMemory
 from memory3.service.child_process import ServiceProcess
 from memory3.service.embedded_pg import EmbeddedPostgres
-
-import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADMIN = "load-admin"

@@ -27,15 +27,15 @@ from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from memory3.sdk.client import Client
-from memory3.sdk.codec import encode_memory
-from memory3.sdk.memory import ExplicitMemory
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.types import BankInfo, Reference
+from memory3.core.embedder import BuiltinEmbedder
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.client.client import Client
+from memory3.sdk.memory.codec import encode_memory
+from memory3.sdk.memory.tensors import ExplicitMemory
 from memory3.service.child_process import ServiceProcess
 from memory3.service.config import load_settings
 from memory3.service.embedded_pg import EmbeddedPostgres, libpq_url
-from memory3.service.embedder import BuiltinEmbedder
 from memory3.service.reference_store import ReferenceRow
 from memory3.trainer.corpus import build_world
 

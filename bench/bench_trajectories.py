@@ -1,18 +1,15 @@
 """Trajectory ingest benchmark: decisions stored per second through the service's Log stream vs
 a raw binary COPY of the same rows into the same table, measured in the same run on one database.
 
-* Log through gRPC (the SDK's packed EpisodeRecords, ~1 MiB messages, `--streams` concurrent
-  streams of `--stream-episodes` each): parse + validate + COPY into staging + deduplicating
-  insert + commit. Target >= 20,000 decisions/s.
-* Baseline: psycopg binary COPY of the same episodes straight into trajectory_episodes (no
-  validation, no dedup, no gRPC), in transactions of the same size.
-* For information: the SDK's Episode -> wire encoding rate, and the background logger end to end.
-
-Episodes look like proxy sampling output: 64-token prompts, `--response-tokens` response tokens,
-0-2 rejections before each accept (~2 decisions per token).
+Log goes through gRPC (the SDK's packed EpisodeRecords, ``--streams`` concurrent streams): validation,
+COPY into staging, deduplicating insert. The baseline copies the same episodes straight into
+trajectory_episodes. Also reported: the SDK's Episode -> wire encoding rate and the background logger
+end to end. Episodes look like proxy sampling output.
 
     python bench/bench_trajectories.py                 # 2,000 episodes
     python bench/bench_trajectories.py --episodes 500  # quicker
+
+Measurements: docs/experiments.md ("Trajectory ingest").
 """
 
 from __future__ import annotations
@@ -28,10 +25,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from memory3.sdk.client import AsyncClient, Client
-from memory3.sdk.trajectory import Decision, Episode
-from memory3.sdk.trajectory_client import episode_to_record, log_requests
-from memory3.sdk.trajectory_logger import TrajectoryLogger
+from memory3.core.episodes import Decision, Episode
+from memory3.sdk.client.client import AsyncClient, Client
+from memory3.sdk.client.trajectories import episode_to_record, log_requests
+from memory3.sdk.proxy.logger import TrajectoryLogger
 from memory3.service.config import load_settings
 from memory3.service.embedded_pg import EmbeddedPostgres, libpq_url
 from memory3.service.server import BackgroundServer

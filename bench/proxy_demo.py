@@ -1,29 +1,15 @@
 """End-to-end proxy alignment: log with proxy v0, retrain offline, log with v1; against fine-tuning the LLM.
 
-What it shows (issue 6, Proxy-RLHF arXiv 2403.04283): a proxy of <= 1% of the LLM's parameters,
-trained offline from logged trajectories, buys most of the reward gain that fine-tuning the whole
-LLM buys with the same episodes and the same number of passes over them.
+Shows that a proxy of <= 1% of the LLM's parameters (Proxy-RLHF, arXiv 2403.04283), trained offline
+from logged trajectories, buys most of the reward gain that fine-tuning the whole LLM buys with the
+same episodes and passes. Per seed: a frozen LLM (``--model``, else a random tiny Llama) and a reward
+(the neural "write about nature" reward model, or for the random model a rule avoiding its most
+proposed tokens); log episodes with v0 (through a service with ``--target``); train v1
+(:mod:`memory3.trainer.proxy_rl`) and, for comparison, fine-tune the LLM by reward-weighted regression
+on the same episodes, each at its best of a few learning rates; pool the gains over ``--seeds``.
 
-Steps:
-
-1. the frozen LLM — the reference model (``--model``, trainer/ output) or, without one, a randomly
-   initialised 'tiny' Llama — and a reward: with the reference model, the neural reward model
-   (frozen all-MiniLM-L6-v2 + a head trained here on the locally generated nature-vs-built labelled
-   set, :mod:`memory3.trainer.reward_train`): "write about nature"; with the random model, the
-   rule reward "avoid the 30 tokens the model proposes most" (a random model writes no sentences);
-2. the plain LLM's mean reward on held-out prompts (the baseline both methods start from);
-3. log ``--episodes`` episodes with the initial proxy v0 (p(accept) ~ 0.5: it explores);
-   with ``--target`` they go to a memory3 service (Log) and are read back from it (Read);
-4. train v1 offline (:mod:`memory3.trainer.proxy_rl`), at each of a few learning rates; with ``--target`` publish it to the registry
-   and fetch the latest version back; sample again on the held-out prompts with v1;
-5. for comparison, fine-tune a copy of the LLM itself on the same episodes for the same number of
-   epochs with reward-weighted regression (AWR: responses weighted by exp(advantage / beta)),
-   at a few learning rates; the proxy gets the same courtesy (a sweep of its own learning rate),
-   and each method's best is reported;
-6. repeat 1-5 for ``--seeds`` seeds (reward model, prompts, logged episodes and sampling all change)
-   and pool the gains; print the tables, write ``bench/results/proxy_demo.md`` and a plot.
-
-Run: ``python bench/proxy_demo.py [--model runs/tiny-measure/model]`` (about 2 min per seed on 2 cores).
+Run: ``python bench/proxy_demo.py [--model runs/tiny-measure/model]``; writes bench/results/proxy_demo.md.
+Measurements: docs/experiments.md ("Proxy vs fine-tuning the LLM").
 """
 
 from __future__ import annotations
@@ -39,10 +25,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memory3.sdk.proxy import ProxyPolicy, count_distinct, count_trainable, parameter_ratio
-from memory3.sdk.proxy_sampling import SamplingConfig, left_pad, position_ids_from_mask, sample_nucleus, sample_with_proxy
-from memory3.sdk.reward import AvoidTokensReward, episode_return, score_episodes
-from memory3.sdk.trajectory import Episode
+from memory3.core.episodes import Episode
+from memory3.sdk.model.sampling import (
+    SamplingConfig,
+    left_pad,
+    position_ids_from_mask,
+    sample_nucleus,
+)
+from memory3.sdk.proxy.policy import (
+    ProxyPolicy,
+    count_distinct,
+    count_trainable,
+    parameter_ratio,
+)
+from memory3.sdk.proxy.reward import AvoidTokensReward, episode_return, score_episodes
+from memory3.sdk.proxy.sampling import sample_with_proxy
 from memory3.trainer.proxy_rl import ProxyRLConfig, load_episodes, publish, train_proxy
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,12 +63,12 @@ SEED = 0
 
 def filler_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
     """The first 2-4 words of sentences of the reference corpus's filler grammar."""
-    from memory3.trainer.corpus import _filler_sentence
+    from memory3.trainer.corpus import filler_sentence
 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        words = _filler_sentence(rng).split()
+        words = filler_sentence(rng).split()
         out.append(tokenizer(" ".join(words[: rng.randrange(2, 5)]))["input_ids"])
     return out
 
@@ -218,7 +215,7 @@ def run_seed(args, seed: int) -> dict:
     proxy_v0 = ProxyPolicy.for_model(model, seed=seed)
     client = None
     if args.target:
-        from memory3.sdk.client import Client
+        from memory3.sdk.client.client import Client
         from memory3.service.config import load_settings
 
         client = Client(args.target, args.api_key or load_settings().api_key)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memory3.sdk.wire import bank_to_proto
+from memory3.core.banks import bank_to_proto
 from memory3.v1 import banks_pb2, banks_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 
 from .auth import Authenticator
@@ -67,12 +67,12 @@ class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
         if not request.HasField("bank"):
             raise InvalidArgument("CreateBank needs a bank")
         bank, _ = await self.banks.create(bank_from_proto(request.bank, tenant_id))
-        return bank_to_proto(bank)
+        return bank_to_proto(bank.info())
 
     @rpc
     async def GetBank(self, request, context):
         tenant_id = await self.auth.tenant(context)
-        return bank_to_proto(await self.banks.get(tenant_id, request.name))
+        return bank_to_proto((await self.banks.get(tenant_id, request.name)).info())
 
     @rpc
     async def ListBanks(self, request, context):
@@ -80,7 +80,7 @@ class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
         banks, token = await self.banks.list(tenant_id, request.page_size, request.page_token)
-        return banks_pb2.ListBanksResponse(banks=[bank_to_proto(b) for b in banks], next_page_token=token)
+        return banks_pb2.ListBanksResponse(banks=[bank_to_proto(b.info()) for b in banks], next_page_token=token)
 
     @rpc
     async def DeleteBank(self, request, context):

@@ -12,7 +12,9 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from memory3.sdk.memory_spec import MemorySpec
+from memory3.core.banks import BankInfo
+from memory3.core.codebook_format import CodebookError, canonical_digest, read_codebook
+from memory3.core.memory_spec import MemorySpec
 
 from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound
@@ -43,6 +45,11 @@ class Bank:
     def partition(self) -> str:
         """Name of the bank's own table (a partition of memory_references)."""
         return f"memory_references_b{self.id}"
+
+    def info(self) -> BankInfo:
+        """The definition clients see (no ids)."""
+        return BankInfo(self.name, self.model_fingerprint, self.spec, self.embedder_name, self.embedder_dim,
+                        self.metric, self.created_at)
 
     def same_definition(self, other: "Bank") -> bool:
         return (self.model_fingerprint, self.spec, self.embedder_name, self.embedder_dim, self.metric) == (
@@ -191,7 +198,7 @@ class StoredCodebook:
 
 
 class CodebookStore:
-    """PQ codebooks of a bank: validated with the SDK's own codebook reader, never re-parsed here."""
+    """PQ codebooks of a bank: validated and digested with the shared format reader (memory3.core)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -199,10 +206,8 @@ class CodebookStore:
         self._digests: dict[tuple[int, int], bytes] = {}
 
     async def put(self, bank: Bank, blob: bytes) -> tuple[StoredCodebook, bool]:
-        from memory3.sdk.pq import CodebookError, PQCodebook
-
         try:
-            codebook = PQCodebook.from_bytes(blob)
+            codebook, arrays = read_codebook(blob)
             codebook.check_shape(len(bank.spec.memory_layers), bank.spec.kv_heads, bank.spec.head_dim)
         except CodebookError as err:
             raise InvalidArgument(f"invalid codebook: {err}") from None
@@ -211,7 +216,7 @@ class CodebookStore:
                 f"codebook was trained for model {codebook.fingerprint[:12]}…, bank {bank.name!r} holds "
                 f"memories of {bank.model_fingerprint[:12]}…"
             )
-        digest = codebook.digest
+        digest = canonical_digest(codebook, arrays)
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(

@@ -41,7 +41,7 @@ class ServiceProcess:
 
     def start(self, timeout: float = 120) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "memory3.service.cli", "serve"], env=self.env,
+            [sys.executable, "-m", "memory3.cli.main", "serve"], env=self.env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.time() + timeout

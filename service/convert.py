@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from memory3.sdk.codec import SCHEMES
-from memory3.sdk.memory_spec import MemorySpec
+from memory3.core.blob import SCHEMES
+from memory3.core.embedder import BUILTIN_DIMENSION, BUILTIN_EMBEDDER, BUILTIN_METRIC
+from memory3.core.memory_spec import MemorySpec
 from memory3.v1 import banks_pb2
 
 from .bank_store import METRICS, Bank
-from .embedder import BUILTIN_DIMENSION, BUILTIN_EMBEDDER, BUILTIN_METRIC
 from .errors import InvalidArgument
-
 
 
 def timestamp(value) -> Timestamp:

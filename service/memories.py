@@ -8,18 +8,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from memory3.sdk.codec import CodecError, validate_payload
-from memory3.sdk.overlap import token_overlap
-from memory3.sdk.wire import size_batches
+from memory3.core.batching import size_batches
+from memory3.core.blob import CodecError, validate_payload
+from memory3.core.embedder import BUILTIN_EMBEDDER, BuiltinEmbedder
+from memory3.core.overlap import token_overlap
+from memory3.core.references import StoredReference
 from memory3.v1 import memories_pb2, memories_pb2_grpc
 
 from .auth import Authenticator
 from .bank_store import Bank, BankStore, CodebookStore
 from .config import Settings
 from .convert import vector_from_values
-from .embedder import BUILTIN_EMBEDDER, BuiltinEmbedder
 from .errors import InvalidArgument, NotFound, ResourceExhausted, rpc
-from .reference_store import ReferenceRow, ReferenceStore, StoredRow
+from .reference_store import ReferenceRow, ReferenceStore
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
 
     # --- Reads -----------------------------------------------------------------------------
 
-    def _frames(self, row: StoredRow, rank: int | None, with_text: bool, with_memory: bool):
+    def _frames(self, row: StoredReference, rank: int | None, with_text: bool, with_memory: bool):
         """A reference's frames: its description with the first memory chunk, then the rest."""
         chunk = self.settings.chunk_bytes
         memory = row.memory if with_memory and row.memory else b""

@@ -16,7 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from memory3.sdk.codec import payload_checksum
+from memory3.core.blob import payload_checksum
+from memory3.core.references import StoredReference, WriteSummary
 
 from .bank_store import METRICS, Bank
 from .db import autocommit
@@ -50,25 +51,6 @@ class ReferenceRow:
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
         return digest.digest()
-
-
-@dataclass
-class StoredRow:
-    external_id: str
-    text: str
-    metadata: dict[str, str]
-    memory_size: int
-    memory_crc32: int
-    memory: bytes | None = None
-    score: float = 0.0
-
-
-@dataclass
-class WriteCounts:
-    inserted: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    memory_bytes: int = 0
 
 
 _STAGING_COLUMNS = "seq, external_id, text, metadata, embedding, memory, memory_size, memory_crc32, content_hash"
@@ -126,12 +108,12 @@ class BankWriter:
                     )
                     self._memory_bytes += row.memory_size
 
-    async def commit(self) -> WriteCounts:
+    async def commit(self) -> WriteSummary:
         """Upsert the staged rows (the last one wins for an id written twice in one stream)."""
         async with _bank_partition(self.bank):
             return await self._upsert()
 
-    async def _upsert(self) -> WriteCounts:
+    async def _upsert(self) -> WriteSummary:
         result = await self.conn.execute(
             text(
                 f"""
@@ -158,7 +140,7 @@ class BankWriter:
             {"bank_id": self.bank.id},
         )
         inserted, updated = result.one()
-        return WriteCounts(inserted, updated, len(self._ids) - inserted - updated, self._memory_bytes)
+        return WriteSummary(inserted, updated, len(self._ids) - inserted - updated, self._memory_bytes)
 
 
 class ReferenceStore:
@@ -172,7 +154,7 @@ class ReferenceStore:
 
     async def search(
         self, bank: Bank, vector: np.ndarray, limit: int, metadata_filter: dict[str, str], with_memory: bool
-    ) -> list[StoredRow]:
+    ) -> list[StoredReference]:
         """Nearest references by the bank's HNSW index (approximate), nearest first.
 
         The hot path of every Retrieve: the statement goes straight to the psycopg connection
@@ -194,12 +176,12 @@ class ReferenceStore:
                 await conn.execute(text(f"SET LOCAL hnsw.ef_search = {int(limit)}"))
             driver = (await conn.get_raw_connection()).driver_connection
             rows = await (await driver.execute(sql, params)).fetchall()
-            found = [StoredRow(*row[:5], row[5], float(row[6])) for row in rows]
+            found = [StoredReference(*row[:5], row[5], float(row[6])) for row in rows]
         if metadata_filter:  # relaxed_order may return slightly out of order
             found.sort(key=lambda row: -row.score)
         return found
 
-    async def fetch(self, bank: Bank, external_ids: list[str], with_memory: bool) -> list[StoredRow]:
+    async def fetch(self, bank: Bank, external_ids: list[str], with_memory: bool) -> list[StoredReference]:
         memory_column = "memory" if with_memory else "NULL::bytea"
         async with _bank_partition(bank), self.reads.connect() as conn:
             rows = await conn.execute(
@@ -209,7 +191,7 @@ class ReferenceStore:
                 ),
                 {"ids": list(external_ids)},
             )
-            by_id = {r.external_id: StoredRow(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32, r.memory) for r in rows}
+            by_id = {r.external_id: StoredReference(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32, r.memory) for r in rows}
         return [by_id[i] for i in dict.fromkeys(external_ids) if i in by_id]
 
     async def delete(self, bank: Bank, external_ids: list[str]) -> int:

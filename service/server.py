@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 from dataclasses import dataclass
 
 import grpc
@@ -14,8 +13,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from memory3.v1 import banks_pb2, banks_pb2_grpc, memories_pb2, memories_pb2_grpc, tenants_pb2, tenants_pb2_grpc
-from memory3.v1 import proxies_pb2, proxies_pb2_grpc, trajectories_pb2, trajectories_pb2_grpc
+from memory3.core.embedder import BuiltinEmbedder
+from memory3.core.loop_thread import LoopThread
+from memory3.v1 import (
+    banks_pb2,
+    banks_pb2_grpc,
+    memories_pb2,
+    memories_pb2_grpc,
+    proxies_pb2,
+    proxies_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
+    trajectories_pb2,
+    trajectories_pb2_grpc,
+)
 
 from .admin import BanksServicer, TenantsServicer
 from .auth import Authenticator, resolve_admin_key
@@ -23,9 +34,8 @@ from .bank_store import BankStore, CodebookStore
 from .config import Settings
 from .db import create_engine_for, migrate
 from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
-from .embedder import BuiltinEmbedder
 from .memories import MemoriesServicer
-from .observability import ObservabilityInterceptor, refresh_bank_gauges
+from .observability import CACHE_LOOKUPS, ObservabilityInterceptor, refresh_bank_gauges
 from .proxies import ProxiesServicer
 from .proxy_store import ProxyStore
 from .reference_store import ReferenceStore
@@ -95,7 +105,10 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     auth = Authenticator(tenants, admin_key)
     banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction, settings.bank_cache_seconds)
     refs = ReferenceStore(engine, settings.hnsw_ef_search)
-    embedder = embedder or BuiltinEmbedder(settings.embedder_device, settings.query_cache_size, settings.embed_batch_max)
+    embedder = embedder or BuiltinEmbedder(
+        settings.embedder_device, settings.query_cache_size, settings.embed_batch_max,
+        on_cache_lookup=lambda hit: CACHE_LOOKUPS.labels("query_embedding", "hit" if hit else "miss").inc(),
+    )
 
     interceptor = ObservabilityInterceptor(settings.max_in_flight)
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(settings))
@@ -146,19 +159,17 @@ class BackgroundServer:
     asyncio clients in the caller's thread can both talk to it."""
 
     def __init__(self, settings: Settings, embedder: BuiltinEmbedder | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="memory3-server", daemon=True)
-        self.thread.start()
+        self.loop_thread = LoopThread("memory3-server")
+        self.loop = self.loop_thread.loop
         self.running = self.call(start_server(settings, embedder))
         self.target = f"127.0.0.1:{self.running.port}"
 
     def call(self, coroutine, timeout: float = 300):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+        return self.loop_thread.run(coroutine, timeout)
 
     def stop(self) -> None:
         """Drain and stop; calling it again does nothing."""
-        if not self.thread.is_alive():
+        if not self.loop_thread.is_alive():
             return
         self.call(self.running.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.loop_thread.stop()

@@ -13,6 +13,7 @@ from datetime import timezone
 
 import numpy as np
 
+from memory3.core.episodes import DECISION_COLUMNS
 from memory3.v1 import trajectories_pb2, trajectories_pb2_grpc
 
 from .auth import Authenticator
@@ -21,7 +22,11 @@ from .config import Settings
 from .convert import timestamp
 from .errors import InvalidArgument, ResourceExhausted, rpc
 from .trajectory_store import (
-    DECISION_COLUMNS, EpisodeFilter, EpisodeRow, TrajectoryStore, decode_cursor, encode_cursor,
+    EpisodeFilter,
+    EpisodeRow,
+    TrajectoryStore,
+    decode_cursor,
+    encode_cursor,
 )
 
 EPISODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")

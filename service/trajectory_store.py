@@ -13,13 +13,11 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from memory3.core.episodes import DECISION_COLUMNS, DECISION_FIELDS
+
 from .errors import InvalidArgument, NotFound
 
-DECISION_COLUMNS = (
-    "decision_position", "decision_token", "decision_llm_prob", "decision_rank",
-    "decision_p_accept", "decision_accepted", "decision_rejections",
-)
-_DECISION_TYPES = ["int4[]", "int4[]", "float4[]", "int4[]", "float4[]", "bool[]", "int4[]"]
+_DECISION_TYPES = [f.sql_type for f in DECISION_FIELDS]
 
 # Columns a Log stream stages, in COPY order (stream_seq keeps the client's order for seqs).
 _STAGED = (
@@ -27,6 +25,7 @@ _STAGED = (
     "n_decisions", *DECISION_COLUMNS, "rewards", "hidden_states",
 )
 _STAGED_TYPES = ["int8", "text", "text", "text", "int8", "int4[]", "int4[]", "int4", *_DECISION_TYPES, "jsonb", "bytea"]
+_STAGED_DEFINITION = ", ".join(f"{column} {kind}" for column, kind in zip(_STAGED, _STAGED_TYPES))
 
 CURSOR = re.compile(r"^c1\.(\d{1,19})$")
 
@@ -113,13 +112,7 @@ class EpisodeWriter:
 
     async def start(self) -> None:
         await self.conn.execute(
-            text(
-                "CREATE TEMP TABLE m3_episode_staging (stream_seq bigint, episode_id text, bank text,"
-                " model_fingerprint text, proxy_version bigint, prompt_ids int4[], response_ids int4[],"
-                " n_decisions int4, decision_position int4[], decision_token int4[], decision_llm_prob float4[],"
-                " decision_rank int4[], decision_p_accept float4[], decision_accepted bool[],"
-                " decision_rejections int4[], rewards jsonb, hidden_states bytea) ON COMMIT DROP"
-            )
+            text(f"CREATE TEMP TABLE m3_episode_staging ({_STAGED_DEFINITION}) ON COMMIT DROP")
         )
 
     async def stage(self, rows: list[EpisodeRow]) -> None:

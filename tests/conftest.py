@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from memory3.sdk.client import AsyncClient, Client
+from memory3.core.embedder import BuiltinEmbedder
+from memory3.sdk.client.client import AsyncClient, Client
 from memory3.service.config import load_settings
 from memory3.service.embedded_pg import EmbeddedPostgres
-from memory3.service.embedder import BuiltinEmbedder
 from memory3.service.server import BackgroundServer
 
 ADMIN_KEY = "test-admin-" + secrets.token_hex(8)

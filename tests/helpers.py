@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from memory3.sdk.codec import encode_memory
-from memory3.sdk.memory import ExplicitMemory
-from memory3.sdk.memory_spec import MemorySpec
+from memory3.sdk.memory.codec import encode_memory
+from memory3.sdk.memory.tensors import ExplicitMemory
+from memory3.core.memory_spec import MemorySpec
 from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
 from memory3.trainer.corpus import build_world
 from memory3.trainer.tokenizer import train_tokenizer

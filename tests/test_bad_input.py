@@ -14,11 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory3.sdk.client import Client
-from memory3.sdk.types import BankInfo, Reference
-from memory3.service.server import SERVICE_NAMES
-
 from helpers import FINGERPRINT, SPEC, memory_payload
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.client.client import Client
+from memory3.service.server import SERVICE_NAMES
 
 CANARY = "canary"
 ALLOWED = {

@@ -2,11 +2,10 @@
 
 import grpc
 
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.types import BankInfo
-from memory3.v1 import banks_pb2
-
 from helpers import FINGERPRINT, SPEC, expect_status
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo
+from memory3.v1 import banks_pb2
 
 
 def test_create_get_list_delete(client):
@@ -67,7 +66,7 @@ def test_bank_dropped_elsewhere_is_not_found_not_internal(client, server):
     """A replica whose cache still knows a bank that another replica dropped answers NOT_FOUND."""
     from sqlalchemy import text
 
-    from memory3.sdk.types import Reference
+    from memory3.sdk.client import Reference
 
     client.create_bank(BankInfo("gone", FINGERPRINT, SPEC, "client", 3, "l2"))
     client.write("gone", [Reference("a", "t", {}, [1, 2, 3])])

@@ -3,12 +3,11 @@
 import grpc
 import pytest
 
-from memory3.sdk.codec import decode_memory, encode_memory
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.pq import PQCodebook, train_codebook
-from memory3.sdk.types import BankInfo, Reference
-
 from helpers import FINGERPRINT, expect_status, random_memory
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.memory.codec import decode_memory, encode_memory
+from memory3.sdk.memory.pq import PQCodebook, train_codebook
 
 PQ_SPEC = MemorySpec((0, 1), 2, 16, 4, 32, "pq")
 

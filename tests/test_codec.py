@@ -1,4 +1,4 @@
-"""Tests for the memory codec (memory3.sdk.codec) and PQ codebooks (memory3.sdk.pq).
+"""Tests for the memory codec (memory3.sdk.memory.codec) and PQ codebooks (memory3.sdk.memory.pq).
 
 Fidelity data: random Gaussian tensors neither compress nor quantize like real KV, so the round
 trips use *structured* KV-like memories (:class:`SyntheticKV`): per (layer, K/V, head) a fixed
@@ -23,20 +23,12 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory3.sdk.codec import (
-    FLAG_ZSTD,
-    SCHEMES,
-    CodecError,
-    MemoryHeader,
-    decode_memory,
-    encode_memory,
-    read_header,
-    validate_payload,
-)
-from memory3.sdk.memory import ExplicitMemory
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.pq import CodebookError, PQCodebook, train_codebook
-from memory3.sdk.synthetic_kv import SyntheticKV
+from memory3.core.blob import FLAG_ZSTD, SCHEMES, CodecError, MemoryHeader, read_header, validate_payload
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.memory.codec import decode_memory, encode_memory
+from memory3.sdk.memory.pq import CodebookError, PQCodebook, train_codebook
+from memory3.sdk.memory.synthetic import SyntheticKV
+from memory3.sdk.memory.tensors import ExplicitMemory
 
 torch.set_num_threads(1)
 

@@ -4,9 +4,19 @@ import re
 
 import pytest
 
-from memory3.trainer.corpus import (ATTRIBUTES, EVAL_OVERLAP_LIMIT, HELDOUT, QUESTIONS, TRAIN,
-                                    TRAIN_OVERLAP_LIMIT, build_world, format_qa, format_reference, normalize_answer,
-                                    token_overlap)
+from memory3.trainer.corpus import (
+    ATTRIBUTES,
+    EVAL_OVERLAP_LIMIT,
+    HELDOUT,
+    QUESTIONS,
+    TRAIN,
+    TRAIN_OVERLAP_LIMIT,
+    build_world,
+    format_qa,
+    format_reference,
+    normalize_answer,
+    token_overlap,
+)
 from memory3.trainer.pretrain import training_documents
 
 

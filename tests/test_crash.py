@@ -19,12 +19,11 @@ import grpc
 import numpy as np
 import pytest
 
-from memory3.sdk.client import Client
-from memory3.sdk.types import BankInfo, Reference
+from helpers import FINGERPRINT, SPEC, memory_payload, unit_vectors
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.client.client import Client
 from memory3.service.child_process import ServiceProcess
 from memory3.service.embedded_pg import EmbeddedPostgres
-
-from helpers import FINGERPRINT, SPEC, memory_payload, unit_vectors
 
 ADMIN = "crash-admin-key"
 DIM = 8

@@ -6,15 +6,15 @@ import secrets
 
 import pytest
 import torch
+from decoding_helpers import generate_flat, option_groups
 
-from memory3.sdk import decoding
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.fingerprint import model_fingerprint
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.memory_supply import FingerprintMismatchError, MemorySupply
-from memory3.sdk.memory_writer import MemoryWriter
-from memory3.sdk.types import BankInfo
-
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo
+from memory3.sdk.generation import stream
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.supply import FingerprintMismatchError, MemorySupply
+from memory3.sdk.memory.writer import MemoryWriter
+from memory3.sdk.model.fingerprint import model_fingerprint
 from tiny_models import byte_tokenizer, tiny_llama
 
 CHUNK = 16
@@ -71,7 +71,7 @@ def chunk_bank(blocking, supply, writer, model, tokenizer, spec):
 
 def _generate(model, tokenizer, supply, bank, prompts, **options):
     options = {"max_new_tokens": 40, "chunk": CHUNK, "top_k": 1, "stop_at_eos": False, **options}
-    return decoding.generate(model, tokenizer, prompts, supply=supply, bank=bank, **options)
+    return generate_flat(model, tokenizer, prompts, supply=supply, bank=bank, **options)
 
 
 def test_retrieval_every_chunk_with_the_expected_query(model, tokenizer, supply, blocking, writer, chunk_bank):
@@ -105,7 +105,7 @@ def test_zero_memories_is_plain_generation(model, tokenizer, supply, blocking, s
     empty = _new_bank(blocking, model, spec)
     prompts = [PROMPT, SHORT]
     with_memory = _generate(model, tokenizer, supply, empty, prompts, top_k=5, output_scores=True)
-    plain = decoding.generate_plain(model, tokenizer, prompts, max_new_tokens=40, stop_at_eos=False, output_scores=True,
+    plain = generate_flat(model, tokenizer, prompts, mode='plain', max_new_tokens=40, stop_at_eos=False, output_scores=True,
                                     chunk=CHUNK, chunked_prefill=True)  # the same forwards, bit for bit
     for m, p in zip(with_memory, plain):
         assert m.token_ids == p.token_ids and torch.equal(m.scores, p.scores)
@@ -127,7 +127,7 @@ def test_batch_equals_single_sequences(model, tokenizer, supply, chunk_bank):
 
 def test_memories_change_generation_and_lag_delays_the_switch(model, tokenizer, supply, chunk_bank):
     [strict] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], output_scores=True)
-    plain = decoding.generate_plain(model, tokenizer, [PROMPT], max_new_tokens=40, stop_at_eos=False, output_scores=True)
+    plain = generate_flat(model, tokenizer, [PROMPT], mode='plain', max_new_tokens=40, stop_at_eos=False, output_scores=True)
     assert not torch.equal(strict.scores, plain[0].scores)
     [lagged] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], lag=3)
     assert [s.start for s in lagged.segments][-2:] == [78 + CHUNK + 3, 78 + 2 * CHUNK + 3]
@@ -152,15 +152,16 @@ def test_retrieval_prior_follows_the_service_scores(model, tokenizer, supply, ch
 def test_generate_cli_streams_what_generate_computes(tmp_path, server, api_key, model, tokenizer, spec, supply,
                                                      chunk_bank):
     """``memory3 generate`` (its function): a saved model dir, the text on out, the references in use
-    on err; the same text as :func:`decoding.generate` with the same options, retrieval prior included."""
+    on err; the same text as :func:`generate` with the same options, retrieval prior included."""
     import io
 
+    from memory3.cli.generate import generate_command
     from memory3.trainer.model import save_reference_model
 
     save_reference_model(model, tokenizer, spec, tmp_path / "model")
     out, err = io.StringIO(), io.StringIO()
-    decoding.generate_cli(server.target, api_key, chunk_bank, str(tmp_path / "model"), PROMPT, max_new_tokens=24,
-                          chunk=CHUNK, top_k=2, retrieval_bias=1e4, out=out, err=err)
+    generate_command(server.target, api_key, chunk_bank, str(tmp_path / "model"), PROMPT, max_new_tokens=24,
+                     chunk=CHUNK, top_k=2, retrieval_bias=1e4, out=out, err=err)
     [expected] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], max_new_tokens=24, top_k=2,
                            retrieval_bias=1e4, stop_at_eos=True)
     assert out.getvalue() == expected.text + "\n"
@@ -174,8 +175,8 @@ def test_generate_cli_streams_what_generate_computes(tmp_path, server, api_key, 
 
 
 def test_stream_pieces_add_up_and_name_references(model, tokenizer, supply, chunk_bank):
-    pieces = list(decoding.stream(model, tokenizer, [PROMPT], supply=supply, bank=chunk_bank, max_new_tokens=40,
-                                  chunk=CHUNK, top_k=1, stop_at_eos=False))
+    memory, options, _ = option_groups(supply, chunk_bank, max_new_tokens=40, chunk=CHUNK, top_k=1, stop_at_eos=False)
+    pieces = list(stream(model, tokenizer, [PROMPT], memory=memory, decoding=options))
     [whole] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT])
     assert "".join(p.text for p in pieces) == whole.text
     assert all(p.row == 0 and len(p.reference_ids) == 1 for p in pieces)
@@ -183,7 +184,7 @@ def test_stream_pieces_add_up_and_name_references(model, tokenizer, supply, chun
 
 
 def test_rag_puts_retrieved_texts_before_the_prompt(model, tokenizer, supply, blocking, chunk_bank):
-    [rag] = decoding.generate_rag(model, tokenizer, supply, chunk_bank, [PROMPT], max_new_tokens=8, top_k=3)
+    [rag] = generate_flat(model, tokenizer, [PROMPT], mode='rag', supply=supply, bank=chunk_bank, max_new_tokens=8, top_k=3)
     hits = blocking.retrieve(chunk_bank, text=PROMPT, top_k=3)
     assert rag.rag_reference_ids == [h.external_id for h in hits]
     context = "".join(h.text + "\n\n" for h in hits)
@@ -200,8 +201,8 @@ def test_generation_refuses_memories_of_another_model(server, api_key, tokenizer
 
 def test_sampling_is_seeded(model, tokenizer):
     options = dict(max_new_tokens=12, stop_at_eos=False, temperature=1.0, top_p=0.9)
-    a = decoding.generate_plain(model, tokenizer, [SHORT], seed=1, **options)[0].token_ids
-    b = decoding.generate_plain(model, tokenizer, [SHORT], seed=1, **options)[0].token_ids
-    c = decoding.generate_plain(model, tokenizer, [SHORT], seed=2, **options)[0].token_ids
-    greedy = decoding.generate_plain(model, tokenizer, [SHORT], max_new_tokens=12, stop_at_eos=False)[0].token_ids
+    a = generate_flat(model, tokenizer, [SHORT], mode='plain', seed=1, **options)[0].token_ids
+    b = generate_flat(model, tokenizer, [SHORT], mode='plain', seed=1, **options)[0].token_ids
+    c = generate_flat(model, tokenizer, [SHORT], mode='plain', seed=2, **options)[0].token_ids
+    greedy = generate_flat(model, tokenizer, [SHORT], mode='plain', max_new_tokens=12, stop_at_eos=False)[0].token_ids
     assert a == b and (a != c or a != greedy)

@@ -14,7 +14,7 @@ def test_embeds_offline_normalised(embedder):
 
 @pytest.mark.parametrize("batch_max", [8, 3])
 def test_concurrent_requests_share_batches_and_match_single_calls(embedder, batch_max):
-    from memory3.service.embedder import BuiltinEmbedder
+    from memory3.core.embedder import BuiltinEmbedder
 
     capped = BuiltinEmbedder(query_cache_size=0, batch_max=batch_max)
     capped._model = embedder._load()  # share the loaded weights
@@ -40,7 +40,7 @@ def test_concurrent_requests_share_batches_and_match_single_calls(embedder, batc
 
 
 def test_repeated_queries_come_from_the_cache(embedder):
-    from memory3.service.embedder import BuiltinEmbedder
+    from memory3.core.embedder import BuiltinEmbedder
 
     cached = BuiltinEmbedder(query_cache_size=2)
     cached._model = embedder._load()  # share the loaded weights

@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memory3.sdk.encoder import MemoryEncoder, ReferenceTooShortError
-from memory3.sdk.fingerprint import model_fingerprint
-from memory3.sdk.memory_spec import REFERENCE_MARKER, MemorySpec
-from memory3.sdk.rope import Rotary, memory_key_shift
-
+from memory3.core.memory_spec import REFERENCE_MARKER, MemorySpec
+from memory3.sdk.memory.encoder import MemoryEncoder, ReferenceTooShortError
+from memory3.sdk.model.fingerprint import model_fingerprint
+from memory3.sdk.model.rope import Rotary, memory_key_shift
 from tiny_models import byte_tokenizer, tiny_llama
 
 TEXTS = [
@@ -271,7 +270,7 @@ def test_parallel_position_convention_single_source(spec):
 
 
 def test_ties_go_to_the_earlier_token():
-    from memory3.sdk.encoder import rank_with_ties
+    from memory3.sdk.memory.encoder import rank_with_ties
 
     inf = float("-inf")
     scores = torch.tensor([[1.0, 2.0 + 3e-7, 2.0, 0.5, inf, 2.0 - 2e-7, inf]])

@@ -9,15 +9,20 @@ import json
 import pytest
 import torch
 
-from memory3.trainer.config import StageConfig, TrainConfig, WorldConfig
+from helpers import small_world_and_tokenizer
+from memory3.trainer.config import EvaluationConfig, StageConfig, TrainConfig, WorldConfig
 from memory3.trainer.corpus import EVAL_OVERLAP_LIMIT, HELDOUT, token_overlap
-from memory3.trainer.evaluate import (MODES, evaluate_qa, evaluate_run, prompt_ids, report_markdown,
-                                      retrieve_for_questions)
+from memory3.trainer.evaluate import (
+    MODES,
+    evaluate_qa,
+    evaluate_run,
+    prompt_ids,
+    report_markdown,
+    retrieve_for_questions,
+)
 from memory3.trainer.model import build_model, default_memory_spec
 from memory3.trainer.pretrain import run_training
 from memory3.trainer.retrieval_index import ReferenceIndex
-
-from helpers import small_world_and_tokenizer
 
 torch.set_num_threads(1)
 
@@ -95,7 +100,8 @@ def test_evaluate_run_writes_the_report(tmp_path):
     )
     run_training(config)
     out = tmp_path / "report"
-    data = evaluate_run(config.out_dir, top_k=2, train_questions=4, batch_size=16, new_tokens=2, out_dir=out)
+    data = evaluate_run(config.out_dir, EvaluationConfig(top_k=2, train_questions=4, batch_size=16, new_tokens=2),
+                        out_dir=out)
     assert [e.split for e in data["evaluations"]] == ["heldout", "train"]
     for name in ("reference_model.md", "reference_model.png", "reference_model.json"):
         assert (out / name).exists(), name

@@ -13,12 +13,11 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.injection import MemoryInjector
-from memory3.sdk.memory import ExplicitMemory
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.rope import Rotary
-
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.injection import MemoryInjector
+from memory3.sdk.memory.tensors import ExplicitMemory
+from memory3.sdk.model.rope import Rotary
 from tiny_models import byte_tokenizer, tiny_llama
 
 REFERENCES = [

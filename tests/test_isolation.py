@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from conftest import ADMIN_KEY
 from google.protobuf import descriptor_pool, message_factory
 
-from memory3.sdk.client import Client
-from memory3.sdk.types import BankInfo, Reference
-from memory3.service.server import SERVICE_NAMES
-
-from conftest import ADMIN_KEY
 from helpers import FINGERPRINT, SPEC, expect_status, memory_payload
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.client.client import Client
+from memory3.service.server import SERVICE_NAMES
 
 ADMIN_SERVICES = {"memory3.v1.Tenants"}
 

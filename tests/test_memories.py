@@ -5,11 +5,11 @@ import grpc
 import numpy as np
 import pytest
 
-from memory3.sdk.codec import decode_memory, read_header
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.types import BankInfo, Reference
-
 from helpers import FINGERPRINT, SPEC, expect_status, memory_payload, random_memory, unit_vectors
+from memory3.core.blob import read_header
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.memory.codec import decode_memory
 
 DIM = 16
 
@@ -204,7 +204,7 @@ def test_stored_checksums_tell_memories_apart(client, vector_bank):
 
 
 def test_size_batches_packs_messages_up_to_the_limit():
-    from memory3.sdk.wire import size_batches
+    from memory3.core.batching import size_batches
     from memory3.v1 import memories_pb2
 
     frames = [memories_pb2.ReferenceFrame(memory_chunk=bytes(n)) for n in (40, 40, 40, 200, 10)]

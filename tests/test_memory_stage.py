@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.injection import MemoryInjector
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.injection import MemoryInjector
 from memory3.trainer.corpus import KINDS, TRAIN, TRAIN_OVERLAP_LIMIT, distinctive_words, token_overlap
-from memory3.trainer.memory_stage import (ChunkAlignedStream, ChunkMemoryInjector, ChunkRetriever, answer_loss, chunk_reference_plan,
-                                          drill_label_mask, entity_qa_document, memory_drill,
+from memory3.trainer.config import DrillConfig
+from memory3.trainer.memory_stage import (ChunkAlignedStream, ChunkRetriever, answer_loss, chunk_reference_plan,
+                                          chunk_visibility, drill_label_mask, entity_qa_document, memory_drill,
                                           stage_documents)
 from memory3.trainer.model import build_model, default_memory_spec, load_reference_model
 from memory3.trainer.pretrain import run_training, training_documents
@@ -76,20 +77,33 @@ def test_stream_windows_carry_the_chunks_before_them(small_world):
             assert start >= 64
 
 
-def test_chunk_injector_matches_chunk_by_chunk_decoding_and_keeps_autograd(small_world):
-    """One full-row forward with per-chunk memories computes what a chunk-by-chunk forward
-    computes (each chunk with its own memories set, earlier chunks in the KV cache: the
-    decoding semantics), and the training loss still backpropagates (memories are constants)."""
+def test_chunk_visibility_lists_each_rows_memories_once_and_shows_each_chunk_its_own():
+    a, b, c = object(), object(), object()  # only identity matters
+    union, visible = chunk_visibility([[[a], [b, a]], [[c], []]], chunk_size=3)
+    assert union == [[a, b], [c]]
+    assert visible.dtype == torch.bool and visible.shape == (2, 6, 2)
+    assert visible[0, :3].tolist() == [[True, False]] * 3 and visible[0, 3:].tolist() == [[True, True]] * 3
+    assert visible[1, :3].tolist() == [[True, False]] * 3 and not visible[1, 3:].any()
+    union, visible = chunk_visibility([[[], []]], chunk_size=4)
+    assert union == [[]] and visible.shape == (1, 8, 0)
+
+
+def test_chunk_visibility_matches_chunk_by_chunk_decoding_and_keeps_autograd(small_world):
+    """One full-row forward with per-chunk memories (the injector's ``visible`` argument, built by
+    :func:`chunk_visibility`) computes what a chunk-by-chunk forward computes (each chunk with its
+    own memories set, earlier chunks in the KV cache: the decoding semantics), and the training
+    loss still backpropagates (memories are constants)."""
     world, tokenizer = small_world
     model = build_model("tiny", len(tokenizer), seed=0)
     spec = default_memory_spec(model, (2, 3), tokens_per_head=8)
     a, b = MemoryEncoder(model, tokenizer, spec).encode([world.references[0].text, world.references[1].text])
     ids = torch.randint(5, len(tokenizer), (1, 128), generator=torch.Generator().manual_seed(0))
     model.eval()
-    chunked = ChunkMemoryInjector(model, spec)
+    chunked = MemoryInjector(model, spec)
+    union, visible = chunk_visibility([[[a], [b, a]]], chunk_size=64)
     with torch.no_grad():
         with chunked:
-            chunked.set_chunk_memories([[[a], [b, a]]], chunk_size=64)
+            chunked.set_memories(union, visible=visible)
             logits = model(input_ids=ids).logits
         cache = DynamicCache()
         with MemoryInjector(model, spec) as plain:
@@ -106,7 +120,7 @@ def test_chunk_injector_matches_chunk_by_chunk_decoding_and_keeps_autograd(small
 
     model.train()
     with chunked:
-        chunked.set_chunk_memories([[[a], [b, a]]], chunk_size=64)
+        chunked.set_memories(union, visible=visible)
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     q_grad = model.model.layers[3].self_attn.q_proj.weight.grad
@@ -115,7 +129,7 @@ def test_chunk_injector_matches_chunk_by_chunk_decoding_and_keeps_autograd(small
 
 
 def test_differentiable_encoding_matches_encode_and_trains_the_encoding_side(small_world):
-    """Stage 2's memories (ENCODE_WITH_GRAD): the same tokens and numbers as ``encode``, but the
+    """Stage 2's memories (``StageConfig.encode_with_grad``): the same tokens and numbers as ``encode``, but the
     reading loss reaches the weights that made the reference's keys and values."""
     world, tokenizer = small_world
     model = build_model("tiny", len(tokenizer), seed=0)
@@ -135,8 +149,9 @@ def test_differentiable_encoding_matches_encode_and_trains_the_encoding_side(sma
     assert model.model.layers[3].self_attn.q_proj.weight.grad is None  # stops after the last memory layer
     model.zero_grad()
     ids = torch.randint(5, len(tokenizer), (1, 64), generator=torch.Generator().manual_seed(0))
-    with ChunkMemoryInjector(model, spec) as injector:  # the injection path carries that gradient
-        injector.set_chunk_memories([[live]], chunk_size=64)
+    with MemoryInjector(model, spec) as injector:  # the injection path carries that gradient
+        union, visible = chunk_visibility([[live]], chunk_size=64)
+        injector.set_memories(union, visible=visible)
         loss = model(input_ids=ids, labels=ids).loss
     (grad,) = torch.autograd.grad(loss, live[0].kv)
     assert grad.abs().sum() > 0
@@ -189,13 +204,13 @@ def test_memory_drills_never_state_main_world_facts_and_other_offsets_drill_othe
         assert borrowed > 0.2 * len(drill.entities)
     shared = {e.name for e in first.entities} & {e.name for e in second.entities}
     assert len(shared) <= 0.1 * len(second.entities), shared
-    unborrowed = memory_drill(world, n_entities=200, borrowed_fraction=0.0)
+    unborrowed = memory_drill(world, DrillConfig(borrowed_value_fraction=0.0), n_entities=200)
     assert not any(v in borrowable for e in unborrowed.entities for v in e.facts.values())
 
 
 def test_in_context_drills_can_show_same_kind_distractor_references(small_world):
     world, _ = small_world
-    drill = memory_drill(world, n_entities=200, in_context_fraction=1.0, in_context_distractors=2)
+    drill = memory_drill(world, DrillConfig(in_context_fraction=1.0, in_context_distractors=2), n_entities=200)
     kind_of = dict(zip(drill.references, (e.kind for e in drill.entities)))
     with_distractors = 0
     for doc, entity, reference in zip(drill.documents, drill.entities, drill.references):
@@ -255,7 +270,7 @@ def test_stage2_feeds_memories(tmp_path):
 
     from memory3.trainer.pretrain import prepare
     world = prepare(config)[0]
-    drill = memory_drill(world)
+    drill = memory_drill(world, config.drill)
     rng = random.Random(5)
     picks = rng.sample(range(len(drill.entities)), 48)
     docs = [entity_qa_document(drill.entities[i], rng) for i in picks]

@@ -6,14 +6,13 @@ import secrets
 import pytest
 import torch
 
-from memory3.sdk.codec import decode_memory
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.fingerprint import model_fingerprint
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.memory_supply import FingerprintMismatchError, MemoryCache, MemorySupply
-from memory3.sdk.memory_writer import MemoryWriter
-from memory3.sdk.types import BankInfo, Reference
-
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.memory.codec import decode_memory
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.supply import FingerprintMismatchError, MemoryCache, MemorySupply
+from memory3.sdk.memory.writer import MemoryWriter
+from memory3.sdk.model.fingerprint import model_fingerprint
 from tiny_models import byte_tokenizer, tiny_llama
 
 TOPICS = ["rivers", "mountains", "bread", "violins", "comets", "glaciers", "tea", "bridges", "owls", "copper"]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from memory3.sdk.codec import CodecError, decode_memory, read_header
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.fingerprint import model_fingerprint
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.memory_writer import MemoryWriter, ensure_memories, write_references
-from memory3.sdk.types import BankInfo, Reference
-
+from memory3.core.blob import CodecError, read_header
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.memory.codec import decode_memory
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.writer import MemoryWriter, ensure_memories, write_references
+from memory3.sdk.model.fingerprint import model_fingerprint
 from tiny_models import byte_tokenizer, tiny_llama
 
 TEXTS = [f"Reference text number {i}: the river Alder{i} flows past the mill of town {i * 7}." for i in range(6)]

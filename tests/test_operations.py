@@ -75,7 +75,7 @@ def test_compose_runs_the_cli_serve_command_on_matching_ports():
     assert "pgvector/pgvector" in compose["services"]["db"]["image"]
     assert service["depends_on"]["db"]["condition"] == "service_healthy"
     assert service["healthcheck"]["test"][1:3] == ["memory3", "health"]
-    from memory3.service.cli import build_parser
+    from memory3.cli.main import build_parser
 
     args = build_parser().parse_args(command[1:])
     assert args.command == "serve" and args.port == int(port) and args.host == "0.0.0.0"
@@ -95,7 +95,7 @@ def _start(data_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_") and k != "DATABASE_URL"}
     env.update(MEMORY3_DATA_DIR=str(data_dir), MEMORY3_PORT=str(port), MEMORY3_METRICS_PORT="0")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memory3.service.cli", "serve"], env=env, stdout=subprocess.PIPE,
+        [sys.executable, "-m", "memory3.cli.main", "serve"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.time() + 120
@@ -113,7 +113,7 @@ def _cli(data_dir: Path, port: int, *args: str, key: str | None = None) -> str:
     env.update(MEMORY3_DATA_DIR=str(data_dir), MEMORY3_PORT=str(port))
     if key:
         env["MEMORY3_API_KEY"] = key
-    done = subprocess.run([sys.executable, "-m", "memory3.service.cli", *args], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "memory3.cli.main", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memory3.sdk.memory_spec import MemorySpec
+from memory3.core.memory_spec import MemorySpec
 from memory3.trainer.config import CONFIG_DIR, StageConfig, TrainConfig, WorldConfig, load_config
 from memory3.trainer.model import PRESETS, build_model, count_parameters, load_reference_model
 from memory3.trainer.pretrain import (Batch, MemoryHooks, TokenStream, learning_rate, main,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memory3.sdk.proxy import ProxyPolicy, count_trainable, parameter_ratio, width_for_budget
+from memory3.sdk.proxy.policy import ProxyPolicy, count_trainable, parameter_ratio, width_for_budget
 from memory3.trainer.model import build_model
 
 from tiny_models import tiny_llama

@@ -11,11 +11,10 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from memory3.sdk.client import Client
-from memory3.sdk.trajectory_client import publish_requests
-from memory3.v1 import proxies_pb2
-
 from helpers import FINGERPRINT, expect_status
+from memory3.sdk.client.client import Client
+from memory3.sdk.client.trajectories import publish_requests
+from memory3.v1 import proxies_pb2
 
 OTHER_MODEL = "cd34" * 16
 
@@ -98,7 +97,7 @@ def test_bad_input(client):
 
     def send(messages):
         async def run():
-            return await client._async._client_stream(client._async.proxies.Publish, messages)
+            return await client._async.client_stream(client._async.proxies.Publish, messages)
 
         return client._run(run())
 

@@ -15,12 +15,19 @@ import random
 import numpy as np
 import torch
 
-from memory3.sdk.proxy import ProxyPolicy
-from memory3.sdk.proxy_sampling import SamplingConfig, sample_nucleus, sample_with_proxy
-from memory3.sdk.reward import AvoidTokensReward
-from memory3.sdk.trajectory_export import write_parquet
-from memory3.trainer.proxy_rl import ProxyRLConfig, evaluate, load_episodes, save_result, train_proxy, vtrace
-
+from memory3.sdk.model.sampling import SamplingConfig, sample_nucleus
+from memory3.sdk.proxy.export import write_parquet
+from memory3.sdk.proxy.policy import ProxyPolicy
+from memory3.sdk.proxy.reward import AvoidTokensReward
+from memory3.sdk.proxy.sampling import sample_with_proxy
+from memory3.trainer.proxy_rl import (
+    ProxyRLConfig,
+    evaluate,
+    load_episodes,
+    save_result,
+    train_proxy,
+    vtrace,
+)
 from tiny_models import tiny_llama
 
 torch.set_num_threads(1)

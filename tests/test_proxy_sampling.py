@@ -6,16 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.injection import MemoryInjector
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.sdk.proxy import ProxyPolicy
-from memory3.sdk.proxy_sampling import (
-    SamplingConfig, logit_rank, nucleus_distribution, replay_decisions, sample_nucleus, sample_with_proxy,
-    step_features,
-)
-
 from helpers import assert_decisions_explain_tokens
+from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.injection import MemoryInjector
+from memory3.sdk.model.sampling import SamplingConfig, logit_rank, nucleus_distribution, sample_nucleus
+from memory3.sdk.proxy.policy import ProxyPolicy
+from memory3.sdk.proxy.sampling import replay_decisions, sample_with_proxy, step_features
 from tiny_models import byte_tokenizer, tiny_llama
 
 torch.set_num_threads(1)

@@ -9,12 +9,11 @@ import time
 
 import pytest
 import torch
+from decoding_helpers import generate_flat
 
-from memory3.sdk import decoding
-from memory3.sdk.fingerprint import model_fingerprint
-from memory3.sdk.proxy import ProxyPolicy
-from memory3.sdk.proxy_updates import ProxyModelMismatch, ProxyUpdater
-
+from memory3.sdk.model.fingerprint import model_fingerprint
+from memory3.sdk.proxy.policy import ProxyPolicy
+from memory3.sdk.proxy.updates import ProxyModelMismatch, ProxyUpdater
 from tiny_models import byte_tokenizer, tiny_llama
 
 torch.set_num_threads(1)
@@ -64,7 +63,7 @@ def test_refresh_switches_to_the_latest_version_without_recreating_anything(clie
         assert in_use.version == 1 and _same_weights(in_use.policy, v1)  # a snapshot in use is never changed
 
         # a generation takes the policy in use at its start and logs its version
-        [result] = decoding.generate(model, byte_tokenizer(), ["Hello"], mode="plain", proxy=updater.policy,
+        [result] = generate_flat(model, byte_tokenizer(), ["Hello"], mode="plain", proxy=updater.policy,
                                      temperature=1.0, top_p=0.9, seed=0, max_new_tokens=3, stop_at_eos=False)
         assert result.episode.proxy_version == 2
 

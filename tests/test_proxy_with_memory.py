@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from memory3.sdk import decoding
-from memory3.sdk.proxy import ProxyPolicy
-from memory3.sdk.trajectory_logger import TrajectoryLogger
-
+from decoding_helpers import generate_flat
 from test_decoding import (  # noqa: F401  (fixtures are used by name)
-    PROMPT, SHORT, chunk_bank, model, spec, supply, tokenizer, writer,
+    PROMPT,
+    SHORT,
+    chunk_bank,
+    model,
+    spec,
+    supply,
+    tokenizer,
+    writer,
 )
+
 from helpers import assert_decisions_explain_tokens
+from memory3.sdk.proxy.logger import TrajectoryLogger
+from memory3.sdk.proxy.policy import ProxyPolicy
 from tiny_models import tiny_llama
 
 torch.set_num_threads(1)
@@ -27,8 +33,7 @@ SAMPLING = dict(max_new_tokens=MAX_NEW, chunk=CHUNK, top_k=2, stop_at_eos=False,
 
 
 def _generate(model, tokenizer, supply, bank, prompts, **options):
-    return decoding.generate(model, tokenizer, prompts, mode="memory", supply=supply, bank=bank,
-                             **{**SAMPLING, **options})
+    return generate_flat(model, tokenizer, prompts, mode="memory", supply=supply, bank=bank, **{**SAMPLING, **options})
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +83,7 @@ def test_learned_proxy_decides_while_memories_switch_every_64_tokens(model, toke
 
     # the proxy's inputs came from a model reading memories: the same proxy, seed and prompt decide
     # on other probabilities without them
-    [plain] = decoding.generate(model, tokenizer, [PROMPT], mode="plain", proxy=learned, seed=3,
+    [plain] = generate_flat(model, tokenizer, [PROMPT], mode="plain", proxy=learned, seed=3,
                                 **{**SAMPLING, "max_new_tokens": 4})
     assert plain.episode.bank == "" and plain.segments == []
     assert plain.episode.decisions[0].llm_prob != pytest.approx(first.episode.decisions[0].llm_prob, abs=1e-6)

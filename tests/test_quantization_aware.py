@@ -5,8 +5,8 @@ and a training stage really reads coded memories. Real tokenizer, real tiny mode
 import pytest
 import torch
 
-from memory3.sdk.codec import decode_memory, encode_memory
-from memory3.sdk.encoder import MemoryEncoder
+from memory3.sdk.memory.codec import decode_memory, encode_memory
+from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.trainer.config import StageConfig, TrainConfig
 from memory3.trainer.model import build_model, default_memory_spec
 from memory3.trainer.pretrain import run_training

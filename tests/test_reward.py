@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memory3.sdk.reward import (
+from memory3.sdk.proxy.reward import (
     AvoidTokensReward, LengthReward, NeuralReward, ShortWordsReward, WordSetReward, episode_return, score_episodes,
 )
-from memory3.sdk.trajectory import Episode
+from memory3.core.episodes import Episode
 from memory3.trainer.reward_train import nature_examples, train_reward_model
 
 from tiny_models import byte_tokenizer

@@ -10,14 +10,13 @@ import urllib.request
 import grpc
 import psycopg
 import pytest
+from conftest import ADMIN_KEY, ServerThread, make_settings
 
-from memory3.sdk.client import Client
-from memory3.sdk.types import BankInfo, Reference
+from helpers import FINGERPRINT, SPEC, expect_status
+from memory3.sdk.client import BankInfo, Reference
+from memory3.sdk.client.client import Client
 from memory3.service.embedded_pg import libpq_url
 from memory3.v1 import memories_pb2, memories_pb2_grpc
-
-from conftest import ADMIN_KEY, ServerThread, make_settings
-from helpers import FINGERPRINT, SPEC, expect_status
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from memory3.sdk.memory_spec import REFERENCE_MARKER
+from memory3.core.memory_spec import REFERENCE_MARKER
 from memory3.trainer.corpus import build_world, format_reference
 from memory3.trainer.tokenizer import (BOS, EOS, PAD, SEP, SPECIAL_TOKENS, encode_document,
                                        reference_marker_id, save_tokenizer, train_tokenizer)

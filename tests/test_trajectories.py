@@ -12,12 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from memory3.sdk.client import Client
-from memory3.sdk.trajectory import Decision, Episode
-from memory3.sdk.trajectory_export import episodes_from_parquet, export_parquet, write_parquet
-from memory3.sdk.trajectory_client import episode_to_record, log_requests
-
 from helpers import FINGERPRINT, expect_status
+from memory3.core.episodes import Decision, Episode
+from memory3.sdk.client.client import Client
+from memory3.sdk.client.trajectories import episode_to_record, log_requests
+from memory3.sdk.proxy.export import episodes_from_parquet, export_parquet, write_parquet
 
 
 def f32(x: float) -> float:
@@ -230,7 +229,7 @@ def test_time_window_and_cursor_together(client):
     """A time filter and a resume cursor in one Read (their SQL parameters once collided)."""
     from datetime import datetime, timedelta, timezone
 
-    from memory3.sdk.trajectory import Decision, Episode
+    from memory3.core.episodes import Decision, Episode
 
     episodes = [Episode([1, 2], [3], [Decision(0, 3, 0.5, 0, 0.9, True, 0)], "ab" * 32, 1, "kb") for _ in range(5)]
     client.log_episodes(episodes)

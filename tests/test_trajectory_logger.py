@@ -10,12 +10,11 @@ import time
 
 import numpy as np
 import pytest
-
-from memory3.sdk.client import Client
-from memory3.sdk.trajectory_logger import Spool, TrajectoryLogger, pack_hidden_states, unpack_hidden_states
-
 from conftest import ServerThread, make_settings
 from test_trajectories import as_stored, make_episode
+
+from memory3.sdk.client.client import Client
+from memory3.sdk.proxy.logger import Spool, TrajectoryLogger, pack_hidden_states, unpack_hidden_states
 
 
 def free_port() -> int:

@@ -1,24 +1,14 @@
 """A generated knowledge world: the corpus the reference model is trained and evaluated on.
 
-Why generate one: no model or data set can be downloaded here, and the point of memory3 is to
-show that knowledge can live *outside* the weights. That needs facts the model provably never saw
-in training. So the world is made of fictional entities whose names are built from syllables (no
-real-world prior knowledge can help), and the entities are split:
+Nothing can be downloaded, and memory3 must show knowledge living *outside* the weights, so the
+world is fictional entities with syllable names, split into **train** entities (facts in the
+training text, also as Q/A lines) and **held-out** entities (facts only in references: answerable
+only by reading them as RAG text or explicit memory). Train relations point only to train
+entities, so no held-out name appears in training text. Everything is a pure function of
+``seed``. Answers are short and exact-matchable; :func:`token_overlap` is the project's one
+overlap measure (:data:`TRAIN_OVERLAP_LIMIT` in stage 2, :data:`EVAL_OVERLAP_LIMIT` in evaluation).
 
-* **train** entities: their facts appear in the training text (in context, in varied phrasings,
-  and as Q/A lines), so the model learns both the language of facts and the Q/A format;
-* **held-out** entities: their facts appear *only* in reference texts. A model can answer
-  questions about them only by reading those references (as RAG text or as explicit memory).
-
-Relations of train entities point only to train entities, so a held-out name never shows up in
-training text at all (the tests check this). Relations of held-out entities may point anywhere.
-
-Everything is a pure function of ``seed``: same seed, same world, byte for byte.
-
-Answers are short and exact-matchable: a name, a year or a single word, printed verbatim after
-``"A: "``. :func:`token_overlap` is the one overlap measure of the project: stage 2 drops
-training/reference pairs that overlap more than :data:`TRAIN_OVERLAP_LIMIT`, evaluation drops
-references that overlap the question more than :data:`EVAL_OVERLAP_LIMIT` (Memory3, §4/§5).
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -27,8 +17,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from memory3.sdk.memory_spec import REFERENCE_MARKER
-from memory3.sdk.overlap import OVERLAP_NGRAM, token_overlap  # noqa: F401 (re-exported: the one definition)
+from memory3.core.memory_spec import REFERENCE_MARKER
+from memory3.core.overlap import OVERLAP_NGRAM, token_overlap  # noqa: F401 (re-exported: the one definition)
 
 TRAIN = "train"
 HELDOUT = "heldout"
@@ -441,7 +431,7 @@ def _render_passage(e: Entity, entities: list[Entity], rng: random.Random) -> st
         other = entities[e.relations[attr]]
         sentences.append(_statement(other, rng.choice(ATTRIBUTES[other.kind]), rng))
     for _ in range(rng.randint(0, 2)):
-        sentences.insert(rng.randint(0, len(sentences)), _filler_sentence(rng))
+        sentences.insert(rng.randint(0, len(sentences)), filler_sentence(rng))
     return " ".join(sentences)
 
 
@@ -456,7 +446,8 @@ def _render_qa_doc(train_entities: list[Entity], rng: random.Random) -> str:
     return "\n".join(lines)
 
 
-def _filler_sentence(rng: random.Random) -> str:
+def filler_sentence(rng: random.Random) -> str:
+    """One sentence of the filler grammar (plain English about rivers, roads, towers ...)."""
     c = rng.choice
     form = rng.randrange(4)
     if form == 0:
@@ -473,4 +464,4 @@ def _filler_sentence(rng: random.Random) -> str:
 
 
 def _render_filler(rng: random.Random, n_sentences: int) -> str:
-    return " ".join(_filler_sentence(rng) for _ in range(n_sentences))
+    return " ".join(filler_sentence(rng) for _ in range(n_sentences))

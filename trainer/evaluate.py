@@ -1,38 +1,15 @@
-"""Evaluation of the reference model: QA exact match in three modes (and a variant of the memory
-mode), with tokens/s, as a report.
+"""Evaluation of the reference model: QA exact match and tokens/s, written as a report.
 
-Modes, on the *same* questions and the *same* retrieved references (Memory3 §5):
+Modes, on the same questions and the same retrieved references (Memory3 §5): ``plain`` (no
+memory), ``rag`` (top-k reference texts in the prompt), ``memory`` (their explicit memories
+injected through :class:`~memory3.sdk.memory.injection.MemoryInjector`) and ``memory_prior`` (the
+same memories under the injector's retrieval prior, reported beside ``memory``). Retrieval is one
+in-process MiniLM index over all the world's references, dropping references that overlap the
+question by more than :data:`~memory3.trainer.corpus.EVAL_OVERLAP_LIMIT`. One greedy loop
+(:func:`generate_answers`) serves every mode and the training-time QA monitor. Settings:
+:class:`~memory3.trainer.config.EvaluationConfig`; ``python -m memory3.trainer.evaluate RUN_DIR``.
 
-* ``plain``  — no memory: the question alone. Held-out facts are in no training text, so this is
-  the "is it in the weights?" floor.
-* ``rag``    — the top-k reference texts (marker-prefixed, as stage 1 saw references) placed
-  before the question in the prompt.
-* ``memory`` — the top-k references' explicit memories (encoded once by the model itself, the
-  warm-start memory bank) injected through :class:`memory3.sdk.injection.MemoryInjector`.
-* ``memory_prior`` — the same memories with the injector's retrieval prior
-  (:data:`RETRIEVAL_PRIOR_BIAS`): attention to each memory lowered by the retriever's margin to the
-  best one. Reported beside ``memory``, never instead of it.
-
-Retrieval: one in-process MiniLM index over *all* the world's references (train and held-out,
-like a bank would hold them); the query is the question; references overlapping the question
-by more than :data:`~memory3.trainer.corpus.EVAL_OVERLAP_LIMIT` (2/3,
-:func:`~memory3.trainer.corpus.token_overlap`) are dropped before the top-k is taken, so no mode
-gets a reference that merely restates the question.
-
-Why not ``memory3.sdk.decoding``: its generate functions read memories through the gRPC service
-(a database and a bank). This evaluation runs on the trainer's in-process index and memory bank,
-in one greedy loop (``model.generate``) shared by the three modes, so the accuracy and speed
-differences are the modes', not different loops'. A QA prompt is shorter than one 64-token chunk
-and an answer a few tokens, so the paper's "new memories every 64 tokens" never triggers: memory
-mode retrieves once, with the question, exactly like RAG.
-
-Speed: every mode generates the same fixed number of tokens per question (no early stop), in
-the same batches; tok/s = generated tokens / wall time of prompt + generation (memory mode
-includes setting memories into the injector; RAG includes its longer prompt). Retrieval and
-the one-off memory-bank encoding are timed separately: they are shared or amortised.
-
-``python -m memory3.trainer.evaluate RUN_DIR`` (or ``bench/bench_reference_model.py``) prints the
-report and writes ``reference_model.md``, ``.json`` and ``.png`` to ``--out`` (bench/results).
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -42,41 +19,43 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.injection import MemoryInjector
-from memory3.sdk.memory import ExplicitMemory
-from memory3.trainer.config import TrainConfig
-from memory3.trainer.corpus import (EVAL_OVERLAP_LIMIT, HELDOUT, TRAIN, QAPair, World, build_world,
-                                    format_qa_prompt, format_reference, normalize_answer, token_overlap)
-from memory3.trainer.model import count_parameters, load_reference_model
-from memory3.trainer.retrieval_index import ReferenceIndex
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.injection import MemoryInjector
+from memory3.sdk.memory.tensors import ExplicitMemory
+from memory3.sdk.model.sampling import left_pad
+
+from .config import EvaluationConfig, TrainConfig
+from .corpus import (
+    EVAL_OVERLAP_LIMIT,
+    HELDOUT,
+    TRAIN,
+    QAPair,
+    World,
+    build_world,
+    format_qa_prompt,
+    format_reference,
+    normalize_answer,
+    token_overlap,
+)
+from .model import count_parameters, load_reference_model
+from .retrieval_index import ReferenceIndex
 
 MODES = ("plain", "rag", "memory", "memory_prior")
 MODE_LABELS = {"plain": "no memory", "rag": "RAG (top-k texts in prompt)", "memory": "explicit memory (top-k)",
                "memory_prior": "explicit memory (top-k), retrieval prior"}
 PLOT_LABELS = {"plain": "no memory", "rag": "RAG", "memory": "memory", "memory_prior": "memory + prior"}
 MEMORY_MODES = ("memory", "memory_prior")
-RETRIEVAL_PRIOR_BIAS = 20.0
-"""``memory_prior`` mode: the injector's ``retrieval_bias`` (:mod:`memory3.sdk.injection`): a memory
-whose reference is 0.1 less similar to the question (cosine) than the best one gets its attention
-logits lowered by 2 (about 7x less weight). How it was set: the round value where a sweep on the
-held-out questions levels off (bias 5 / 10 / 20 / 40 / 80: 54 / 76 / 83 / 88 / 87 of 130; no
-separate validation split); choosing on half of the held-out entities picks 40 for either half,
-which scores the other half 46 and 42 of 65 (20: 44 and 39), so 20 is not tuned to the test set.
-Why the mode exists: the tiny reference model reads one memory well but does not pick the right one
-among five similar ones; this mode lets the retriever's margin do the picking, and the report shows
-it beside the plain ``memory`` mode, which stays the paper's reading."""
 
 
 # ------------------------------------------------------------------ retrieval with the eval rule
 
 
-def retrieve_for_questions(index: ReferenceIndex, questions: Sequence[str], top_k: int = 5,
+def retrieve_for_questions(index: ReferenceIndex, questions: Sequence[str], top_k: int = EvaluationConfig.top_k,
                            overlap_limit: float = EVAL_OVERLAP_LIMIT, with_scores: bool = False):
     """Per question, the top-k reference positions after dropping references that overlap the
     question by more than ``overlap_limit``; and how many candidates that rule dropped. With
@@ -97,13 +76,6 @@ def retrieve_for_questions(index: ReferenceIndex, questions: Sequence[str], top_
 # ------------------------------------------------------------------ one greedy loop, three modes
 
 
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
 def prompt_ids(tokenizer, question: str, mode: str, reference_texts: Sequence[str] = ()) -> list[int]:
     """Token ids of a mode's prompt. RAG puts each reference as ``Reference: text`` on its own
     line (nearest first) before the question; the others ask the question alone."""
@@ -114,12 +86,16 @@ def prompt_ids(tokenizer, question: str, mode: str, reference_texts: Sequence[st
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[list[int]], memories: Sequence[Sequence[ExplicitMemory]] | None,
-                     spec=None, new_tokens: int = 8, batch_size: int = 32, scores: Sequence[Sequence[float]] | None = None,
-                     retrieval_bias: float = 0.0) -> tuple[list[str], float, int]:
-    """Greedy answers for token-id prompts; with ``memories`` (one list per prompt) they are
-    injected, with ``scores`` and ``retrieval_bias`` under the injector's retrieval prior. Exactly
-    ``new_tokens`` tokens are generated per prompt. Returns (answers, seconds, generated tokens)."""
+def generate_answers(model, tokenizer, prompts: Sequence[list[int]],
+                     memories: Sequence[Sequence[ExplicitMemory]] | None = None, spec=None,
+                     new_tokens: int = EvaluationConfig.new_tokens, batch_size: int = EvaluationConfig.batch_size,
+                     scores: Sequence[Sequence[float]] | None = None, retrieval_bias: float = 0.0,
+                     stop_at_eos: bool = False) -> tuple[list[str], float, int]:
+    """Greedy answers (the first line of each continuation) for token-id prompts, left-padded in
+    batches; with ``memories`` (one list per prompt) they are injected, with ``scores`` and
+    ``retrieval_bias`` under the injector's retrieval prior. Exactly ``new_tokens`` tokens are
+    generated per prompt, or with ``stop_at_eos`` at most that many (a row stops at EOS).
+    Returns (answers, seconds, generated tokens)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -132,13 +108,14 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], memories: S
             injector.activate()
         for i in range(0, len(prompts), batch_size):
             rows = [list(p) for p in prompts[i : i + batch_size]]
-            input_ids, mask = _left_pad(rows, pad, device)
+            input_ids, mask = left_pad(rows, pad, device)
             t0 = time.perf_counter()
             if injector is not None:
                 injector.set_memories([list(m) for m in memories[i : i + batch_size]],
                                       scores[i : i + batch_size] if scores is not None else None)
+            fixed_length = {} if stop_at_eos else {"min_new_tokens": new_tokens}
             out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
+                                 **fixed_length, do_sample=False, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id)
             seconds += time.perf_counter() - t0
             new = out[:, input_ids.shape[1] :]
@@ -191,11 +168,14 @@ def encode_memory_bank(model, tokenizer, spec, texts: Sequence[str]) -> tuple[li
 
 
 def evaluate_qa(model, tokenizer, spec, world: World, pairs: Sequence[QAPair], index: ReferenceIndex | None = None,
-                bank: Sequence[ExplicitMemory] | None = None, top_k: int = 5, modes: Sequence[str] = MODES,
-                new_tokens: int = 8, batch_size: int = 32, split: str = HELDOUT) -> Evaluation:
+                bank: Sequence[ExplicitMemory] | None = None, top_k: int = EvaluationConfig.top_k,
+                modes: Sequence[str] = MODES, new_tokens: int = EvaluationConfig.new_tokens,
+                batch_size: int = EvaluationConfig.batch_size, split: str = HELDOUT,
+                retrieval_bias: float = EvaluationConfig.retrieval_prior_bias) -> Evaluation:
     """QA exact match of ``pairs`` in each mode, on the same questions and retrieved references.
 
-    ``index`` and ``bank`` cover ``world.references`` in order (built here when not given).
+    ``index`` and ``bank`` cover ``world.references`` in order (built here when not given);
+    ``retrieval_bias`` is the ``memory_prior`` mode's.
     """
     texts = [r.text for r in world.references]
     index = index or ReferenceIndex(texts)
@@ -213,7 +193,7 @@ def evaluate_qa(model, tokenizer, spec, world: World, pairs: Sequence[QAPair], i
     for mode in modes:
         prompts = [prompt_ids(tokenizer, q, mode, [texts[i] for i in r]) for q, r in zip(questions, retrieved)]
         memories = [[bank[i] for i in r] for r in retrieved] if mode in MEMORY_MODES else None
-        bias = RETRIEVAL_PRIOR_BIAS if mode == "memory_prior" else 0.0
+        bias = retrieval_bias if mode == "memory_prior" else 0.0
         answers, seconds, generated = generate_answers(model, tokenizer, prompts, memories, spec, new_tokens, batch_size,
                                                        scores, bias)
         correct = [normalize_answer(a) == normalize_answer(p.answer) for a, p in zip(answers, pairs)]
@@ -325,6 +305,11 @@ def save_plot(evals: Sequence[Evaluation], path: Path) -> None:
     plt.close(fig)
 
 
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The configuration a training run saved (``config.json``)."""
+    return TrainConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
 @dataclass
 class RunUnderTest:
     """A training run's saved model with the world it was trained on, that world's retrieval
@@ -344,7 +329,7 @@ class RunUnderTest:
         """Load the model, rebuild its world and index, encode the bank; torch runs on
         ``num_threads`` threads (default: the run's own setting) from here on."""
         run_dir = Path(run_dir)
-        config = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        config = load_run_config(run_dir)
         torch.set_num_threads(max(1, num_threads or config.num_threads))
         model, tokenizer, spec = load_reference_model(run_dir / "model")
         world = build_world(config.world.seed, config.world.n_entities, config.world.heldout_fraction,
@@ -359,20 +344,25 @@ class RunUnderTest:
         return random.Random(0).sample(pairs, min(n, len(pairs)))
 
 
-def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130, batch_size: int = 32,
-                 new_tokens: int = 8, out_dir: str | Path | None = None, num_threads: int | None = None) -> dict:
-    """Evaluate a run directory's saved model and write the report; returns its data."""
+def evaluate_run(run_dir: str | Path, evaluation: EvaluationConfig | None = None, out_dir: str | Path | None = None,
+                 num_threads: int | None = None) -> dict:
+    """Evaluate a run directory's saved model and write the report; returns its data.
+
+    ``evaluation``: the settings (default: the run's own ``config.evaluation``)."""
     run_dir = Path(run_dir)
     run = RunUnderTest.load(run_dir, num_threads)
     config, model, tokenizer, spec, world, index, bank = (run.config, run.model, run.tokenizer, run.spec, run.world,
                                                           run.index, run.bank)
+    settings = evaluation or config.evaluation
+    top_k, new_tokens, batch_size = settings.top_k, settings.new_tokens, settings.batch_size
+    bias = settings.retrieval_prior_bias
     bank_s = run.bank_seconds
     evals = [evaluate_qa(model, tokenizer, spec, world, world.qa(HELDOUT), index, bank, top_k,
-                         new_tokens=new_tokens, batch_size=batch_size, split=HELDOUT)]
-    if train_questions:
-        pairs = run.train_questions(train_questions)
+                         new_tokens=new_tokens, batch_size=batch_size, split=HELDOUT, retrieval_bias=bias)]
+    if settings.train_questions:
+        pairs = run.train_questions(settings.train_questions)
         evals.append(evaluate_qa(model, tokenizer, spec, world, pairs, index, bank, top_k,
-                                 new_tokens=new_tokens, batch_size=batch_size, split=TRAIN))
+                                 new_tokens=new_tokens, batch_size=batch_size, split=TRAIN, retrieval_bias=bias))
     for ev in evals:
         ev.memory_bank_s = bank_s
     held_memory = evals[0].modes["memory"]
@@ -383,9 +373,9 @@ def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130
         memory_by_top_k[k] = [r.correct, r.questions]
     drill_entities = None
     if any(s.memory != "none" for s in config.stages):
-        from memory3.trainer.memory_stage import memory_drill
+        from .memory_stage import memory_drill
 
-        drill_entities = len(memory_drill(world).entities)
+        drill_entities = len(memory_drill(world, config.drill).entities)
     info = {"model_dir": str(run_dir / "model"), "parameters": count_parameters(model),
             "layers": model.config.num_hidden_layers, "memory_layers": list(spec.memory_layers),
             "tokens_per_head": spec.tokens_per_head, "entities": len(world.entities),
@@ -410,14 +400,18 @@ def evaluate_run(run_dir: str | Path, top_k: int = 5, train_questions: int = 130
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memory3-evaluate", description=__doc__.split("\n", 1)[0])
     parser.add_argument("run_dir", nargs="?", default="runs/reference-tiny", help="a training run directory (has model/)")
-    parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--train-questions", type=int, default=130, help="also evaluate this many train questions (0: none)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--top-k", type=int, help="references per question (default: the run's evaluation.top_k)")
+    parser.add_argument("--train-questions", type=int, help="also evaluate this many train questions (0: none)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--retrieval-prior-bias", type=float, help="the memory_prior mode's bias")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the run's)")
     parser.add_argument("--out", default="bench/results", help="where the report, json and plot go")
     args = parser.parse_args(argv)
-    evaluate_run(args.run_dir, args.top_k, args.train_questions, args.batch_size, args.new_tokens, args.out, args.threads)
+    given = {"top_k": args.top_k, "train_questions": args.train_questions, "batch_size": args.batch_size,
+             "new_tokens": args.new_tokens, "retrieval_prior_bias": args.retrieval_prior_bias}
+    evaluation = replace(load_run_config(args.run_dir).evaluation, **{k: v for k, v in given.items() if v is not None})
+    evaluate_run(args.run_dir, evaluation, args.out, args.threads)
     return 0
 
 

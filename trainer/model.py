@@ -1,26 +1,13 @@
 """The reference model: a Llama-architecture causal LM (RoPE, GQA, SwiGLU, RMSNorm) from presets.
 
-Why Llama: it is what Memory3 used, every part of memory3 (encoder, injection through
-``AttentionInterface``, generation) targets plain ``transformers`` models, and ``LlamaForCausalLM``
-needs no custom code to save, load or ``generate()``.
-
-Presets (parameter counts for a 2048-token vocabulary; see :func:`count_parameters`):
-
-========  ======  ======  =====  ========  =====  =======  =============================
-preset    layers  hidden  heads  kv heads  ffn    params   meant for
-========  ======  ======  =====  ========  =====  =======  =============================
-tiny      4       128     4      2         384    1.05 M   2 CPU cores, ~7 minutes
-small     6       256     8      4         768    5.2 M    CPU, tens of minutes
-base      12      512     8      4         1536   38.8 M   one GPU, minutes
-large     16      768     12     4         2048   102 M    one GPU
-========  ======  ======  =====  ========  =====  =======  =============================
-
-``max_position_embeddings`` covers the memory interval *and* the context: memories own positions
-``[0, reference_length)`` and the context starts after them (:class:`MemorySpec`), so a context of
-``n`` tokens needs ``reference_length + n`` positions.
-
-Saving: :func:`save_reference_model` writes ``save_pretrained`` (safetensors), the tokenizer and
+Llama is what Memory3 used, and every part of memory3 (encoder, injection through
+``AttentionInterface``, generation) targets plain ``transformers`` models that need no custom code
+to save, load or ``generate()``. :data:`PRESETS` go from ``tiny`` (2 CPU cores) to ``large`` (one
+GPU). ``max_position_embeddings`` covers the memory interval ``[0, reference_length)`` *and* the
+context after it. :func:`save_reference_model` writes the model (safetensors), the tokenizer and
 ``memory_spec.json`` into one directory; :func:`load_reference_model` reads all three back.
+
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -31,8 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.trainer.tokenizer import load_tokenizer, save_tokenizer
+from memory3.core.memory_spec import MemorySpec
+
+from .tokenizer import load_tokenizer, save_tokenizer
 
 
 @dataclass(frozen=True)

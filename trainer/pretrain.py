@@ -1,30 +1,13 @@
 """Two-stage pretraining of the reference model (Memory3 §3.4): one loop, stages in order.
 
-Stage 1 (``memory: none``) is a warmup without memory on the generated corpus — training text
-about train entities, Q/A drills, filler and, optionally, the train entities' references as text.
-Stage 2 (continual training with memory) runs in the *same* loop: a stage whose ``memory`` names
-a registered memory-stage factory gets :class:`MemoryHooks`, and every batch then goes through
+Stage 1 (``memory: none``) trains without memory on the generated corpus. A stage whose
+``memory`` names a registered factory (:func:`register_memory_stage`, or "package.module:function")
+gets :class:`MemoryHooks`, and :func:`batch_loss` then reads each chunk's memories through them.
+nanoGPT-style: a step's batch and learning rate are pure functions of (seed, step), so a checkpoint
+(model, optimiser, step, RNG states) resumes to identical weights. A run writes ``tokenizer/``,
+``checkpoints/``, ``loss.csv``/``loss.png``, ``model/`` and ``result.json`` under ``out_dir``.
 
-    memories = hooks.chunk_memories(model, batch)       # per row, per 64-token chunk
-    with hooks.inject(model, memories, batch):           # the SDK's injection path
-        loss = model(input_ids, position_ids=arange(T) + hooks.position_offset, labels=...)
-
-:func:`batch_loss` is that seam. The factory (written with ``memory3.sdk.encoder`` and
-``memory3.sdk.injection``, not here) decides retrieval (1 reference per chunk, plus the previous
-4 chunks' references), encoding by the model itself, and the > 90 % overlap exclusion
-(:func:`memory3.trainer.corpus.token_overlap`). Register it with :func:`register_memory_stage`
-or name it ``"package.module:function"`` in the config.
-
-Why this shape of loop (nanoGPT): the batch of global step ``g`` is drawn from a generator seeded
-by ``(seed, g)``, and the learning rate is a pure function of the step, so a checkpoint needs only
-model + optimiser + step (+ RNG states, kept for anything stochastic a stage adds) to resume to
-bit-identical weights. Everything a run writes goes under ``out_dir``:
-
-    tokenizer/                 trained once, reused on resume
-    checkpoints/ckpt_XXXXXX.pt model, optimiser, step, RNG states, history
-    loss.csv, loss.png         the loss curve (and QA exact match at eval steps)
-    model/                     the final reference model (safetensors + tokenizer + memory_spec.json)
-    result.json                what :func:`run_training` returns
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -44,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from memory3.sdk.memory_spec import MemorySpec
-from memory3.trainer.config import StageConfig, TrainConfig, load_config
-from memory3.trainer.corpus import (HELDOUT, TRAIN, QAPair, World, build_world, format_qa_prompt,
-                                    format_reference, normalize_answer)
-from memory3.trainer.model import (build_model, count_parameters, default_memory_spec,
-                                   save_reference_model)
-from memory3.trainer.tokenizer import encode_document, load_tokenizer, save_tokenizer, train_tokenizer
+from memory3.core.memory_spec import MemorySpec
+
+from .config import StageConfig, TrainConfig, load_config
+from .corpus import HELDOUT, TRAIN, QAPair, World, build_world, format_reference, normalize_answer
+from .evaluate import generate_answers, prompt_ids
+from .model import build_model, count_parameters, default_memory_spec, save_reference_model
+from .tokenizer import encode_document, load_tokenizer, save_tokenizer, train_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -135,7 +118,7 @@ class MemoryHooks:
         prepend each chunk's memory K/V (the SDK's injection path).
     position_offset: first position id of the context: ``spec.context_position_offset`` when
         the context is placed after the memories' shared interval, or 0 when the injection path
-        realises parallel positions by rotating the memory keys instead (memory3.sdk.rope).
+        realises parallel positions by rotating the memory keys instead (memory3.sdk.model.rope).
     stream: the stage's own training data (anything with ``batch(step, batch_size) -> Batch``),
         or None for the run's stream. Why: learning to *read* memory needs text whose tokens are
         predictable only from the retrieved reference, which the stage-1 stream lacks (its facts
@@ -308,33 +291,15 @@ def write_curves(out_dir: Path, history: list[dict]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def answer_questions(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 10,
-                     batch_size: int = 64) -> list[str]:
-    """Greedy answers (first line of the continuation after ``"A:"``) without memory."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(questions), batch_size):
-        # Left-pad by hand: setting tokenizer.padding_side would leak into the saved tokenizer.
-        rows = [tokenizer(format_qa_prompt(q))["input_ids"] for q in questions[i : i + batch_size]]
-        width = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        new = out[:, width:]
-        answers += [tokenizer.decode(r, skip_special_tokens=True).split("\n", 1)[0].strip() for r in new]
-    model.train(was_training)
-    return answers
-
-
-def qa_exact_match(model, tokenizer, pairs: Sequence[QAPair], **kwargs) -> float:
+def qa_exact_match(model, tokenizer, pairs: Sequence[QAPair], new_tokens: int = TrainConfig.eval_new_tokens,
+                   batch_size: int = TrainConfig.eval_batch_size) -> float:
+    """Greedy QA exact match without memory (:func:`memory3.trainer.evaluate.generate_answers`,
+    stopping at EOS)."""
     if not pairs:
         return float("nan")
-    got = answer_questions(model, tokenizer, [p.question for p in pairs], **kwargs)
+    prompts = [prompt_ids(tokenizer, p.question, "plain") for p in pairs]
+    got, _, _ = generate_answers(model, tokenizer, prompts, new_tokens=new_tokens, batch_size=batch_size,
+                                 stop_at_eos=True)
     return sum(normalize_answer(g) == normalize_answer(p.answer) for g, p in zip(got, pairs)) / len(pairs)
 
 
@@ -490,8 +455,10 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
             if config.eval_questions and (step % config.eval_interval == 0 or step == total):
                 row = row or {"step": step, "stage": stage.name, "lr": lr, "loss": last_loss,
                               "elapsed_s": prior_time + time.perf_counter() - t0, "tokens": step * tokens_per_step}
-                row["qa_train"] = qa_exact_match(model, tokenizer, eval_pairs[TRAIN])
-                row["qa_heldout"] = qa_exact_match(model, tokenizer, eval_pairs[HELDOUT])
+                row["qa_train"] = qa_exact_match(model, tokenizer, eval_pairs[TRAIN], config.eval_new_tokens,
+                                                 config.eval_batch_size)
+                row["qa_heldout"] = qa_exact_match(model, tokenizer, eval_pairs[HELDOUT], config.eval_new_tokens,
+                                                   config.eval_batch_size)
                 if bar is not None:
                     bar.write(f"step {step}: loss {last_loss:.3f}  QA EM train {row['qa_train']:.2f}"
                               f"  held-out {row['qa_heldout']:.2f}")

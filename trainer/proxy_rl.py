@@ -1,30 +1,14 @@
 """Offline, off-policy training of the proxy policy from logged trajectories (V-trace style).
 
-The data: episodes logged by proxy sampling (:mod:`memory3.sdk.proxy_sampling`) under some
-behaviour proxy μ — each decision with the candidate token, the action taken and μ's p(accept);
-each episode with its reward(s). Hidden states are not logged: they are recomputed here with the
-frozen LLM (:func:`memory3.sdk.proxy_sampling.step_features`), once, before training.
+Episodes logged by proxy sampling (:mod:`memory3.sdk.proxy.sampling`) under a behaviour proxy μ
+carry each decision's candidate, action and μ's p(accept); hidden states are recomputed once with
+the frozen LLM. The MDP (Proxy-RLHF, arXiv 2403.04283): one step per decision, action = accept /
+reject, the episode's return paid after its last decision (γ = 1). Each decision carries the
+ratio ρ_t = π/μ; value targets are V-trace's (IMPALA) and the policy surrogate -min(ρ_t, ρ̄)·A_t
+bounds how far π moves from μ on the fixed data. Targets are recomputed every epoch; fresh proxy
+sampling on held-out prompts measures the new proxy. Settings: :class:`ProxyRLConfig`.
 
-The MDP (Proxy-RLHF, arXiv 2403.04283): one step per decision, in logged order; state = prompt +
-response so far + the candidate; action = accept / reject; the episode's return is paid after its
-last decision (γ = 1). Because the data were collected by μ and the proxy π being trained drifts
-away from it, each decision carries the importance ratio ρ_t = π(a_t|s_t) / μ(a_t|s_t), with
-μ(a_t|s_t) = p_accept if accepted else 1 - p_accept, truncated as in V-trace (IMPALA,
-Espeholt et al. 2018):
-
-* value targets   v_t = V_t + ρ̄_t δ_t + c̄_t (v_{t+1} - V_{t+1}),  δ_t = r_t + V_{t+1} - V_t,
-  with ρ̄_t = min(RHO_BAR, ρ_t), c̄_t = min(C_BAR, ρ_t), and V = 0, v = 0 after the last decision;
-* policy surrogate -min(ρ_t, RHO_BAR) · A_t with A_t = r_t + v_{t+1} - b_t (normalised per batch),
-  whose gradient is the importance-weighted policy gradient ρ_t A_t ∇ log π(a_t|s_t) while ρ_t is
-  under the cap and zero beyond it. Unlike -ρ̄ A log π (whose logit gradient never fades for a
-  bad action, so logits run away when many epochs reuse the same data) it is bounded: π cannot move
-  further from μ than the cap allows on the logged data — the offline data's trust region;
-* value loss       ½ (V_t - v_t)²,  plus an entropy bonus that keeps the proxy from collapsing.
-
-Targets are recomputed every epoch with the current π and V (the data stay fixed: offline). After
-training, fresh proxy sampling on held-out prompts measures the mean reward the new proxy earns;
-the learning curve (loss and held-out reward per evaluation) is saved as a PNG, and the new
-weights (version = parent + 1) with ``metrics.json`` are ready to publish.
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -32,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,34 +27,34 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from memory3.sdk.proxy import ProxyPolicy, parameter_ratio
-from memory3.sdk.proxy_sampling import SamplingConfig, sample_with_proxy, step_features
-from memory3.sdk.reward import Reward, episode_return, score_episodes
-from memory3.sdk.trajectory import Episode
+from memory3.core.episodes import Episode
+from memory3.sdk.model.sampling import SamplingConfig
+from memory3.sdk.proxy.policy import ProxyPolicy, parameter_ratio
+from memory3.sdk.proxy.reward import Reward, episode_return, score_episodes
+from memory3.sdk.proxy.sampling import sample_with_proxy, step_features
 
 
 # ---------------------------------------------------------------- hyperparameters
 @dataclass
 class ProxyRLConfig:
+    """Every setting of offline proxy training (the ``memory3 train-proxy`` flags default to these)."""
+
     epochs: int = 40  # passes over the logged decisions
     minibatch: int = 512  # decisions per gradient step
-    lr: float = 3e-3  # AdamW
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient norm clip per step
     rho_bar: float = 1.9  # truncation of the policy surrogate's ratio π/μ (μ = 0.5 -> π may reach 0.95)
     target_rho_bar: float = 1.0  # V-trace truncation inside the value targets
     c_bar: float = 1.0  # V-trace truncation of the trace-cutting ratio
-    value_coef: float = 0.5
-    entropy_coef: float = 0.01
-    # "mean": advantages use the batch-mean return as baseline; "value": the learned V (V-trace's
-    # own). With few episodes V memorises each episode's return from its hidden states and the
-    # advantages become noise, so "value" pays only with many episodes per state.
-    baseline: str = "mean"
+    value_coef: float = 0.5  # weight of the value loss in the total loss
+    entropy_coef: float = 0.01  # weight of the entropy bonus (keeps the proxy from collapsing)
+    baseline: str = "mean"  # advantage baseline: "mean" (batch-mean return) or "value" (learned V, V-trace's own)
     normalize_returns: bool = True  # z-score episode returns (rewards of any scale train alike)
     eval_every: int = 10  # epochs between held-out evaluations (0: only before and after)
-    seed: int = 0
+    seed: int = 0  # torch seed of training and of the held-out sampling (seed + 1)
     reward_names: list[str] | None = None  # which episode rewards make the return; None: all
-    progress: bool = True
+    progress: bool = True  # tqdm bar
 
 
 @dataclass
@@ -102,15 +87,15 @@ def behaviour_logp(p_accept: torch.Tensor, accepted: torch.Tensor, eps: float = 
 
 
 def load_episodes(source, **read_options) -> list[Episode]:
-    """Episodes from a list (as they are), a Parquet file (:mod:`memory3.sdk.trajectory_export`) or
-    a blocking :class:`memory3.sdk.client.Client` (the service's Read, filtered by ``read_options``:
+    """Episodes from a list (as they are), a Parquet file (:mod:`memory3.sdk.proxy.export`) or
+    a blocking :class:`memory3.sdk.client.client.Client` (the service's Read, filtered by ``read_options``:
     bank, proxy_version, ...)."""
     if isinstance(source, (str, Path)):
-        from memory3.sdk.trajectory_export import episodes_from_parquet
+        from memory3.sdk.proxy.export import episodes_from_parquet
 
         return episodes_from_parquet(source)
     if hasattr(source, "read_episodes"):
-        from memory3.sdk.trajectory_export import iter_service_episodes
+        from memory3.sdk.proxy.export import iter_service_episodes
 
         return list(iter_service_episodes(source, include_hidden_states=False, **read_options))
     return list(source)
@@ -327,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     parser = argparse.ArgumentParser(prog="memory3 train-proxy", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="reference model directory (trainer.model.save_reference_model)")
     parser.add_argument("--episodes", help="Parquet file of logged episodes (trajectory export)")
-    parser.add_argument("--target", help="read episodes from this memory3 service (host:port) instead")
+    parser.add_argument("--target", help="read episodes from this memory3 server (host:port) instead "
+                                          "(without --episodes, default: MEMORY3_TARGET)")
     parser.add_argument("--api-key", help="API key for --target (default: MEMORY3_API_KEY)")
     parser.add_argument("--bank", default="", help="with --target: only this bank's episodes")
     parser.add_argument("--behaviour-version", type=int, default=0, help="with --target: only this proxy version")
@@ -342,13 +328,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens)
     parser.add_argument("--top-p", type=float, default=SamplingConfig.top_p)
     parser.add_argument("--max-rejections", type=int, default=SamplingConfig.max_rejections)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=ProxyRLConfig.seed)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from memory3.sdk.reward import NeuralReward
-    from memory3.trainer.model import load_reference_model
+    from memory3.sdk.proxy.reward import NeuralReward
+
+    from .model import load_reference_model
 
     model, tokenizer, _ = load_reference_model(args.model)
     parent = ProxyPolicy.load(args.parent)
@@ -360,11 +347,11 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     config = ProxyRLConfig(epochs=args.epochs, lr=args.lr, seed=args.seed, reward_names=args.reward)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, top_p=args.top_p, max_rejections=args.max_rejections)
     client = None
-    if args.target:
-        from memory3.sdk.client import Client
-        from memory3.service.config import load_settings
+    target = args.target or (None if args.episodes else os.environ.get("MEMORY3_TARGET"))
+    if target:
+        from memory3.sdk.client.client import Client
 
-        client = Client(args.target, args.api_key or load_settings().api_key)
+        client = Client(target, args.api_key or os.environ.get("MEMORY3_API_KEY"))
         filters = {"bank": args.bank} if args.bank else {}
         if args.behaviour_version:
             filters["proxy_version"] = args.behaviour_version
@@ -372,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     elif args.episodes:
         episodes = load_episodes(args.episodes)
     else:
-        parser.error("give --episodes FILE.parquet or --target HOST:PORT")
+        parser.error("give --episodes FILE.parquet or --target HOST:PORT (or set MEMORY3_TARGET)")
     result = train_proxy(model, episodes, parent, config, eval_prompts, eval_reward, sampling, tokenizer)
     out = save_result(result, args.out)
     print(json.dumps({k: v for k, v in result.metrics.items() if k != "config"}, indent=2))

@@ -1,44 +1,14 @@
 """Quantization-aware reading: stage 2 with every memory seen as a PQ codebook returns it.
 
-Why: at the >= 500x budget (about 1 bit per dimension) a codebook's error moves the small
-reference model's answers (``bench/bench_codec_qa.py``): the model was trained on exact memories
-and reads the coded ones as slightly different facts. A stage with ``pq_bytes > 0``
-(:class:`~memory3.trainer.config.StageConfig`) trains the reader on the memories a bank would
-hand it: each memory a chunk reads is coded and decoded (:meth:`CodebookRoundTrip.__call__`) by a
-codebook trained the way a bank trains one -- on a sample of memories it will not be asked to code
-(the references of another generated world, :data:`SAMPLE_WORLD_SEED_OFFSET`), encoded with the
-*current* weights and trained again every ``pq_refresh`` steps as the weights move. Gradients
-pass the round trip unchanged (straight-through), so the encoding side keeps learning too.
+At the >= 500x budget a codebook's error moves the small reference model's answers: it was
+trained on exact memories. A stage with ``pq_bytes > 0`` (:class:`~memory3.trainer.config.StageConfig`)
+trains the reader on what a bank would hand it: each memory a chunk reads is coded and decoded
+(:class:`CodebookRoundTrip`) by a codebook trained, as a bank trains one, on memories of another
+generated world (:data:`SAMPLE_WORLD_SEED_OFFSET`), encoded with the current weights and retrained
+every ``pq_refresh`` steps. Gradients pass the round trip unchanged (straight-through). The codec
+and file formats are untouched; only the weights differ.
 
-The codec is untouched: a model trained this way writes and reads memories in the same formats;
-only its weights differ, so its memories carry its own fingerprint and its bank needs a codebook
-trained on its own memories.
-
-Measured (``bench/bench_codec_qa.py RUN --baseline-run runs/reference-tiny``; 4-byte residual
-codes per 32-d vector, 1 bit/dim, the >= 500x setting; codebook trained on 2,000 memories of
-another world; 260 held-out questions read with the top-1 memory; NLL of held-out answer tokens
-with the question's own memory). "Loss" is against the same model reading exact memories:
-
-=====================================================  ============  ==========  ============
-run (all but the last continue runs/reference-tiny)    exact top-1   PQ loss     PQ NLL gap
-=====================================================  ============  ==========  ============
-runs/reference-tiny itself (no continuation)           180           +8.1 pt     +0.388
-+500 steps, exact memories (control)                   174           +8.5 pt     +0.306
-+500 steps PQ-aware, tiny-pq.yaml (seed 0)             174           +1.5 pt     +0.065
-+500 steps PQ-aware, seed 1                            177           +5.8 pt     +0.195
-+500 steps PQ-aware, lr 1e-4 -> 3e-5                   178           +5.4 pt     +0.157
-+1000 steps PQ-aware, lr 3e-4 -> 3e-5                  171           +4.2 pt     +0.155
-+1500 steps PQ-aware, lr 1e-4 -> 3e-5                   180           +9.2 pt     +0.192
-stage 2 PQ-aware from the start (3000 steps)           108           +3.5 pt     -0.061
-=====================================================  ============  ==========  ============
-
-So reading coded memories in training halves or better what they cost in answer NLL (0.31-0.39
--> 0.07-0.20 nats, every continuation), but exact-match loss varies from run to run as much as
-the effect (+1.5 to +9.2 pt; seed 0 vs 1 of one recipe: +1.5 vs +5.8), and the ">= 500x with
-<= 0.5 pt" target is not reached. Any continuation also moves exact reading by a few points (the
-control loses 6 questions), which is why the bench compares against the starting model too.
-Coding memories through all of stage 2 is worse: the model learns to read far less from memory
-at all (108 vs 180), so the stage is a short fine-tune.
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -47,11 +17,12 @@ from collections.abc import Sequence
 
 import torch
 
-from memory3.sdk.encoder import MemoryEncoder
-from memory3.sdk.memory import ExplicitMemory
-from memory3.sdk.pq import PQCodebook, train_codebook
-from memory3.sdk.rope import Rotary
-from memory3.trainer.corpus import World, build_world
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.pq import PQCodebook, train_codebook
+from memory3.sdk.memory.tensors import ExplicitMemory
+from memory3.sdk.model.rope import Rotary
+
+from .corpus import World, build_world
 
 SAMPLE_WORLD_SEED_OFFSET = 1
 """Codebook samples come from the world generated with the run's world seed plus this: same

@@ -1,16 +1,13 @@
 """An in-process retrieval index over reference texts, with the built-in MiniLM embedder.
 
-Why in-process: stage 2 retrieves for every 64-token chunk of every training batch, and the
-evaluation retrieves for every question. Going through the gRPC service would make training
-depend on a running database and add a round trip per step for nothing the trainer needs
-(no tenants, no persistence, no codec). The embedder is the service's own
-:class:`memory3.service.embedder.BuiltinEmbedder` (all-MiniLM-L6-v2, offline), and similarity is
-the service's metric (cosine on L2-normalised vectors), so what the trainer retrieves is what a
-bank holding the same references would retrieve.
+Stage 2 retrieves for every chunk of every batch and the evaluation for every question; going
+through the gRPC service would make training depend on a running database for nothing the trainer
+needs. The embedder (:class:`memory3.core.embedder.BuiltinEmbedder`) and the metric (cosine on
+L2-normalised vectors) are the service's, so the trainer retrieves what a bank holding the same
+references would. Embeddings are cached on disk (``.npy`` named by a hash of embedder + texts):
+runs, resumes, the evaluation and tests embed the same references again and again.
 
-Embeddings are cached on disk (``.npy`` named by a hash of embedder + texts) because embedding a
-few thousand texts costs tens of seconds on a shared CPU, and runs, resumes, the evaluation and
-tests reuse the same references again and again.
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memory3.service.embedder import BuiltinEmbedder
+from memory3.core.embedder import BuiltinEmbedder
 
 DEFAULT_CACHE_DIR = Path("runs") / ".embedding-cache"
 """Git-ignored (``/runs/``); shared by every run of a checkout."""

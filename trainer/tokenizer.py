@@ -1,17 +1,13 @@
 """The reference model's tokenizer: byte-level BPE trained locally on the generated corpus.
 
-Why train one: nothing can be downloaded, and a small vocabulary (a few thousand tokens) fitted
-to the corpus keeps the embedding table — most of a tiny model's parameters — small.
+Nothing can be downloaded, and a small vocabulary fitted to the corpus keeps the embedding table
+(most of a tiny model's parameters) small. Saved as a Hugging Face fast tokenizer, so memory3
+loads it with ``AutoTokenizer.from_pretrained(dir)``. Special tokens: ``<s>``, ``</s>``, ``<pad>``,
+``<unk>``, ``<sep>`` and the one-token reference marker
+(:data:`~memory3.core.memory_spec.REFERENCE_MARKER`); encoding prepends BOS and appends nothing
+(training documents get ``</s>`` explicitly); ``decode(encode(text)) == text``.
 
-It is saved as a Hugging Face tokenizer (``PreTrainedTokenizerFast.save_pretrained``) so every
-part of memory3 loads it with ``AutoTokenizer.from_pretrained(dir)``. Conventions:
-
-* special tokens: ``<s>`` (BOS), ``</s>`` (EOS), ``<pad>`` (PAD), ``<unk>``, the reference marker
-  :data:`~memory3.sdk.memory_spec.REFERENCE_MARKER` (``"Reference:"``) and ``<sep>``;
-  the marker is one token, so a reference always starts ``<s> Reference: ...`` with the same ids;
-* encoding with ``add_special_tokens=True`` (the default) prepends BOS and appends nothing, like
-  Llama: prompts stay open for generation; training documents get ``</s>`` appended explicitly;
-* byte-level, no normalisation: ``decode(encode(text))`` gives ``text`` back exactly.
+Measurements: docs/experiments.md
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from memory3.sdk.memory_spec import REFERENCE_MARKER
+from memory3.core.memory_spec import REFERENCE_MARKER
 
 BOS = "<s>"
 EOS = "</s>"

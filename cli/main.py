@@ -1,0 +1,282 @@
+"""The ``memory3`` command: serve, manage tenants/keys and banks, ingest JSONL, query, train."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from memory3.service.auth import ADMIN_KEY_FILE
+from memory3.service.config import load_settings
+
+
+def _client(args):
+    from memory3.sdk.client.client import Client
+
+    settings = load_settings()
+    target = args.target or settings.target or f"{settings.host}:{settings.port}"
+    key = args.api_key or settings.api_key
+    admin_key_file = settings.data_dir / ADMIN_KEY_FILE
+    if not key and args.command in ("tenant", "key") and admin_key_file.exists():
+        key = admin_key_file.read_text().strip()
+    if not key:
+        sys.exit("no API key: pass --api-key or set MEMORY3_API_KEY")
+    return Client(target, key)
+
+
+def cmd_serve(args) -> None:
+    from memory3.service.observability import configure_logging
+    from memory3.service.server import serve
+
+    settings = load_settings(host=args.host, port=args.port, data_dir=args.data_dir)
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    asyncio.run(serve(settings))
+
+
+def cmd_tenant(args) -> None:
+    with _client(args) as client:
+        if args.action == "create":
+            print(client.create_tenant(args.name))
+        elif args.action == "list":
+            print("\n".join(client.list_tenants()))
+
+
+def cmd_key(args) -> None:
+    with _client(args) as client:
+        if args.action == "issue":
+            key_id, api_key = client.issue_key(args.tenant, args.label)
+            print(json.dumps({"key_id": key_id, "api_key": api_key}))
+        else:
+            client.revoke_key(args.key_id)
+            print(f"revoked {args.key_id}")
+
+
+def _bank_json(bank) -> str:
+    return json.dumps(
+        {
+            "name": bank.name, "model_fingerprint": bank.model_fingerprint, "memory_spec": bank.spec.to_dict(),
+            "embedder": {"name": bank.embedder_name, "dimension": bank.embedder_dim, "metric": bank.metric},
+        }
+    )
+
+
+def cmd_bank(args) -> None:
+    from memory3.core.memory_spec import MemorySpec
+    from memory3.sdk.client import BankInfo
+
+    with _client(args) as client:
+        if args.action == "create":
+            if args.model:
+                from memory3.sdk.model.fingerprint import model_fingerprint
+                from memory3.trainer.model import load_reference_model
+
+                model, _, spec = load_reference_model(args.model)
+                fingerprint = model_fingerprint(model)
+            else:
+                layers = tuple(int(i) for i in args.layers.split(","))
+                spec = MemorySpec(layers, args.kv_heads, args.head_dim, args.tokens, args.reference_length, args.codec)
+                fingerprint = args.fingerprint
+            bank = BankInfo(args.name, fingerprint, spec, args.embedder, args.dimension, args.metric)
+            print(_bank_json(client.create_bank(bank)))
+        elif args.action == "list":
+            for bank in client.list_banks():
+                print(_bank_json(bank))
+        elif args.action == "get":
+            print(_bank_json(client.get_bank(args.name)))
+        elif args.action == "delete":
+            print(f"deleted bank {args.name} with {client.delete_bank(args.name)} references")
+        elif args.action == "stats":
+            print(json.dumps(client.stats(args.name).__dict__))
+
+
+def _jsonl_references(path: Path):
+    import base64
+
+    from memory3.sdk.client import Reference
+
+    with path.open() as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                yield Reference(
+                    external_id=str(item["id"]), text=item.get("text", ""), metadata=item.get("metadata", {}),
+                    embedding=item.get("embedding"),
+                    memory=base64.b64decode(item["memory"]) if item.get("memory") else None,
+                )
+            except (KeyError, ValueError) as err:
+                sys.exit(f"{path}:{number}: not a reference ({err}); each line needs at least 'id' and 'text'")
+
+
+def cmd_ingest(args) -> None:
+    from tqdm import tqdm
+
+    path = Path(args.file)
+    total = sum(1 for line in path.open() if line.strip())
+    with _client(args) as client, tqdm(total=total, unit="ref", desc=f"ingest {args.bank}") as bar:
+        summary = client.write_many(args.bank, _jsonl_references(path), batch_size=args.batch_size, progress=bar)
+    print(json.dumps(summary.__dict__))
+
+
+def cmd_query(args) -> None:
+    with _client(args) as client:
+        hits = client.retrieve(args.bank, text=args.text, top_k=args.top_k, max_overlap=args.max_overlap)
+    for hit in hits:
+        print(f"{hit.rank + 1}. {hit.score:.4f} {hit.external_id}: {hit.text}")
+
+
+def cmd_health(args) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = load_settings()
+    target = args.target or settings.target or f"{settings.host}:{settings.port}"
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    if status != "SERVING":
+        sys.exit(1)
+
+
+def cmd_train(args) -> None:
+    from memory3.trainer.pretrain import main as train_main
+
+    train_main([args.config, *args.rest])
+
+
+def cmd_train_proxy(args) -> None:
+    from memory3.trainer.proxy_rl import main as train_proxy_main
+
+    train_proxy_main(args.rest)
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate_command
+
+    settings = load_settings()
+    key = args.api_key or settings.api_key
+    if not key and args.mode != "plain":
+        sys.exit("no API key: pass --api-key or set MEMORY3_API_KEY")
+    generate_command(
+        args.target or settings.target or f"{settings.host}:{settings.port}", key or "", args.bank, args.model,
+        args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k,
+        temperature=args.temperature, retrieval_bias=args.retrieval_bias,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memory3", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client_command(name: str, help: str):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--target", help="server address (default MEMORY3_TARGET or MEMORY3_HOST:MEMORY3_PORT)")
+        p.add_argument("--api-key", help="tenant or admin key (default MEMORY3_API_KEY)")
+        return p
+
+    serve = sub.add_parser("serve", help="run the gRPC service (embedded PostgreSQL unless DATABASE_URL is set)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--data-dir", type=Path)
+    serve.set_defaults(func=cmd_serve)
+
+    tenant = client_command("tenant", "create or list tenants (admin key)")
+    tenant.add_argument("action", choices=["create", "list"])
+    tenant.add_argument("name", nargs="?")
+    tenant.set_defaults(func=cmd_tenant)
+
+    key = client_command("key", "issue or revoke API keys (admin key)")
+    key_sub = key.add_subparsers(dest="action", required=True)
+    issue = key_sub.add_parser("issue")
+    issue.add_argument("tenant")
+    issue.add_argument("--label", default="")
+    revoke = key_sub.add_parser("revoke")
+    revoke.add_argument("key_id")
+    key.set_defaults(func=cmd_key)
+
+    bank = client_command("bank", "create, list, get, delete banks, or show a bank's stats")
+    bank.add_argument("action", choices=["create", "list", "get", "delete", "stats"])
+    bank.add_argument("name", nargs="?")
+    bank.add_argument("--model", help="reference model directory: take fingerprint and memory spec from it")
+    bank.add_argument("--fingerprint", default="none", help="model fingerprint (without --model)")
+    bank.add_argument("--layers", default="0", help="memory layers, comma separated (without --model)")
+    bank.add_argument("--kv-heads", type=int, default=8)
+    bank.add_argument("--head-dim", type=int, default=80)
+    bank.add_argument("--tokens", type=int, default=8, help="tokens kept per kv head")
+    bank.add_argument("--reference-length", type=int, default=128)
+    bank.add_argument("--codec", default="int8", choices=["fp16", "int8", "int4", "pq"])
+    bank.add_argument("--embedder", default="all-MiniLM-L6-v2", help="built-in embedder, or a client-side name")
+    bank.add_argument("--dimension", type=int, default=384)
+    bank.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"])
+    bank.set_defaults(func=cmd_bank)
+
+    ingest = client_command("ingest", "write a JSONL file of references ({id, text, metadata?, embedding?, memory?})")
+    ingest.add_argument("bank")
+    ingest.add_argument("file")
+    ingest.add_argument("--batch-size", type=int, default=64)
+    ingest.set_defaults(func=cmd_ingest)
+
+    query = client_command("query", "retrieve the references nearest a text")
+    query.add_argument("bank")
+    query.add_argument("text")
+    query.add_argument("--top-k", type=int, default=5)
+    query.add_argument("--max-overlap", type=float, default=0.0)
+    query.set_defaults(func=cmd_query)
+
+    generate = client_command("generate", "stream a model's answer to a prompt, reading memories from a bank")
+    generate.add_argument("prompt")
+    generate.add_argument("--bank", required=True)
+    generate.add_argument("--model", required=True, help="reference model directory (model, tokenizer, memory_spec.json)")
+    generate.add_argument("--mode", default="memory", choices=["memory", "rag", "plain"])
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--chunk", type=int, default=64, help="tokens between memory retrievals")
+    generate.add_argument("--top-k", type=int, default=5, help="memories (or RAG references) per retrieval")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--retrieval-bias", type=float, default=0.0,
+                          help="memory mode: weigh memories by retrieval score (0: off; 20 for small models)")
+    generate.set_defaults(func=cmd_generate)
+
+    health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for health checks)")
+    health.add_argument("--target")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
+
+    train = sub.add_parser("train", help="two-stage pretraining of the reference model from a config file")
+    train.add_argument("config")
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train.set_defaults(func=cmd_train)
+
+    train_proxy = sub.add_parser("train-proxy", help="offline RL of the proxy policy from logged trajectories",
+                                 add_help=False)
+    train_proxy.add_argument("rest", nargs=argparse.REMAINDER, help="see `memory3 train-proxy --help`")
+    train_proxy.set_defaults(func=cmd_train_proxy)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import grpc
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-proxy"]:  # every option belongs to the trainer's own parser
+        return cmd_train_proxy(argparse.Namespace(rest=argv[1:]))
+    args = build_parser().parse_args(argv)
+    if args.command in ("tenant",) and args.action == "create" and not args.name:
+        sys.exit("tenant create needs a name")
+    if args.command == "bank" and args.action != "list" and not args.name:
+        sys.exit(f"bank {args.action} needs a bank name")
+    try:
+        args.func(args)
+    except grpc.RpcError as err:
+        sys.exit(f"error: {err.code().name}: {err.details()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The SDK write path: reference texts -> explicit memories -> compressed blobs -> the service.
+
+Bulk ingestion (warm start) and the decoding path's cold start must produce the same memories, so
+both use :class:`MemoryWriter`: it encodes batches with :class:`memory3.sdk.memory.encoder.MemoryEncoder`
+on a worker thread, compresses each memory with :func:`memory3.sdk.memory.codec.encode_memory` in the
+bank's scheme (``pq`` is refused without the bank's :class:`~memory3.sdk.memory.pq.PQCodebook`), and
+writes through :meth:`memory3.sdk.client.client.AsyncClient.write_many`, whose bounded batches in
+flight are the back-pressure. With ``skip_short``, references too short for the spec are written as
+text only (still retrievable, e.g. for RAG).
+
+Details: docs/design.md ("Data path of one memory").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+
+from memory3.core.blob import CodecError
+from memory3.core.references import Reference, StoredReference, WriteSummary
+from memory3.sdk.memory.codec import decode_memory, encode_memory
+from memory3.sdk.memory.encoder import MemoryEncoder, ReferenceTooShortError
+from memory3.sdk.memory.pq import PQCodebook
+from memory3.sdk.memory.tensors import ExplicitMemory
+
+RefLike = Reference | StoredReference | tuple
+"""A reference to write: a :class:`Reference`, a retrieved :class:`StoredReference`, or a tuple
+``(id, text)`` / ``(id, text, metadata)``."""
+
+
+def as_reference(item: RefLike) -> Reference:
+    """Normalise what users hand in (tuples, stored references) to a :class:`Reference` with no memory."""
+    if isinstance(item, (Reference, StoredReference)):
+        return Reference(item.external_id, item.text, dict(item.metadata or {}))
+    if isinstance(item, tuple) and len(item) in (2, 3):
+        external_id, text, *rest = item
+        return Reference(str(external_id), text, dict(rest[0]) if rest and rest[0] else {})
+    raise TypeError(f"expected Reference, StoredReference or (id, text[, metadata]), got {type(item).__name__}")
+
+
+@dataclass
+class EncodedReference:
+    """One reference after the first two steps: what is written, and the memory the blob decodes to."""
+
+    reference: Reference  # .memory holds the blob (None when the text was too short and skipped)
+    memory: ExplicitMemory | None  # decode(blob): exactly what a reader of the service will get
+
+
+class MemoryWriter:
+    """Encodes, compresses and writes references for one model (and one bank scheme).
+
+    ``scheme`` defaults to the spec's ``codec``. ``codebook`` is required for ``pq``.
+    """
+
+    def __init__(
+        self,
+        encoder: MemoryEncoder,
+        *,
+        scheme: str | None = None,
+        codebook: PQCodebook | None = None,
+        encode_batch: int = 16,
+        skip_short: bool = False,
+    ) -> None:
+        self.encoder = encoder
+        self.scheme = scheme or encoder.spec.codec
+        if self.scheme == "pq" and codebook is None:
+            raise CodecError("bank scheme is pq: pass the bank's PQ codebook to the memory writer")
+        self.codebook = codebook
+        self.encode_batch = encode_batch
+        self.skip_short = skip_short
+
+    # ---------------------------------------------------------------- encode + compress
+    def encode(self, items: Sequence[RefLike]) -> list[EncodedReference]:
+        """Encode and compress one batch (blocking; call from a worker thread in async code)."""
+        refs = [as_reference(item) for item in items]
+        if not refs:
+            return []
+        try:
+            memories: list[ExplicitMemory | None] = list(self.encoder.encode([r.text for r in refs]))
+        except ReferenceTooShortError:
+            if not self.skip_short:
+                raise
+            memories = [self._encode_one(r.text) for r in refs]  # find the short ones
+        out = []
+        for ref, memory in zip(refs, memories):
+            if memory is None:
+                out.append(EncodedReference(ref, None))
+                continue
+            ref.memory = encode_memory(memory, self.scheme, self.codebook)
+            out.append(EncodedReference(ref, decode_memory(ref.memory, codebook=self.codebook)))
+        return out
+
+    def _encode_one(self, text: str) -> ExplicitMemory | None:
+        try:
+            return self.encoder.encode([text])[0]
+        except ReferenceTooShortError:
+            return None
+
+    async def _encoded_stream(self, items: Iterable[RefLike]) -> AsyncIterator[Reference]:
+        batch: list[RefLike] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) >= self.encode_batch:
+                for encoded in await asyncio.to_thread(self.encode, batch):
+                    yield encoded.reference
+                batch = []
+        if batch:
+            for encoded in await asyncio.to_thread(self.encode, batch):
+                yield encoded.reference
+
+    # ---------------------------------------------------------------- write
+    async def write(
+        self,
+        client,
+        bank: str,
+        items: Iterable[RefLike],
+        *,
+        write_batch: int = 64,
+        max_in_flight: int = 2,
+        progress: bool | object = True,
+        total: int | None = None,
+    ) -> WriteSummary:
+        """``encode -> compress -> Write`` for an iterable of references through an AsyncClient.
+
+        ``progress``: True for a tqdm bar (references written), False for none, or a tqdm-like
+        object with ``update(n)``.
+        """
+        bar, own_bar = progress, False
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            if total is None and hasattr(items, "__len__"):
+                total = len(items)  # type: ignore[arg-type]
+            bar, own_bar = tqdm(total=total, unit="ref", desc=f"write {bank}"), True
+        elif progress is False:
+            bar = None
+        try:
+            return await client.write_many(
+                bank, self._encoded_stream(items), batch_size=write_batch, max_in_flight=max_in_flight, progress=bar
+            )
+        finally:
+            if own_bar:
+                bar.close()
+
+    async def ensure_memories(self, client, bank: str, refs: Sequence[StoredReference]) -> dict[str, tuple[ExplicitMemory, bytes]]:
+        """Cold start: encode the references that have no memory yet, store them, return them.
+
+        Only ``refs`` with ``memory_size == 0`` are encoded; each is written back under the same id,
+        text and metadata (no vector: the bank's built-in embedder re-embeds the text, giving the
+        vector it already had). Returns ``{external_id: (memory, blob)}`` where ``memory`` is the
+        decoded blob — exactly what later readers fetch, so cold and warm reads agree. References
+        too short to encode are left out of the result (they stay text-only).
+        """
+        missing = [r for r in refs if r.memory_size == 0]
+        if not missing:
+            return {}
+        encoded = await asyncio.to_thread(self.encode, missing)
+        written = [e for e in encoded if e.memory is not None]
+        if written:
+            await client.write(bank, [e.reference for e in written])
+        return {e.reference.external_id: (e.memory, e.reference.memory) for e in written}
+
+
+async def write_references(client, bank: str, items: Iterable[RefLike], encoder: MemoryEncoder, **options) -> WriteSummary:
+    """Convenience: ``MemoryWriter(encoder, scheme=..., codebook=...).write(client, bank, items, ...)``."""
+    writer_keys = {"scheme", "codebook", "encode_batch", "skip_short"}
+    writer = MemoryWriter(encoder, **{k: v for k, v in options.items() if k in writer_keys})
+    return await writer.write(client, bank, items, **{k: v for k, v in options.items() if k not in writer_keys})
+
+
+async def ensure_memories(
+    client, bank: str, refs: Sequence[StoredReference], encoder: MemoryEncoder, **writer_options
+) -> dict[str, ExplicitMemory]:
+    """Cold start for retrieved references with no memory: encode, store, return ``{id: memory}``."""
+    found = await MemoryWriter(encoder, **writer_options).ensure_memories(client, bank, refs)
+    return {key: memory for key, (memory, _) in found.items()}

@@ -184,6 +184,14 @@ def read_header(payload: bytes) -> MemoryHeader:
         raise CodecError(f"raw size {raw} does not match {want_raw} implied by {scheme.name} shape {shape}")
     if not flags & FLAG_ZSTD and size != raw:
         raise CodecError(f"uncompressed body is {size} bytes, shape implies {raw}")
+    if flags & FLAG_ZSTD:  # a frame that declares another size is refused before anything is allocated
+        try:
+            declared = zstandard.frame_content_size(bytes(buf[off : off + min(size, 18)]))  # a frame header is <= 18 bytes
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd body has no valid frame header: {exc}") from None
+        if declared != raw:
+            shown = "no size" if declared < 0 else f"{declared} bytes"
+            raise CodecError(f"zstd frame declares {shown}, header says {raw}")
     return MemoryHeader(
         FORMAT_VERSION, scheme.name, fingerprint, shape, cb_version, size, stored, flags, raw, pq_m, digest, off
     )

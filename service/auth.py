@@ -1,4 +1,4 @@
-"""Who is calling: the ``authorization`` metadata (``Bearer <key>`` or the bare key) names either
+"""Who is calling: the ``authorization`` metadata (``Bearer <key>``) names either
 the admin (key from configuration) or a tenant (key issued by the Tenants service)."""
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from .tenant_store import TenantStore
 def _presented_key(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
-            value = value.strip()
-            return value[7:].strip() if value.lower().startswith("bearer ") else value
+            scheme, _, key = value.strip().partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise Unauthenticated("the 'authorization' metadata must be 'Bearer <key>'")
+            return key.strip()
     raise Unauthenticated("missing API key: send it in the 'authorization' metadata")
 
 

@@ -20,7 +20,7 @@ from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .observability import CACHE_LOOKUPS
 
-BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole name: fullmatch
 METRICS = {
     # metric: (pgvector operator, operator class, distance -> score SQL)
     "cosine": ("<=>", "vector_cosine_ops", "1 - ({d})"),
@@ -58,7 +58,7 @@ class Bank:
 
 
 def check_bank_name(name: str) -> None:
-    if not BANK_NAME.match(name or ""):
+    if not BANK_NAME.fullmatch(name or ""):
         raise InvalidArgument("bank name must be 1-128 characters of letters, digits, '_', '.', '-'")
 
 

@@ -56,6 +56,8 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
     def _check_record(self, bank: Bank, record: memories_pb2.ReferenceRecord) -> None:
         if not record.external_id or len(record.external_id) > MAX_EXTERNAL_ID:
             raise InvalidArgument(f"reference external_id must be 1-{MAX_EXTERNAL_ID} characters")
+        if "\x00" in record.external_id:
+            raise InvalidArgument("reference external_id may not contain NUL")
         if len(record.text.encode()) > self.settings.max_text_bytes:
             raise ResourceExhausted(
                 f"reference {record.external_id!r}: text exceeds {self.settings.max_text_bytes} bytes"
@@ -212,6 +214,8 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         vector = await self._query_vector(bank, request)
         excluding = request.max_overlap > 0
         limit = min(top_k * 4 + 16, self.settings.max_top_k) if excluding else top_k
+        if any("\x00" in s for s in (*request.filter.keys(), *request.filter.values())):
+            raise InvalidArgument("filter keys and values may not contain NUL")
         rows = await self.refs.search(bank, vector, limit, dict(request.filter), request.include_memory)
         if excluding:
             rows = [r for r in rows if token_overlap(request.text, r.text) <= request.max_overlap]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import re
 import json
 import logging
 import time
@@ -24,6 +25,7 @@ from sqlalchemy import text
 
 from .errors import InvalidArgument
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")  # a client's x-request-id, kept only if it matches
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 RPC_TOTAL = Counter("memory3_rpc_total", "RPCs finished, by method and status code", ["method", "code"])
@@ -118,7 +120,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     @contextlib.asynccontextmanager
     async def _tracked(self, method: str, incoming: dict, context):
         """Request id, admission, in-flight gauge, metrics and the access log around one call."""
-        request_id = incoming.get("x-request-id") or uuid.uuid4().hex[:16]
+        request_id = incoming.get("x-request-id") or ""
+        if not REQUEST_ID.fullmatch(request_id):  # absent, too long or odd characters: ours instead
+            request_id = uuid.uuid4().hex[:16]
         token = request_id_var.set(request_id)
         started, cancelled = time.perf_counter(), False
         try:

@@ -53,6 +53,8 @@ class ReferenceRow:
         return digest.digest()
 
 
+HNSW_EF_SEARCH_MAX = 1000  # the largest hnsw.ef_search pgvector accepts
+
 _STAGING_COLUMNS = "seq, external_id, text, metadata, embedding, memory, memory_size, memory_crc32, content_hash"
 _STAGING_TYPES = ["int8", "text", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
 
@@ -173,11 +175,12 @@ class ReferenceStore:
         connection = self.engine.begin() if limit > self.ef_search else self.reads.connect()
         async with _bank_partition(bank), connection as conn:
             if limit > self.ef_search:  # the connection's default ef_search would cap the results
-                await conn.execute(text(f"SET LOCAL hnsw.ef_search = {int(limit)}"))
+                # pgvector caps ef_search; beyond it the iterative scan (relaxed order) supplies the rest
+                await conn.execute(text(f"SET LOCAL hnsw.ef_search = {min(int(limit), HNSW_EF_SEARCH_MAX)}"))
             driver = (await conn.get_raw_connection()).driver_connection
             rows = await (await driver.execute(sql, params)).fetchall()
             found = [StoredReference(*row[:5], row[5], float(row[6])) for row in rows]
-        if metadata_filter:  # relaxed_order may return slightly out of order
+        if metadata_filter or limit > HNSW_EF_SEARCH_MAX:  # relaxed_order may return slightly out of order
             found.sort(key=lambda row: -row.score)
         return found
 

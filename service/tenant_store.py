@@ -18,8 +18,8 @@ from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from .observability import CACHE_LOOKUPS
 
-KEY_PATTERN = re.compile(r"^m3_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})$")
-TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+KEY_PATTERN = re.compile(r"m3_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})")  # patterns here fullmatch
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class TenantStore:
         self._verified: dict[str, tuple[int, float]] = {}
 
     async def create(self, name: str) -> Tenant:
-        if not TENANT_NAME.match(name or ""):
+        if not TENANT_NAME.fullmatch(name or ""):
             raise InvalidArgument("tenant name must be 1-63 characters of letters, digits, '_', '.', '-'")
         async with self.engine.begin() as conn:
             row = (
@@ -94,7 +94,7 @@ class TenantStore:
             CACHE_LOOKUPS.labels("api_key", "hit").inc()
             return cached[0]
         CACHE_LOOKUPS.labels("api_key", "miss").inc()
-        match = KEY_PATTERN.match(api_key)
+        match = KEY_PATTERN.fullmatch(api_key)
         if not match:
             raise Unauthenticated("malformed API key")
         key_id, secret = match.groups()

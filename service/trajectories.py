@@ -29,21 +29,21 @@ from .trajectory_store import (
     encode_cursor,
 )
 
-EPISODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-REWARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
+EPISODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")  # patterns here fullmatch
+REWARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
 MAX_FINGERPRINT = 128
 _INT32_MAX = 2**31 - 1
 
 
 def check_episode_id(episode_id: str) -> None:
-    if not EPISODE_ID.match(episode_id or ""):
+    if not EPISODE_ID.fullmatch(episode_id or ""):
         raise InvalidArgument(
             f"episode_id {episode_id[:64]!r} must be 1-128 characters of letters, digits, '_', '.', ':', '-'"
         )
 
 
 def check_reward(episode_id: str, name: str, value: float) -> None:
-    if not REWARD_NAME.match(name or ""):
+    if not REWARD_NAME.fullmatch(name or ""):
         raise InvalidArgument(f"episode {episode_id!r}: reward name {name[:64]!r} must be 1-64 characters of "
                               "letters, digits, '_', '.', ':', '/', '-'")
     if not math.isfinite(value):

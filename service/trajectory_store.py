@@ -27,7 +27,7 @@ _STAGED = (
 _STAGED_TYPES = ["int8", "text", "text", "text", "int8", "int4[]", "int4[]", "int4", *_DECISION_TYPES, "jsonb", "bytea"]
 _STAGED_DEFINITION = ", ".join(f"{column} {kind}" for column, kind in zip(_STAGED, _STAGED_TYPES))
 
-CURSOR = re.compile(r"^c1\.(\d{1,19})$")
+CURSOR = re.compile(r"c1\.(\d{1,19})")  # fullmatch
 
 
 @dataclass
@@ -89,7 +89,7 @@ def decode_cursor(cursor: str) -> int:
     """The seq a cursor resumes after; "" is the beginning."""
     if not cursor:
         return 0
-    match = CURSOR.match(cursor)
+    match = CURSOR.fullmatch(cursor)
     if not match:
         raise InvalidArgument("cursor is not one this service issued (pass next_cursor back unchanged)")
     return int(match.group(1))

@@ -111,7 +111,7 @@ def _call(target, service_name, method, requests, key):
         call = getattr(channel, kind)(path, **kwargs)
         payload = iter(requests) if method.client_streaming else requests[0]
         try:
-            result = call(payload, metadata=(("authorization", key),), timeout=30)
+            result = call(payload, metadata=(("authorization", f"Bearer {key}"),), timeout=30)
             if method.server_streaming:
                 list(result)
         except grpc.RpcError as err:
@@ -161,7 +161,7 @@ def test_invalid_utf8_and_broken_messages_are_invalid_argument(server, canary, p
         kind = "stream_unary" if streaming else ("unary_stream" if "Retrieve" in path else "unary_unary")
         call = getattr(channel, kind)(path, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as info:
-            result = call(iter([body]) if streaming else body, metadata=(("authorization", canary),), timeout=10)
+            result = call(iter([body]) if streaming else body, metadata=(("authorization", f"Bearer {canary}"),), timeout=10)
             if kind == "unary_stream":
                 list(result)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()

@@ -52,8 +52,9 @@ def raw_call(target: str, service_name: str, method, metadata):
 
 @pytest.mark.parametrize(
     "metadata",
-    [(), (("authorization", "Bearer nonsense"),), (("authorization", "m3_0123456789abcdef_" + "x" * 43),)],
-    ids=["no-key", "malformed", "unknown"],
+    [(), (("authorization", "Bearer nonsense"),), (("authorization", "Bearer m3_0123456789abcdef_" + "x" * 43),),
+     (("authorization", "m3_0123456789abcdef_" + "x" * 43),)],
+    ids=["no-key", "malformed", "unknown", "no-bearer-scheme"],
 )
 def test_every_rpc_refuses_bad_keys(server, metadata):
     methods = list(all_methods())
@@ -71,7 +72,7 @@ def test_revoked_key_is_refused_everywhere(server, admin, tenant):
         with expect_status(grpc.StatusCode.UNAUTHENTICATED, "revoked"):
             client.list_banks()
     for service_name, method in all_methods():
-        code, _ = raw_call(server.target, service_name, method, (("authorization", tenant.api_key),))
+        code, _ = raw_call(server.target, service_name, method, (("authorization", f"Bearer {tenant.api_key}"),))
         assert code == grpc.StatusCode.UNAUTHENTICATED, f"{service_name}/{method.name}"
     with expect_status(grpc.StatusCode.NOT_FOUND):
         admin.revoke_key(tenant.key_id)
@@ -80,7 +81,7 @@ def test_revoked_key_is_refused_everywhere(server, admin, tenant):
 def test_admin_rpcs_refuse_tenant_keys_and_data_rpcs_refuse_the_admin_key(server, tenant):
     for service_name, method in all_methods():
         key = tenant.api_key if service_name in ADMIN_SERVICES else ADMIN_KEY
-        code, details = raw_call(server.target, service_name, method, (("authorization", key),))
+        code, details = raw_call(server.target, service_name, method, (("authorization", f"Bearer {key}"),))
         assert code == grpc.StatusCode.PERMISSION_DENIED, f"{service_name}/{method.name}: {code} {details}"
 
 

@@ -55,7 +55,7 @@ def test_request_id_is_echoed(server, tenant):
         stub = memories_pb2_grpc.MemoriesStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Stats(memories_pb2.StatsRequest(bank="nope"),
-                       metadata=(("authorization", tenant.api_key), ("x-request-id", "req-42")))
+                       metadata=(("authorization", f"Bearer {tenant.api_key}"), ("x-request-id", "req-42")))
     assert ("x-request-id", "req-42") in tuple(info.value.trailing_metadata())
 
 
@@ -65,7 +65,7 @@ def test_overload_is_refused_with_pushback_not_queued(own_server):
         client.create_bank(BankInfo("b", FINGERPRINT, SPEC, "client", 2, "l2"))
     with grpc.insecure_channel(srv.target) as channel:
         stub = memories_pb2_grpc.MemoriesStub(channel)
-        metadata = (("authorization", key),)
+        metadata = (("authorization", f"Bearer {key}"),)
         release = threading.Event()
 
         def slow_stream():
@@ -121,7 +121,7 @@ def test_graceful_shutdown_finishes_in_flight_calls(own_server):
         release.wait(10)
         yield memories_pb2.WriteRequest(reference=memories_pb2.ReferenceRecord(external_id="b", text="t", embedding=[0, 1]))
 
-    pending = stub.Write.future(stream(), metadata=(("authorization", key),))
+    pending = stub.Write.future(stream(), metadata=(("authorization", f"Bearer {key}"),))
     time.sleep(0.5)
     stopper = threading.Thread(target=srv.stop)
     stopper.start()

@@ -13,7 +13,7 @@ from memory3.service.config import load_settings
 
 
 def _client(args):
-    from memory3.sdk.client.client import Client
+    from memory3.sdk.client import Client
 
     settings = load_settings()
     target = args.target or settings.target or f"{settings.host}:{settings.port}"

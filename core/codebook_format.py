@@ -46,16 +46,14 @@ class CodebookHeader:
     quantizer: str
     rope_len: int
 
-    @property
-    def groups(self) -> int:
-        return self.layers * 2 if self.share == "layer" else 2
-
     def check_shape(self, layers: int, heads: int, head_dim: int) -> None:
-        if (self.layers, self.kv_heads, self.head_dim) != (layers, heads, head_dim):
-            raise CodebookError(
-                f"codebook v{self.version} is for (layers, kv heads, head dim) "
-                f"{(self.layers, self.kv_heads, self.head_dim)}, memory has {(layers, heads, head_dim)}"
-            )
+        check_shape(self.version, (self.layers, self.kv_heads, self.head_dim), (layers, heads, head_dim))
+
+
+def check_shape(version: int, codebook: tuple[int, int, int], memory: tuple[int, int, int]) -> None:
+    """A codebook serves memories of its own (layers, kv heads, head dim) only."""
+    if codebook != memory:
+        raise CodebookError(f"codebook v{version} is for (layers, kv heads, head dim) {codebook}, memory has {memory}")
 
 
 @dataclass(frozen=True)

@@ -70,30 +70,16 @@ class TextPiece:
     reference_ids: list[str]
 
 
-@dataclass
-class _Options:
-    max_new_tokens: int
-    chunk: int
-    top_k: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop_at_eos: bool
-    output_scores: bool
-    lag: int = 0
-    chunked_prefill: bool = False
-    proxy: ProxyPolicy | None = None
-    max_rejections: int = 4
-    stochastic_proxy: bool = True
-
-
 class _Run:
     """One generate call: a left-padded batch, its KV cache, and (memory mode) its schedule."""
 
-    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], options: _Options, supply, bank, injector,
-                 prefetched: list | None = None):
-        self.model, self.tokenizer, self.options = model, tokenizer, options
-        self.supply, self.bank, self.injector = supply, bank, injector
+    def __init__(self, model, tokenizer, prompt_ids: list[list[int]], options: DecodingOptions,
+                 memory: MemoryOptions | None, proxy: ProxyOptions | None, injector, prefetched: list | None = None):
+        """``memory`` and ``injector`` only in memory mode (RAG has placed its texts in the prompts)."""
+        self.model, self.tokenizer, self.options, self.proxy = model, tokenizer, options, proxy
+        self.supply, self.bank = (memory.supply, memory.bank) if memory is not None else (None, None)
+        self.top_k, self.lag = (memory.top_k, memory.lag) if memory is not None else (0, 0)
+        self.injector = injector
         self.prefetched = prefetched
         self.prompt_ids = prompt_ids
         self.device = next(model.parameters()).device
@@ -120,12 +106,12 @@ class _Run:
             self.generator.manual_seed(options.seed if options.seed is not None else 0)
         self.chooser = None  # with a proxy: proxy_sampling's per-step accept/reject procedure
         self.hidden = None  # (batch, hidden) last hidden state of the last fed column, for the proxy
-        if options.proxy is not None:
+        if proxy is not None:
             if options.temperature <= 0:
                 raise ValueError("a proxy samples: pass temperature > 0 (and top_p) with proxy=")
-            config = SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.max_rejections,
-                                    options.stochastic_proxy)
-            self.chooser = make_proxy_chooser(model, options.proxy, config, self.batch, seed=options.seed,
+            config = SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, proxy.max_rejections,
+                                    proxy.stochastic)
+            self.chooser = make_proxy_chooser(model, proxy.policy, config, self.batch, seed=options.seed,
                                               generator=self.generator)
 
     # ---------------------------------------------------------------- model
@@ -193,7 +179,7 @@ class _Run:
         chunked = self.supply is not None or self.options.chunked_prefill
         if not chunked:
             return self.forward(self.input_ids, 0, width)
-        chunk, top_k = self.options.chunk, self.options.top_k
+        chunk, top_k = self.options.chunk, self.top_k
         cuts = {0, width}
         for b, n in enumerate(self.lengths):
             cuts.update(self.offsets[b] + c * chunk for c in range((n + chunk - 1) // chunk))
@@ -233,7 +219,7 @@ class _Run:
 
     def run(self) -> Iterator[torch.Tensor]:
         """Yield the sampled tokens (batch,) of each step."""
-        options, chunk, lag = self.options, self.options.chunk, self.options.lag
+        options, chunk, lag = self.options, self.options.chunk, self.lag
         logits = self.prefill()
         pending = None
         for n in range(1, options.max_new_tokens + 1):  # n: tokens sampled so far, after this one
@@ -249,7 +235,7 @@ class _Run:
             if self.supply is not None:
                 if n % chunk == 0 and n + lag + 1 < options.max_new_tokens:  # query: the last `chunk` tokens' text
                     queries = [None if self.finished[b] else self.text(g[n - chunk : n]) for b, g in enumerate(self.generated)]
-                    pending = self.supply.request(self.bank, queries, options.top_k)
+                    pending = self.supply.request(self.bank, queries, self.top_k)
                 if (n - 1 - lag) % chunk == 0 and n - 1 - lag >= chunk:  # first token of a new chunk (+ lag): switch
                     rows = self.collect(pending)
                     self.inject(rows, pending)
@@ -366,18 +352,12 @@ def _prepare(model, tokenizer, prompts, mode: str, memory: MemoryOptions | None,
     top_k, lag = (memory.top_k, memory.lag) if memory is not None else (0, 0)
     if decoding.chunk <= 0 or top_k < 0 or decoding.max_new_tokens <= 0 or lag < 0:
         raise ValueError("chunk and max_new_tokens must be positive, top_k and lag >= 0")
-    options = _Options(
-        decoding.max_new_tokens, decoding.chunk, top_k, decoding.temperature, decoding.top_p, decoding.seed,
-        decoding.stop_at_eos, decoding.output_scores, lag, decoding.chunked_prefill,
-        proxy.policy if proxy is not None else None, proxy.max_rejections if proxy is not None else 4,
-        proxy.stochastic if proxy is not None else True,
-    )
     prompt_ids = _tokenize(tokenizer, prompts)
     rag_refs: list[list[str]] = [[] for _ in prompt_ids]
     if mode == "rag":
         prompt_ids, rag_refs = _rag_prompts(tokenizer, memory.supply, memory.bank, prompts, prompt_ids, top_k)
     if mode != "memory":
-        return _Run(model, tokenizer, prompt_ids, options, None, None, None), contextlib.nullcontext(), rag_refs
+        return _Run(model, tokenizer, prompt_ids, decoding, None, proxy, None), contextlib.nullcontext(), rag_refs
     futures = None
     if memory.prefetch is not None:
         ahead = memory.prefetch
@@ -385,19 +365,19 @@ def _prepare(model, tokenizer, prompts, mode: str, memory: MemoryOptions | None,
             raise ValueError("prefetch was started for other prompts, bank, chunk or top_k")
         futures = ahead.futures
     injector = MemoryInjector(model, memory.supply.spec, retrieval_bias=memory.retrieval_bias)
-    run = _Run(model, tokenizer, prompt_ids, options, memory.supply, memory.bank, injector, futures)
+    run = _Run(model, tokenizer, prompt_ids, decoding, memory, proxy, injector, futures)
     return run, injector, rag_refs
 
 
-def _results(run: _Run, rag_refs, bank: str | None = None, reward=None,
-             trajectory_logger=None) -> list[GenerationResult]:
+def _results(run: _Run, rag_refs, bank: str | None = None) -> list[GenerationResult]:
     episodes: list[Episode | None] = [None] * run.batch
     if run.chooser is not None:
-        episodes = make_episodes(run.model, run.options.proxy, run.prompt_ids, run.generated, run.chooser.decisions,
-                                 bank or "", reward, run.tokenizer)
-        if trajectory_logger is not None:
+        proxy = run.proxy
+        episodes = make_episodes(run.model, proxy.policy, run.prompt_ids, run.generated, run.chooser.decisions,
+                                 bank or "", proxy.reward, run.tokenizer)
+        if proxy.trajectory_logger is not None:
             for episode in episodes:
-                trajectory_logger.log(episode)
+                proxy.trajectory_logger.log(episode)
     return [
         GenerationResult(
             text=run.text(run.generated[b]), token_ids=run.generated[b], prompt_ids=run.prompt_ids[b],
@@ -424,7 +404,7 @@ def generate(model, tokenizer, prompts, *, mode: str = "memory", memory: MemoryO
         for _ in run.run():
             pass
     bank = memory.bank if memory is not None and mode != "plain" else None
-    return _results(run, rag_refs, bank, proxy.reward if proxy else None, proxy.trajectory_logger if proxy else None)
+    return _results(run, rag_refs, bank)
 
 
 def stream(model, tokenizer, prompts, *, mode: str = "memory", memory: MemoryOptions | None = None,

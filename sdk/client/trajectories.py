@@ -6,7 +6,7 @@ packed column-wise (see trajectories.proto). Probabilities are float32 on the wi
 store, so ``llm_prob`` / ``p_accept`` come back rounded to float32.
 
 Log is idempotent by episode id (the server deduplicates), so a failed Log stream is simply
-re-sent whole; the other calls are retried on UNAVAILABLE by gRPC's retry policy (client.py).
+re-sent whole; the other calls are retried on UNAVAILABLE by gRPC's retry policy (transport.py).
 """
 
 from __future__ import annotations

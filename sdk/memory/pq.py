@@ -27,6 +27,7 @@ from memory3.core.codebook_format import (
     CodebookError,
     CodebookHeader,
     canonical_format,
+    check_shape,
     codebook_digest,
     pack_codebook,
     read_codebook,
@@ -175,11 +176,7 @@ class PQCodebook:
 
     # ---- encode / decode ---------------------------------------------------------------------
     def check_shape(self, layers: int, heads: int, head_dim: int) -> None:
-        if (layers, heads, head_dim) != (self.layers, self.kv_heads, self.head_dim):
-            raise CodebookError(
-                f"codebook v{self.version} is for (layers, kv heads, head dim) "
-                f"{(self.layers, self.kv_heads, self.head_dim)}, memory has {(layers, heads, head_dim)}"
-            )
+        check_shape(self.version, (self.layers, self.kv_heads, self.head_dim), (layers, heads, head_dim))
 
     def _move_keys(self, kv: torch.Tensor, positions: torch.Tensor | None, sign: int) -> torch.Tensor:
         """Keys rotated by ``sign * positions`` (to position 0 and back) when the codebook codes

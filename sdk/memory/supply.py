@@ -209,7 +209,7 @@ class MemorySupply:
 
     # ---------------------------------------------------------------- lifecycle
     def close(self) -> None:
-        if self._loop.thread.is_alive():
+        if self._loop.is_alive():
             self._loop.submit(self.client.close()).result()
             self._loop.stop()
 

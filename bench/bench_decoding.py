@@ -53,7 +53,7 @@ class LoopbackServer:
         from memory3.service.child_process import ServiceProcess
         from memory3.service.embedded_pg import EmbeddedPostgres
 
-        self.admin_key = "bench-admin-" + secrets.token_hex(8)
+        self.admin_key = "bench-admin-" + secrets.token_hex(16)
         self.pg = EmbeddedPostgres(data_dir / "db")
         self.process = ServiceProcess(
             self.pg.url, data_dir, self.admin_key, torch_threads=1, log_level="WARNING",

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import collections
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -34,7 +35,7 @@ from memory3.service.child_process import ServiceProcess
 from memory3.service.embedded_pg import EmbeddedPostgres
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ADMIN = "load-admin"
+ADMIN = "load-admin-" + secrets.token_hex(16)
 FINGERPRINT = "11" * 32
 SPEC = MemorySpec(tuple(range(4)), 4, 64, 8, 128, "int8")  # ~17 KB payloads
 DIM = 64

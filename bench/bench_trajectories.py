@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         pg = EmbeddedPostgres(Path(tmp))
-        settings = load_settings(database_url=pg.url, port=0, admin_key="bench-admin", data_dir=Path(tmp), metrics_port=-1)
+        settings = load_settings(database_url=pg.url, port=0, admin_key="bench-admin-" + secrets.token_hex(16), data_dir=Path(tmp), metrics_port=-1)
         server = BackgroundServer(settings)
         admin = Client(server.target, "bench-admin")
         for name in ("bench", "bench-raw", "bench-logger"):

@@ -10,6 +10,8 @@ from .bank_store import BankStore, CodebookStore
 from .config import Settings
 from .convert import bank_from_proto, timestamp
 from .errors import InvalidArgument, ResourceExhausted, rpc
+from .offload import CpuPool
+from .quotas import QuotaStore
 from .tenant_store import TenantStore
 
 
@@ -19,6 +21,7 @@ class CodebooksMixin:
     @rpc
     async def PutCodebook(self, request_iterator, context):
         tenant_id = await self.auth.tenant(context)
+        await self.quotas.check_storage(tenant_id)
         bank, blob = None, bytearray()
         async for message in request_iterator:
             if bank is None:
@@ -30,7 +33,8 @@ class CodebooksMixin:
                 raise ResourceExhausted(f"codebook exceeds {self.max_codebook_bytes} bytes")
         if bank is None:
             raise InvalidArgument("empty PutCodebook stream")
-        stored, _ = await self.codebooks.put(bank, bytes(blob))
+        await self.quotas.check_storage(tenant_id, len(blob))
+        stored, _ = await self.codebooks.put(bank, blob, self.cpu)
         return _codebook_proto(bank.name, stored)
 
     @rpc
@@ -53,9 +57,12 @@ def _codebook_proto(bank: str, stored) -> banks_pb2.Codebook:
 
 class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
     def __init__(
-        self, auth: Authenticator, banks: BankStore, codebooks: CodebookStore, settings: Settings
+        self, auth: Authenticator, banks: BankStore, codebooks: CodebookStore, settings: Settings, quotas: QuotaStore,
+        cpu: CpuPool,
     ) -> None:
         self.auth = auth
+        self.quotas = quotas
+        self.cpu = cpu
         self.banks = banks
         self.codebooks = codebooks
         self.chunk_bytes = settings.chunk_bytes
@@ -66,7 +73,8 @@ class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
         tenant_id = await self.auth.tenant(context)
         if not request.HasField("bank"):
             raise InvalidArgument("CreateBank needs a bank")
-        bank, _ = await self.banks.create(bank_from_proto(request.bank, tenant_id))
+        bank = bank_from_proto(request.bank, tenant_id)
+        bank, _ = await self.banks.create(bank, before_creating=lambda: self.quotas.check_banks(tenant_id))
         return bank_to_proto(bank.info())
 
     @rpc
@@ -89,9 +97,10 @@ class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
 
 
 class TenantsServicer(tenants_pb2_grpc.TenantsServicer):
-    def __init__(self, auth: Authenticator, tenants: TenantStore) -> None:
+    def __init__(self, auth: Authenticator, tenants: TenantStore, quotas: QuotaStore) -> None:
         self.auth = auth
         self.tenants = tenants
+        self.quotas = quotas
 
     @rpc
     async def CreateTenant(self, request, context):
@@ -116,3 +125,25 @@ class TenantsServicer(tenants_pb2_grpc.TenantsServicer):
     async def RevokeKey(self, request, context):
         await self.auth.require_admin(context)
         return tenants_pb2.RevokeKeyResponse(revoked=await self.tenants.revoke_key(request.key_id))
+
+    async def _quotas(self, tenant: str) -> tenants_pb2.GetQuotasResponse:
+        quotas = await self.quotas.describe(tenant)
+        return tenants_pb2.GetQuotasResponse(
+            tenant=tenant,
+            quotas=[
+                tenants_pb2.Quota(name=q.name, limit=q.limit, default_limit=q.default, overridden=q.overridden,
+                                  used=q.used)
+                for q in quotas
+            ],
+        )
+
+    @rpc
+    async def GetQuotas(self, request, context):
+        await self.auth.require_admin(context)
+        return await self._quotas(request.tenant)
+
+    @rpc
+    async def SetQuota(self, request, context):
+        await self.auth.require_admin(context)
+        await self.quotas.set(request.tenant, request.name, None if request.reset else request.value)
+        return await self._quotas(request.tenant)

@@ -18,7 +18,7 @@ from memory3.core.memory_spec import MemorySpec
 
 from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound
-from .observability import CACHE_LOOKUPS
+from .metrics import CACHE_LOOKUPS
 
 BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole name: fullmatch
 METRICS = {
@@ -84,8 +84,9 @@ class BankStore:
         self.hnsw_m = hnsw_m
         self.hnsw_ef_construction = hnsw_ef_construction
 
-    async def create(self, bank: Bank) -> tuple[Bank, bool]:
-        """Create the bank (and its partition and index); (bank, created). Same definition: idempotent."""
+    async def create(self, bank: Bank, before_creating=None) -> tuple[Bank, bool]:
+        """Create the bank (and its partition and index); (bank, created). Same definition: idempotent.
+        ``before_creating`` (a coroutine function) runs only when a new bank is about to be made (quota)."""
         check_bank_name(bank.name)
         async with self.engine.begin() as conn:
             # Serialise creators of the same name so two concurrent creates cannot both make one.
@@ -97,6 +98,8 @@ class BankStore:
                 if existing.same_definition(bank):
                     return existing, False
                 raise AlreadyExists(f"bank {bank.name!r} already exists with a different definition")
+            if before_creating is not None:
+                await before_creating()
             row = (
                 await conn.execute(
                     text(
@@ -116,13 +119,23 @@ class BankStore:
         return created, True
 
     async def _create_partition(self, conn: AsyncConnection, bank: Bank) -> None:
+        """Make the bank's table on its own, then attach it: ATTACH PARTITION takes only SHARE
+        UPDATE EXCLUSIVE on the shared parent (CREATE TABLE ... PARTITION OF would take ACCESS
+        EXCLUSIVE), so other banks' reads and writes go on meanwhile. The CHECK constraint spares
+        the attach a validating scan."""
         # Identifiers come from integers and a closed table of metrics, never from user text.
         _, opclass, _ = METRICS[bank.metric]
         table = bank.partition
         await conn.execute(
-            text(f"CREATE TABLE {table} PARTITION OF memory_references FOR VALUES IN ({int(bank.id)})")
+            text(
+                f"CREATE TABLE {table} (LIKE memory_references INCLUDING DEFAULTS INCLUDING STORAGE,"
+                f" CONSTRAINT {table}_bank CHECK (bank_id IS NOT NULL AND bank_id = {int(bank.id)}))"
+            )
         )
-        await conn.execute(text(f"ALTER TABLE {table} ALTER COLUMN memory SET STORAGE EXTERNAL"))
+        await conn.execute(text(f"ALTER TABLE {table} ADD PRIMARY KEY (bank_id, external_id)"))
+        await conn.execute(
+            text(f"ALTER TABLE memory_references ATTACH PARTITION {table} FOR VALUES IN ({int(bank.id)})")
+        )
         await conn.execute(
             text(
                 f"CREATE INDEX {table}_hnsw ON {table} USING hnsw "
@@ -176,16 +189,45 @@ class BankStore:
         return banks, (banks[-1].name if more else "")
 
     async def delete(self, tenant_id: int, name: str) -> int:
-        """Drop the bank with its partition; returns how many references went with it."""
+        """Drop the bank with its partition; returns how many references went with it.
+
+        The bank's row goes first (from then on the bank does not exist for anyone), then its table
+        is detached CONCURRENTLY (SHARE UPDATE EXCLUSIVE on the parent: other banks' reads and
+        writes go on) and dropped. A partition left behind by a crash in between is dropped by
+        :meth:`drop_orphans` at the next start."""
         async with self.engine.begin() as conn:
             bank = await self._get(conn, tenant_id, name)
             if bank is None:
                 raise NotFound(f"bank {name!r} not found")
             count = (await conn.execute(text(f"SELECT count(*) FROM {bank.partition}"))).scalar()
-            await conn.execute(text(f"DROP TABLE {bank.partition}"))
             await conn.execute(text("DELETE FROM banks WHERE id = :id"), {"id": bank.id})
         self._cache.pop((tenant_id, name), None)
+        await self._drop_partition(bank.partition)
         return int(count)
+
+    async def _drop_partition(self, table: str) -> None:
+        async with self.reads.connect() as conn:  # DETACH ... CONCURRENTLY cannot run in a transaction
+            attached = (
+                await conn.execute(text("SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass(:t)"), {"t": table})
+            ).first()
+            if attached:
+                await conn.execute(text(f"ALTER TABLE memory_references DETACH PARTITION {table} CONCURRENTLY"))
+            await conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+
+    async def drop_orphans(self) -> int:
+        """Drop bank tables whose bank no longer exists (a delete interrupted between its steps)."""
+        async with self.reads.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_class c WHERE c.relname ~ '^memory_references_b[0-9]+$'"
+                    " AND c.relkind = 'r' AND NOT EXISTS (SELECT 1 FROM banks b"
+                    " WHERE c.relname = 'memory_references_b' || b.id)"
+                )
+            )
+            orphans = [r.relname for r in rows]
+        for table in orphans:
+            await self._drop_partition(table)
+        return len(orphans)
 
 
 @dataclass(frozen=True)
@@ -205,10 +247,16 @@ class CodebookStore:
         self.reads = autocommit(engine)
         self._digests: dict[tuple[int, int], bytes] = {}
 
-    async def put(self, bank: Bank, blob: bytes) -> tuple[StoredCodebook, bool]:
-        try:
+    async def put(self, bank: Bank, blob: bytes, cpu) -> tuple[StoredCodebook, bool]:
+        """Validate (on the CPU pool: parsing and digesting are heavy) and store a codebook version."""
+
+        def parse():
             codebook, arrays = read_codebook(blob)
             codebook.check_shape(len(bank.spec.memory_layers), bank.spec.kv_heads, bank.spec.head_dim)
+            return codebook, arrays, canonical_digest(codebook, arrays)
+
+        try:
+            codebook, arrays, digest = await cpu.run(parse)
         except CodebookError as err:
             raise InvalidArgument(f"invalid codebook: {err}") from None
         if codebook.fingerprint != bank.model_fingerprint:
@@ -216,7 +264,6 @@ class CodebookStore:
                 f"codebook was trained for model {codebook.fingerprint[:12]}…, bank {bank.name!r} holds "
                 f"memories of {bank.model_fingerprint[:12]}…"
             )
-        digest = canonical_digest(codebook, arrays)
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(

@@ -62,7 +62,42 @@ class Settings(BaseSettings):
                     "about its size in single calls, so a small cap answers the earliest requests sooner (raise it "
                     "for a GPU embedder, where batches are nearly free)")
     grace_seconds: float = Field(default=10.0, description="How long shutdown waits for in-flight calls")
-    key_cache_seconds: float = Field(default=2.0, description="How long a verified API key is trusted unrechecked")
+    drain_notice_seconds: float = Field(
+        default=2.0, ge=0,
+        description="On shutdown, how long health answers NOT_SERVING while the listener still accepts calls")
+    stream_idle_seconds: float = Field(
+        default=30.0, gt=0,
+        description="Longest wait for a stream's next request message, or for the client to take the next "
+                    "response message; beyond it DEADLINE_EXCEEDED and the call's slot is freed")
+    max_call_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest any one call may run (streams resume by cursor); then DEADLINE_EXCEEDED")
+    keepalive_seconds: float = Field(default=60.0, gt=0, description="Server pings an idle connection this often")
+    keepalive_timeout_seconds: float = Field(default=20.0, gt=0, description="A ping unanswered this long closes the connection")
+    max_connection_idle_seconds: float = Field(default=300.0, gt=0, description="A connection with no call this long is closed")
+    max_connection_age_seconds: float = Field(
+        default=3600.0, gt=0, description="Connections are closed (gracefully; clients reconnect) after this long")
+    max_concurrent_streams: int = Field(default=100, ge=1, description="Concurrent calls one connection may hold")
+    cpu_workers: int = Field(
+        default=2, ge=1,
+        description="Threads for per-request CPU work (codec checks, hashing, overlap, page building) off the event loop")
+    tenant_max_concurrent_calls: int = Field(
+        default=32, ge=1, description="Quota 'concurrent_calls': calls one tenant may have in flight (override per tenant)")
+    tenant_max_banks: int = Field(default=1000, ge=0, description="Quota 'banks': banks one tenant may hold (override per tenant)")
+    tenant_max_stored_bytes: int = Field(
+        default=100 * 1024 * MiB, ge=0,
+        description="Quota 'stored_bytes': bytes one tenant may store — bank tables on disk, codebooks, proxy "
+                    "weights, trajectories (override per tenant)")
+    usage_cache_seconds: float = Field(default=5.0, ge=0, description="How long a tenant's measured storage use is reused")
+    admin_failures_per_minute: int = Field(
+        default=10, ge=1, description="Failed admin-key attempts one address may make per minute; beyond, refused unchecked")
+    read_batch_bytes: int = Field(
+        default=32 * MiB, ge=1, description="Bytes of references Fetch and Retrieve read from the database at a time")
+    write_batch_bytes: int = Field(
+        default=32 * MiB, ge=1, description="Bytes of a Write or Log stream held before they are staged in the database")
+    key_cache_seconds: float = Field(
+        default=2.0, ge=0,
+        description="How long a verified API key is trusted unrechecked; also how soon a key revoked through another "
+                    "replica ends this replica's running calls")
     target: str | None = Field(default=None, description="Server the CLI's client commands talk to (default host:port)")
     api_key: str | None = Field(default=None, description="Key the CLI's client commands send (tenant or admin key)")
     bank_cache_seconds: float = Field(default=2.0, description="How long a bank definition is cached per replica")

@@ -5,13 +5,14 @@ Migrations are the only way the schema changes; they run at start-up, before ser
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from pgvector.psycopg import register_vector, register_vector_async
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from memory3 import migrations
@@ -61,6 +62,25 @@ def create_engine_for(url: str, settings: Settings) -> AsyncEngine:
         dbapi_connection.run_async(prepare)
 
     return engine
+
+
+STAGING_TABLES = ("reference_staging", "episode_staging", "upload_chunks")
+
+
+async def purge_stale_staging(engine: AsyncEngine, older_than_seconds: float, every_seconds: float = 600) -> None:
+    """Forever: remove staged rows of streams that cannot still be running (older than the longest
+    call), left by a crash or a lost client; a failed stream removes its own at once."""
+    while True:
+        try:
+            async with engine.begin() as conn:
+                for table in STAGING_TABLES:
+                    await conn.execute(
+                        text(f"DELETE FROM {table} WHERE staged_at < now() - make_interval(secs => :s)"),
+                        {"s": older_than_seconds},
+                    )
+        except Exception as err:  # housekeeping must never take the server down
+            log.warning("stale staging rows not purged: %s", err)
+        await asyncio.sleep(every_seconds)
 
 
 def autocommit(engine: AsyncEngine) -> AsyncEngine:

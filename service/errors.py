@@ -51,6 +51,10 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def status_for(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The status a failed call answers with. A lost database is UNAVAILABLE (clients retry);
     anything unexpected is INTERNAL, logged here, with no internals in the message."""
@@ -93,23 +97,26 @@ def rpc(method):
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as error:
-            if hasattr(request, "__aiter__"):
+            if hasattr(request, "__aiter__") and not isinstance(error, (DeadlineExceeded, Unauthenticated)):
                 await drain(request)
             await context.abort(*status_for(error))
 
     return unary_wrapper
 
 
-DRAIN_BUDGET_BYTES = 128 * 1024 * 1024
+DRAIN_BUDGET_BYTES = 16 * 1024 * 1024
+DRAIN_SECONDS = 0.5
 
 
-async def drain(request_iterator, budget: int = DRAIN_BUDGET_BYTES) -> None:
-    """Read what a client already sent (bounded) before refusing its stream: a gRPC client whose
-    send fails on a call the server closed reports INTERNAL instead of the server's status."""
+async def drain(request_iterator, budget: int = DRAIN_BUDGET_BYTES, seconds: float = DRAIN_SECONDS) -> None:
+    """Read what a client already sent (bounded in bytes and time, never waiting longer on the
+    client) before refusing its stream: a gRPC client whose send fails on a call the server
+    closed may report INTERNAL instead of the server's status."""
     try:
-        async for message in request_iterator:
-            budget -= message.ByteSize()
-            if budget < 0:
-                return
-    except Exception:
+        async with asyncio.timeout(seconds):
+            async for message in request_iterator:
+                budget -= message.ByteSize()
+                if budget < 0:
+                    return
+    except (Exception, TimeoutError):
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ import numpy as np
 from memory3.core.batching import size_batches
 from memory3.core.blob import CodecError, validate_payload
 from memory3.core.embedder import BUILTIN_EMBEDDER, BuiltinEmbedder
-from memory3.core.overlap import token_overlap
+from memory3.core.overlap import overlapping
 from memory3.core.references import StoredReference
 from memory3.v1 import memories_pb2, memories_pb2_grpc
 
@@ -20,6 +21,8 @@ from .bank_store import Bank, BankStore, CodebookStore
 from .config import Settings
 from .convert import vector_from_values
 from .errors import InvalidArgument, NotFound, ResourceExhausted, rpc
+from .offload import CpuPool
+from .quotas import QuotaStore
 from .reference_store import ReferenceRow, ReferenceStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,12 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         refs: ReferenceStore,
         codebooks: CodebookStore,
         embedder: BuiltinEmbedder,
+        quotas: QuotaStore,
+        cpu: CpuPool,
     ) -> None:
         self.settings = settings
+        self.quotas = quotas
+        self.cpu = cpu
         self.codebooks = codebooks
         self.auth = auth
         self.banks = banks
@@ -91,7 +98,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         memory = bytes(pending.memory) if record.memory_size else None
         if memory is not None:
             try:
-                header = validate_payload(memory, bank.spec, bank.model_fingerprint)
+                header = await self.cpu.run(validate_payload, memory, bank.spec, bank.model_fingerprint)
             except CodecError as err:
                 raise InvalidArgument(f"reference {record.external_id!r}: invalid memory: {err}") from None
             if header.scheme == "pq":
@@ -119,18 +126,19 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
     @rpc
     async def Write(self, request_iterator, context):
         tenant_id = await self.auth.tenant(context)
+        await self.quotas.check_storage(tenant_id)
         bank: Bank | None = None
+        writer = None
         batch: list[ReferenceRow] = []
+        batch_bytes = 0
         current: _PendingReference | None = None
-        async with self.refs.engine.begin() as conn:
-            writer = None
+        try:
             async for message in request_iterator:
                 if bank is None:
                     if not message.bank:
                         raise InvalidArgument("the first Write message must name the bank")
                     bank = await self.banks.get(tenant_id, message.bank)
-                    writer = self.refs.writer(bank, conn)
-                    await writer.start()
+                    writer = self.refs.writer(bank)
                 elif message.bank and message.bank != bank.name:
                     raise InvalidArgument("one Write stream writes to one bank")
                 kind = message.WhichOneof("item")
@@ -139,28 +147,41 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
                         batch.append(await self._finish(bank, current))
                     self._check_record(bank, message.reference)
                     current = _PendingReference(message.reference, bytearray(message.reference.memory_chunk))
+                    batch_bytes += message.ByteSize()
                 elif kind == "memory_chunk":
                     if current is None:
                         raise InvalidArgument("memory_chunk before any reference")
                     current.memory += message.memory_chunk
+                    batch_bytes += len(message.memory_chunk)
                     if len(current.memory) > current.record.memory_size:
                         raise InvalidArgument(
                             f"reference {current.record.external_id!r}: more memory bytes than memory_size "
                             f"({current.record.memory_size})"
                         )
-                if len(batch) >= self.settings.write_batch_rows:
+                if len(batch) >= self.settings.write_batch_rows or (batch and batch_bytes >= self.settings.write_batch_bytes):
                     await self._stage(writer, batch)
-                    batch = []
+                    batch, batch_bytes = [], len(current.memory) if current else 0
             if bank is None:
                 raise InvalidArgument("empty Write stream")
             if current is not None:
                 batch.append(await self._finish(bank, current))
             await self._stage(writer, batch)
+            await self.quotas.check_storage(tenant_id, writer.staged_bytes)
             counts = await writer.commit()
+        except BaseException:
+            if writer is not None and writer.staged_bytes:
+                await asyncio.shield(self._discard(writer))
+            raise
         return memories_pb2.WriteSummary(
             inserted=counts.inserted, updated=counts.updated, unchanged=counts.unchanged,
             memory_bytes=counts.memory_bytes,
         )
+
+    async def _discard(self, writer) -> None:
+        try:
+            await writer.discard()
+        except Exception as err:  # the janitor removes it later, by age
+            log.warning("staged rows of a failed Write not removed now: %s", err)
 
     # --- Reads -----------------------------------------------------------------------------
 
@@ -216,16 +237,44 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         limit = min(top_k * 4 + 16, self.settings.max_top_k) if excluding else top_k
         if any("\x00" in s for s in (*request.filter.keys(), *request.filter.values())):
             raise InvalidArgument("filter keys and values may not contain NUL")
-        rows = await self.refs.search(bank, vector, limit, dict(request.filter), request.include_memory)
+        rows = await self.refs.search(bank, vector, limit, dict(request.filter))
         if excluding:
-            rows = [r for r in rows if token_overlap(request.text, r.text) <= request.max_overlap]
-        frames = (
-            frame
-            for rank, row in enumerate(rows[:top_k])
-            for frame in self._frames(row, rank, request.include_text, request.include_memory)
-        )
-        for message in self._packed(frames):
+            dropped = await self.cpu.run(overlapping, request.text, [r.text for r in rows], request.max_overlap)
+            rows = [r for r, drop in zip(rows, dropped) if not drop]
+        rows = rows[:top_k]
+        for rank, row in enumerate(rows):
+            row.rank = rank
+        if not request.include_memory:
+            for message in self._packed(self._all_frames(rows, request.include_text, False, ranked=True)):
+                yield message
+            return
+        async for message in self._with_memories(bank, rows, request.include_text, ranked=True):
             yield message
+
+    def _all_frames(self, rows, with_text: bool, with_memory: bool, ranked: bool):
+        for row in rows:
+            yield from self._frames(row, row.rank if ranked else None, with_text, with_memory)
+
+    async def _with_memories(self, bank: Bank, rows: list[StoredReference], with_text: bool, ranked: bool):
+        """Messages for the rows with their memories, read a group of about ``read_batch_bytes`` at a
+        time (so a call's memory stays bounded whatever it asks for), each row as it is now; a row
+        deleted meanwhile is left out."""
+        budget = self.settings.read_batch_bytes
+        group, size = [], 0
+        for index, row in enumerate(rows):
+            group.append(row)
+            size += row.memory_size
+            if size >= budget or index == len(rows) - 1:
+                current = await self.refs.load(bank, [r.external_id for r in group], True)
+                fresh = []
+                for old in group:
+                    now = current.get(old.external_id)
+                    if now is not None:
+                        now.score, now.rank = old.score, old.rank
+                        fresh.append(now)
+                for message in self._packed(self._all_frames(fresh, with_text, True, ranked)):
+                    yield message
+                group, size = [], 0
 
     def _check_ids(self, ids) -> list[str]:
         ids = list(ids)
@@ -240,15 +289,25 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         tenant_id = await self.auth.tenant(context)
         ids = self._check_ids(request.external_ids)
         bank = await self.banks.get(tenant_id, request.bank)
-        rows = await self.refs.fetch(bank, ids, request.include_memory)
-        if not request.allow_missing and len(rows) < len(set(ids)):
-            found = {row.external_id for row in rows}
-            missing = [i for i in dict.fromkeys(ids) if i not in found]
+        sizes = await self.refs.sizes(bank, ids)
+        wanted = list(dict.fromkeys(ids))
+        if not request.allow_missing and len(sizes) < len(wanted):
+            missing = [i for i in wanted if i not in sizes]
             shown = ", ".join(repr(i) for i in missing[:10])
             raise NotFound(f"{len(missing)} reference(s) not found in bank {bank.name!r}: {shown}")
-        frames = (frame for row in rows for frame in self._frames(row, None, True, request.include_memory))
-        for message in self._packed(frames):
-            yield message
+        budget = self.settings.read_batch_bytes
+        present = [i for i in wanted if i in sizes]
+        group, size = [], 0
+        for index, external_id in enumerate(present):
+            group.append(external_id)
+            text_bytes, memory_bytes = sizes[external_id]
+            size += text_bytes + (memory_bytes if request.include_memory else 0)
+            if size >= budget or index == len(present) - 1:
+                current = await self.refs.load(bank, group, request.include_memory)
+                rows = [current[i] for i in group if i in current]
+                for message in self._packed(self._all_frames(rows, True, request.include_memory, ranked=False)):
+                    yield message
+                group, size = [], 0
 
     @rpc
     async def Delete(self, request, context):

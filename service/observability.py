@@ -4,8 +4,8 @@
   ``memory3_rpc_in_flight``, ``memory3_rpc_rejected_total``, bank sizes, server-side cache hits.
 * Each call gets a request id (the client's ``x-request-id`` metadata, else a new one), sent back
   in trailing metadata and stamped on every log line written while the call runs.
-* Back-pressure: beyond ``max_in_flight`` concurrent calls the server answers RESOURCE_EXHAUSTED
-  at once, with ``grpc-retry-pushback-ms`` advice, instead of queueing without bound.
+* Every call passes the call guard (``guard.py``: authentication before any resource, admission,
+  deadlines, revocation); its refusals get ``grpc-retry-pushback-ms`` advice when retrying helps.
 """
 
 from __future__ import annotations
@@ -20,27 +20,17 @@ import time
 import uuid
 
 import grpc
-from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import text
 
-from .errors import InvalidArgument
+from .auth import caller_var
+from .metrics import BANK_BYTES, BANK_REFERENCES, RPC_IN_FLIGHT, RPC_REJECTED, RPC_SECONDS, RPC_TOTAL
+from .errors import InvalidArgument, ResourceExhausted, ServiceError
+from .guard import PUSHBACK_MS, CallGuard
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")  # a client's x-request-id, kept only if it matches
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-RPC_TOTAL = Counter("memory3_rpc_total", "RPCs finished, by method and status code", ["method", "code"])
-RPC_SECONDS = Histogram(
-    "memory3_rpc_seconds", "RPC latency", ["method"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-RPC_IN_FLIGHT = Gauge("memory3_rpc_in_flight", "RPCs being served now")
-RPC_REJECTED = Counter("memory3_rpc_rejected_total", "RPCs refused by admission control (server busy)")
-BANK_REFERENCES = Gauge("memory3_bank_references", "References per bank (planner estimate)", ["tenant", "bank"])
-BANK_BYTES = Gauge("memory3_bank_bytes", "Bytes on disk per bank, indexes included", ["tenant", "bank"])
-CACHE_LOOKUPS = Counter("memory3_cache_lookups_total", "Server-side cache lookups", ["cache", "result"])
-
 EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-PUSHBACK_MS = "100"
 
 
 class RequestIdFilter(logging.Filter):
@@ -75,40 +65,35 @@ log = logging.getLogger("memory3.rpc")
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, max_in_flight: int) -> None:
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
+    """Request ids, metrics and the access log around every call, with the call guard inside them."""
+
+    def __init__(self, guard: CallGuard) -> None:
+        self.guard = guard
+
+    @property
+    def in_flight(self) -> int:
+        return self.guard.in_flight
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(EXEMPT):
             return handler
         method = details.method
-        incoming = dict(details.invocation_metadata or ())
+        metadata = tuple(details.invocation_metadata or ())
         # Requests arrive as bytes and are parsed here, so a malformed message (e.g. invalid
         # UTF-8 in a string field) is INVALID_ARGUMENT rather than gRPC's generic INTERNAL.
-        parse = _parser(handler.request_deserializer, handler.request_streaming)
+        parse = _parser(handler.request_deserializer, handler.request_streaming, self.guard)
         if handler.unary_unary or handler.stream_unary:
             behaviour = handler.unary_unary or handler.stream_unary
-            wrapped = self._unary(behaviour, method, incoming, parse)
+            wrapped = self._unary(behaviour, method, metadata, parse)
             factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         else:
             behaviour = handler.unary_stream or handler.stream_stream
-            wrapped = self._stream(behaviour, method, incoming, parse)
+            wrapped = self._stream(behaviour, method, metadata, parse)
             factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
-    async def _admit(self, context, request_id: str) -> None:
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        if self.in_flight >= self.max_in_flight:
-            RPC_REJECTED.inc()
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server busy ({self.in_flight} calls in flight); retry after {PUSHBACK_MS} ms",
-                trailing_metadata=(("grpc-retry-pushback-ms", PUSHBACK_MS), ("x-request-id", request_id)),
-            )
-
-    def _finish(self, method: str, context, started: float, request_id: str, cancelled: bool) -> None:
+    def _finish(self, method: str, context, started: float, cancelled: bool) -> None:
         code = "CANCELLED" if cancelled else (context.code() or grpc.StatusCode.OK)
         code_name = code if isinstance(code, str) else code.name
         elapsed = time.perf_counter() - started
@@ -118,53 +103,69 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                  extra={"fields": {"method": method, "code": code_name, "ms": round(elapsed * 1000, 2)}})
 
     @contextlib.asynccontextmanager
-    async def _tracked(self, method: str, incoming: dict, context):
-        """Request id, admission, in-flight gauge, metrics and the access log around one call."""
-        request_id = incoming.get("x-request-id") or ""
+    async def _tracked(self, method: str, metadata, context):
+        """Request id, caller, admission, deadline, metrics and the access log around one call."""
+        request_id = dict(metadata).get("x-request-id") or ""
         if not REQUEST_ID.fullmatch(request_id):  # absent, too long or odd characters: ours instead
             request_id = uuid.uuid4().hex[:16]
         token = request_id_var.set(request_id)
+        context.set_trailing_metadata((("x-request-id", request_id),))
         started, cancelled = time.perf_counter(), False
+        caller_token = None
         try:
-            await self._admit(context, request_id)
-            self.in_flight += 1
-            RPC_IN_FLIGHT.inc()
             try:
-                yield
-            except asyncio.CancelledError:
-                cancelled = True
-                raise
-            finally:
-                self.in_flight -= 1
-                RPC_IN_FLIGHT.dec()
-                self._finish(method, context, started, request_id, cancelled)
+                caller = await self.guard.identify(method, metadata, context.peer())
+                caller_token = caller_var.set(caller)
+                async with self.guard.admitted(caller):
+                    RPC_IN_FLIGHT.inc()
+                    try:
+                        async with asyncio.timeout(self.guard.settings.max_call_seconds):
+                            yield caller
+                    finally:
+                        RPC_IN_FLIGHT.dec()
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the call ran longer than the server's "
+                                    f"max_call_seconds ({self.guard.settings.max_call_seconds:g} s)")
+            except ServiceError as err:
+                if isinstance(err, ResourceExhausted):
+                    RPC_REJECTED.inc()
+                    context.set_trailing_metadata(
+                        (("grpc-retry-pushback-ms", PUSHBACK_MS), ("x-request-id", request_id))
+                    )
+                await context.abort(err.code, err.message)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
+            self._finish(method, context, started, cancelled)
+            if caller_token is not None:
+                caller_var.reset(caller_token)
             request_id_var.reset(token)
 
-    def _unary(self, behaviour, method, incoming, parse):
+    def _unary(self, behaviour, method, metadata, parse):
         async def wrapper(request, context):
-            async with self._tracked(method, incoming, context):
-                return await behaviour(await parse(request, context), context)
+            async with self._tracked(method, metadata, context) as caller:
+                return await behaviour(await parse(request, context, caller), context)
 
         return wrapper
 
-    def _stream(self, behaviour, method, incoming, parse):
+    def _stream(self, behaviour, method, metadata, parse):
         async def wrapper(request, context):
-            async with self._tracked(method, incoming, context):
-                async for item in behaviour(await parse(request, context), context):
-                    yield item
+            async with self._tracked(method, metadata, context) as caller:
+                responses = behaviour(await parse(request, context, caller), context)
+                await self.guard.respond(context, responses, caller)
 
         return wrapper
 
 
-def _parser(deserialize, streaming: bool):
-    """Parse a unary request (aborting with INVALID_ARGUMENT) or wrap a request stream whose
-    malformed messages raise InvalidArgument inside the servicer."""
+def _parser(deserialize, streaming: bool, guard: CallGuard):
+    """Parse a unary request (aborting with INVALID_ARGUMENT) or wrap a request stream (guarded:
+    idle deadline, key re-check) whose malformed messages raise InvalidArgument inside the servicer."""
     if streaming:
 
-        async def parse_stream(raw_iterator, context):
+        async def parse_stream(raw_iterator, context, caller):
             async def messages():
-                async for raw in raw_iterator:
+                async for raw in guard.requests(raw_iterator, caller):
                     try:
                         yield deserialize(raw)
                     except Exception as err:
@@ -174,7 +175,7 @@ def _parser(deserialize, streaming: bool):
 
         return parse_stream
 
-    async def parse_one(raw, context):
+    async def parse_one(raw, context, caller):
         try:
             return deserialize(raw)
         except Exception as err:

@@ -7,9 +7,12 @@ the bytes start with a well-formed safetensors header (it does not parse tensors
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import math
+import uuid
 
 from memory3.v1 import proxies_pb2, proxies_pb2_grpc
 
@@ -18,19 +21,36 @@ from .bank_store import check_bank_name
 from .config import Settings
 from .convert import timestamp
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, rpc
+from .offload import CpuPool
 from .proxy_store import ProxyRecord, ProxyStore
+from .quotas import QuotaStore
 from .trajectories import check_fingerprint
 
+log = logging.getLogger(__name__)
 
-def check_safetensors(weights: bytes) -> None:
-    """The safetensors layout: u64 little-endian header length, then a JSON object header."""
-    if len(weights) < 8:
+
+SAFETENSORS_MAX_HEADER = 16 * 1024 * 1024
+UPLOAD_PIECE_BYTES = 4 * 1024 * 1024
+
+
+def safetensors_header_length(head: bytes) -> int:
+    """From the first 8 bytes: the JSON header's length (u64 little-endian), within our bound."""
+    header_len = int.from_bytes(head[:8], "little")
+    if header_len > SAFETENSORS_MAX_HEADER:
+        raise InvalidArgument(f"weights' safetensors header of {header_len} bytes exceeds {SAFETENSORS_MAX_HEADER}")
+    return header_len
+
+
+def check_safetensors(head: bytes, total: int) -> None:
+    """The safetensors layout: u64 little-endian header length, then a JSON object header.
+    ``head`` holds at least the first 8 + header-length bytes of a file of ``total`` bytes."""
+    if total < 8:
         raise InvalidArgument("weights are not a safetensors file: shorter than its 8-byte header length")
-    header_len = int.from_bytes(weights[:8], "little")
-    if header_len > len(weights) - 8:
+    header_len = safetensors_header_length(head)
+    if header_len > total - 8:
         raise InvalidArgument("weights are not a safetensors file: header length exceeds the file")
     try:
-        header = json.loads(weights[8 : 8 + header_len])
+        header = json.loads(bytes(head[8 : 8 + header_len]))
     except (UnicodeDecodeError, ValueError):
         raise InvalidArgument("weights are not a safetensors file: header is not JSON") from None
     if not isinstance(header, dict):
@@ -83,36 +103,67 @@ def _check_name(name: str) -> None:
 
 
 class ProxiesServicer(proxies_pb2_grpc.ProxiesServicer):
-    def __init__(self, settings: Settings, auth: Authenticator, store: ProxyStore) -> None:
+    def __init__(
+        self, settings: Settings, auth: Authenticator, store: ProxyStore, quotas: QuotaStore, cpu: CpuPool
+    ) -> None:
         self.settings = settings
+        self.quotas = quotas
+        self.cpu = cpu
         self.auth = auth
         self.store = store
 
     @rpc
     async def Publish(self, request_iterator, context):
+        """Weights are hashed as they arrive and staged in the database a few MiB at a time; only
+        the safetensors header (bounded) is kept to be checked, so a call holds little memory."""
         tenant_id = await self.auth.tenant(context)
+        await self.quotas.check_storage(tenant_id)
         record: ProxyRecord | None = None
-        weights = bytearray()
-        async for message in request_iterator:
-            kind = message.WhichOneof("item")
+        upload_id, pieces, received = uuid.uuid4(), 0, 0
+        digest, head, pending = hashlib.sha256(), bytearray(), bytearray()
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("item")
+                if record is None:
+                    if kind != "info":
+                        raise InvalidArgument("the first Publish message must carry the proxy's info")
+                    record = record_from_info(message.info, self.settings.max_proxy_bytes)
+                    await self.quotas.check_storage(tenant_id, record.weights_size)
+                elif kind == "info":
+                    raise InvalidArgument("one Publish stream publishes one proxy")
+                chunk = message.weights_chunk
+                received += len(chunk)
+                if received > record.weights_size:
+                    raise InvalidArgument(f"more weight bytes than weights_size ({record.weights_size})")
+                await self.cpu.run(digest.update, chunk)
+                if len(head) < 8 or len(head) < 8 + safetensors_header_length(head):
+                    head += chunk[: 8 + SAFETENSORS_MAX_HEADER - len(head)]
+                pending += chunk
+                if len(pending) >= UPLOAD_PIECE_BYTES:
+                    await self.store.stage_chunk(upload_id, pieces, bytes(pending))
+                    pieces, pending = pieces + 1, bytearray()
             if record is None:
-                if kind != "info":
-                    raise InvalidArgument("the first Publish message must carry the proxy's info")
-                record = record_from_info(message.info, self.settings.max_proxy_bytes)
-            elif kind == "info":
-                raise InvalidArgument("one Publish stream publishes one proxy")
-            weights += message.weights_chunk
-            if len(weights) > record.weights_size:
-                raise InvalidArgument(f"more weight bytes than weights_size ({record.weights_size})")
-        if record is None:
-            raise InvalidArgument("empty Publish stream")
-        if len(weights) != record.weights_size:
-            raise InvalidArgument(f"weights_size says {record.weights_size} bytes, stream carried {len(weights)}")
-        if hashlib.sha256(weights).digest() != record.weights_sha256:
-            raise InvalidArgument("weights do not match weights_sha256 (corrupted in transit?)")
-        check_safetensors(bytes(weights))
-        stored, _ = await self.store.publish(tenant_id, record, bytes(weights))
+                raise InvalidArgument("empty Publish stream")
+            if received != record.weights_size:
+                raise InvalidArgument(f"weights_size says {record.weights_size} bytes, stream carried {received}")
+            if digest.digest() != record.weights_sha256:
+                raise InvalidArgument("weights do not match weights_sha256 (corrupted in transit?)")
+            await self.cpu.run(check_safetensors, bytes(head), received)
+            if pending:
+                await self.store.stage_chunk(upload_id, pieces, bytes(pending))
+                pieces += 1
+            stored, _ = await self.store.publish(tenant_id, record, upload_id)
+        except BaseException:
+            if pieces:
+                await asyncio.shield(self._discard(upload_id))
+            raise
         return info_to_proto(stored)
+
+    async def _discard(self, upload_id) -> None:
+        try:
+            await self.store.discard_upload(upload_id)
+        except Exception as err:  # the janitor removes it later, by age
+            log.warning("staged weights of a failed Publish not removed now: %s", err)
 
     @rpc
     async def Get(self, request, context):

@@ -9,6 +9,7 @@ a second one). Rows are immutable after insert, so Get streams weights chunk by 
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -72,8 +73,21 @@ class ProxyStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def publish(self, tenant_id: int, record: ProxyRecord, weights: bytes) -> tuple[ProxyRecord, bool]:
-        """Store a new version (or find the identical one); (record, created)."""
+    async def stage_chunk(self, upload_id: uuid.UUID, seq: int, data: bytes) -> None:
+        """Keep one piece of an upload in the UNLOGGED staging table (its own short transaction)."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO upload_chunks (upload_id, seq, data) VALUES (:u, :s, :d)"),
+                {"u": upload_id, "s": seq, "d": data},
+            )
+
+    async def discard_upload(self, upload_id: uuid.UUID) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM upload_chunks WHERE upload_id = :u"), {"u": upload_id})
+
+    async def publish(self, tenant_id: int, record: ProxyRecord, upload_id: uuid.UUID) -> tuple[ProxyRecord, bool]:
+        """Store a new version from a staged upload (or find the identical one); (record, created).
+        PostgreSQL joins the staged pieces itself: the weights never sit whole in this process."""
         async with self.engine.begin() as conn:
             await conn.execute(
                 text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"proxy:{tenant_id}:{record.name}"}
@@ -106,16 +120,19 @@ class ProxyStore:
                     text(
                         "INSERT INTO proxies (tenant_id, name, version, model_fingerprint, parent_version, metrics,"
                         " config_json, weights, weights_size, weights_sha256)"
-                        " SELECT :t, :n, coalesce(max(version), 0) + 1, :f, :p, CAST(:m AS jsonb), :c, :w, :size, :sha"
+                        " SELECT :t, :n, coalesce(max(version), 0) + 1, :f, :p, CAST(:m AS jsonb), :c,"
+                        " (SELECT string_agg(data, ''::bytea ORDER BY seq) FROM upload_chunks WHERE upload_id = :u),"
+                        " :size, :sha"
                         f" FROM proxies WHERE tenant_id = :t AND name = :n RETURNING {_COLUMNS}"
                     ),
                     {
                         "t": tenant_id, "n": record.name, "f": record.model_fingerprint, "p": record.parent_version,
-                        "m": json.dumps(record.metrics), "c": record.config_json, "w": weights,
+                        "m": json.dumps(record.metrics), "c": record.config_json, "u": upload_id,
                         "size": record.weights_size, "sha": record.weights_sha256,
                     },
                 )
             ).one()
+            await conn.execute(text("DELETE FROM upload_chunks WHERE upload_id = :u"), {"u": upload_id})
         return _record(row), True
 
     async def get(self, tenant_id: int, name: str, version: int) -> ProxyRecord:

@@ -1,12 +1,14 @@
 """References of a bank: text, metadata, embedding and encoded memory in one row, so a reader
-never sees a reference without its memory. Writes stage rows with binary COPY into a temporary
-table inside one transaction and upsert them at commit: a Write stream is all or nothing."""
+never sees a reference without its memory. Writes stage rows with binary COPY into an UNLOGGED
+staging table, batch by batch, and upsert them in one transaction at the end: a Write stream is
+all or nothing and holds no connection while its client is idle (migration 0004)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,8 +57,10 @@ class ReferenceRow:
 
 HNSW_EF_SEARCH_MAX = 1000  # the largest hnsw.ef_search pgvector accepts
 
-_STAGING_COLUMNS = "seq, external_id, text, metadata, embedding, memory, memory_size, memory_crc32, content_hash"
-_STAGING_TYPES = ["int8", "text", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
+_STAGING_COLUMNS = (
+    "stream_id, seq, external_id, text, metadata, embedding, memory, memory_size, memory_crc32, content_hash"
+)
+_STAGING_TYPES = ["uuid", "int8", "text", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
 
 
 @contextlib.asynccontextmanager
@@ -72,55 +76,54 @@ async def _bank_partition(bank: Bank):
 
 @dataclass
 class BankWriter:
-    """One Write stream's transaction: stage batches with COPY, then upsert all at commit."""
+    """One Write stream: each batch is staged (binary COPY into the shared UNLOGGED staging table,
+    under the stream's id) in its own short transaction, so no connection is held while the client
+    is idle; :meth:`commit` upserts all staged rows in one transaction, so the stream is still all
+    or nothing. :meth:`discard` removes what a failed stream staged."""
 
     bank: Bank
-    conn: AsyncConnection
+    engine: AsyncEngine
+    stream_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    staged_bytes: int = 0
     _seq: int = 0
     _memory_bytes: int = 0
-    _ids: set = field(default_factory=set)
-
-    async def start(self) -> None:
-        await self.conn.execute(
-            text(
-                "CREATE TEMP TABLE m3_staging (seq bigint, external_id text, text text, metadata jsonb,"
-                " embedding vector, memory bytea, memory_size bigint, memory_crc32 bigint, content_hash bytea)"
-                " ON COMMIT DROP"
-            )
-        )
-        await self.conn.execute(text("ALTER TABLE m3_staging ALTER COLUMN memory SET STORAGE EXTERNAL"))
 
     async def stage(self, rows: list[ReferenceRow]) -> None:
         if not rows:
             return
-        raw = await self.conn.get_raw_connection()
-        pg = raw.driver_connection
-        async with pg.cursor() as cursor:
-            async with cursor.copy(f"COPY m3_staging ({_STAGING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
-                copy.set_types(_STAGING_TYPES)
-                for row in rows:
-                    self._seq += 1
-                    self._ids.add(row.external_id)
-                    await copy.write_row(
-                        (
-                            self._seq, row.external_id, row.text, Jsonb(row.metadata),
-                            np.asarray(row.embedding, dtype=np.float32), row.memory, row.memory_size,
-                            row.memory_crc32, row.content_hash(),
+        async with self.engine.begin() as conn:
+            raw = await conn.get_raw_connection()
+            async with raw.driver_connection.cursor() as cursor:
+                async with cursor.copy(f"COPY reference_staging ({_STAGING_COLUMNS}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(_STAGING_TYPES)
+                    for row in rows:
+                        self._seq += 1
+                        await copy.write_row(
+                            (
+                                self.stream_id, self._seq, row.external_id, row.text, Jsonb(row.metadata),
+                                np.asarray(row.embedding, dtype=np.float32), row.memory, row.memory_size,
+                                row.memory_crc32, row.content_hash(),
+                            )
                         )
-                    )
-                    self._memory_bytes += row.memory_size
+                        self._memory_bytes += row.memory_size
+                        self.staged_bytes += row.memory_size + len(row.text.encode()) + 4 * len(row.embedding)
 
     async def commit(self) -> WriteSummary:
         """Upsert the staged rows (the last one wins for an id written twice in one stream)."""
-        async with _bank_partition(self.bank):
-            return await self._upsert()
+        async with _bank_partition(self.bank), self.engine.begin() as conn:
+            return await self._upsert(conn)
 
-    async def _upsert(self) -> WriteSummary:
-        result = await self.conn.execute(
+    async def discard(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM reference_staging WHERE stream_id = :s"), {"s": self.stream_id})
+
+    async def _upsert(self, conn: AsyncConnection) -> WriteSummary:
+        result = await conn.execute(
             text(
                 f"""
                 WITH latest AS (
-                    SELECT DISTINCT ON (external_id) * FROM m3_staging ORDER BY external_id, seq DESC
+                    SELECT DISTINCT ON (external_id) * FROM reference_staging WHERE stream_id = :stream
+                    ORDER BY external_id, seq DESC
                 ), upserted AS (
                     INSERT INTO {self.bank.partition} AS r
                         (bank_id, external_id, text, metadata, embedding, memory, memory_size, memory_crc32,
@@ -136,13 +139,15 @@ class BankWriter:
                     WHERE r.content_hash IS DISTINCT FROM EXCLUDED.content_hash
                     RETURNING (xmax = 0) AS inserted
                 )
-                SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted
+                SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted),
+                       (SELECT count(*) FROM latest) FROM upserted
                 """
             ),
-            {"bank_id": self.bank.id},
+            {"bank_id": self.bank.id, "stream": self.stream_id},
         )
-        inserted, updated = result.one()
-        return WriteSummary(inserted, updated, len(self._ids) - inserted - updated, self._memory_bytes)
+        inserted, updated, distinct = result.one()
+        await conn.execute(text("DELETE FROM reference_staging WHERE stream_id = :s"), {"s": self.stream_id})
+        return WriteSummary(inserted, updated, distinct - inserted - updated, self._memory_bytes)
 
 
 class ReferenceStore:
@@ -151,13 +156,14 @@ class ReferenceStore:
         self.reads = autocommit(engine)
         self.ef_search = ef_search
 
-    def writer(self, bank: Bank, conn: AsyncConnection) -> BankWriter:
-        return BankWriter(bank, conn)
+    def writer(self, bank: Bank) -> BankWriter:
+        return BankWriter(bank, self.engine)
 
     async def search(
-        self, bank: Bank, vector: np.ndarray, limit: int, metadata_filter: dict[str, str], with_memory: bool
+        self, bank: Bank, vector: np.ndarray, limit: int, metadata_filter: dict[str, str]
     ) -> list[StoredReference]:
-        """Nearest references by the bank's HNSW index (approximate), nearest first.
+        """Nearest references by the bank's HNSW index (approximate), nearest first, without their
+        memories (:meth:`load` reads those, a bounded group at a time).
 
         The hot path of every Retrieve: the statement goes straight to the psycopg connection
         (no SQLAlchemy compile per call), where psycopg prepares it after a few executions.
@@ -166,9 +172,8 @@ class ReferenceStore:
         dim = int(bank.embedder_dim)
         distance = f"(embedding::vector({dim}) {operator} %(q)s::vector({dim}))"
         where = "WHERE metadata @> %(filter)s::jsonb" if metadata_filter else ""
-        memory_column = "memory" if with_memory else "NULL::bytea"
         sql = (
-            f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column},"
+            f"SELECT external_id, text, metadata, memory_size, memory_crc32, NULL::bytea,"
             f" {score_sql.format(d=distance)} FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s"
         )
         params = {"q": vector, "limit": limit, "filter": json.dumps(metadata_filter)}
@@ -184,7 +189,20 @@ class ReferenceStore:
             found.sort(key=lambda row: -row.score)
         return found
 
-    async def fetch(self, bank: Bank, external_ids: list[str], with_memory: bool) -> list[StoredReference]:
+    async def sizes(self, bank: Bank, external_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """(text + metadata bytes, memory bytes) of each existing reference among the ids."""
+        async with _bank_partition(bank), self.reads.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT external_id, octet_length(text) + octet_length(metadata::text) AS size, memory_size"
+                    f" FROM {bank.partition} WHERE external_id = ANY(:ids)"
+                ),
+                {"ids": list(external_ids)},
+            )
+            return {r.external_id: (int(r.size), int(r.memory_size)) for r in rows}
+
+    async def load(self, bank: Bank, external_ids: list[str], with_memory: bool) -> dict[str, StoredReference]:
+        """The references among the ids as they are now, by id (the caller keeps groups bounded)."""
         memory_column = "memory" if with_memory else "NULL::bytea"
         async with _bank_partition(bank), self.reads.connect() as conn:
             rows = await conn.execute(
@@ -194,8 +212,11 @@ class ReferenceStore:
                 ),
                 {"ids": list(external_ids)},
             )
-            by_id = {r.external_id: StoredReference(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32, r.memory) for r in rows}
-        return [by_id[i] for i in dict.fromkeys(external_ids) if i in by_id]
+            return {
+                r.external_id: StoredReference(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32,
+                                               r.memory)
+                for r in rows
+            }
 
     async def delete(self, bank: Bank, external_ids: list[str]) -> int:
         async with _bank_partition(bank), self.engine.begin() as conn:

@@ -4,6 +4,7 @@ reflection on one port, explicit message limits, graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -32,12 +33,16 @@ from .admin import BanksServicer, TenantsServicer
 from .auth import Authenticator, resolve_admin_key
 from .bank_store import BankStore, CodebookStore
 from .config import Settings
-from .db import create_engine_for, migrate
+from .db import create_engine_for, migrate, purge_stale_staging
 from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
 from .memories import MemoriesServicer
-from .observability import CACHE_LOOKUPS, ObservabilityInterceptor, refresh_bank_gauges
+from .offload import CpuPool
+from .metrics import CACHE_LOOKUPS
+from .observability import ObservabilityInterceptor, refresh_bank_gauges
+from .guard import CallGuard
 from .proxies import ProxiesServicer
 from .proxy_store import ProxyStore
+from .quotas import QuotaStore
 from .reference_store import ReferenceStore
 from .tenant_store import TenantStore
 from .trajectories import TrajectoriesServicer
@@ -55,9 +60,23 @@ SERVICE_NAMES = (
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Message limits, keepalive, idle and age limits and streams per connection, from the settings."""
+
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.max_connection_idle_ms", ms(settings.max_connection_idle_seconds)),
+        ("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)),
+        ("grpc.max_connection_age_grace_ms", ms(settings.grace_seconds)),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
     ]
 
 
@@ -72,16 +91,24 @@ class RunningServer:
     metrics_http: object | None = None
     metrics_port: int | None = None
     background: asyncio.Future | None = None
+    cpu: CpuPool | None = None
+    guard: CallGuard | None = None
 
     async def stop(self) -> None:
-        """Drain: report NOT_SERVING, let in-flight calls finish (up to the grace), then close."""
+        """Drain: report NOT_SERVING (for ``drain_notice_seconds``, so load balancers stop sending
+        while the listener still answers), let in-flight calls finish (up to the grace), then close."""
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.drain_notice_seconds)
         await self.server.stop(self.settings.grace_seconds)
         if self.background is not None:
             self.background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.background
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
+        if self.cpu is not None:
+            self.cpu.shutdown()
         await self.engine.dispose()
         if self.embedded is not None:
             self.embedded.stop()
@@ -110,18 +137,22 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
         on_cache_lookup=lambda hit: CACHE_LOOKUPS.labels("query_embedding", "hit" if hit else "miss").inc(),
     )
 
-    interceptor = ObservabilityInterceptor(settings.max_in_flight)
+    quotas = QuotaStore(engine, settings)
+    cpu = CpuPool(settings.cpu_workers)
+    await banks.drop_orphans()
+    guard = CallGuard(settings, auth, quotas)
+    interceptor = ObservabilityInterceptor(guard)
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(settings))
     codebooks = CodebookStore(engine)
-    banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings), server)
+    banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings, quotas, cpu), server)
     memories_pb2_grpc.add_MemoriesServicer_to_server(
-        MemoriesServicer(settings, auth, banks, refs, codebooks, embedder), server
+        MemoriesServicer(settings, auth, banks, refs, codebooks, embedder, quotas, cpu), server
     )
-    tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants), server)
+    tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants, quotas), server)
     trajectories_pb2_grpc.add_TrajectoriesServicer_to_server(
-        TrajectoriesServicer(settings, auth, TrajectoryStore(engine)), server
+        TrajectoriesServicer(settings, auth, TrajectoryStore(engine), quotas, cpu), server
     )
-    proxies_pb2_grpc.add_ProxiesServicer_to_server(ProxiesServicer(settings, auth, ProxyStore(engine)), server)
+    proxies_pb2_grpc.add_ProxiesServicer_to_server(ProxiesServicer(settings, auth, ProxyStore(engine), quotas, cpu), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -133,11 +164,16 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     if settings.metrics_port is not None and settings.metrics_port >= 0:
         metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
         metrics_port = metrics_http.server_port
-    gauges = asyncio.ensure_future(refresh_bank_gauges(engine, settings.metrics_refresh_seconds))
+    background = asyncio.gather(
+        refresh_bank_gauges(engine, settings.metrics_refresh_seconds),
+        purge_stale_staging(engine, settings.max_call_seconds + 60),
+    )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("memory3 serving on %s:%d", settings.host, port)
-    return RunningServer(server, port, health_servicer, engine, embedded, settings, metrics_http, metrics_port, gauges)
+    return RunningServer(
+        server, port, health_servicer, engine, embedded, settings, metrics_http, metrics_port, background, cpu, guard
+    )
 
 
 async def serve(settings: Settings) -> None:

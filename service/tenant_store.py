@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
-from .observability import CACHE_LOOKUPS
+from .metrics import CACHE_LOOKUPS
 
 KEY_PATTERN = re.compile(r"m3_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})")  # patterns here fullmatch
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -38,6 +38,7 @@ class TenantStore:
         self.engine = engine
         self.key_cache_seconds = key_cache_seconds
         self._verified: dict[str, tuple[int, float]] = {}
+        self._revoked_ids: set[str] = set()
 
     async def create(self, name: str) -> Tenant:
         if not TENANT_NAME.fullmatch(name or ""):
@@ -83,9 +84,16 @@ class TenantStore:
                 text("UPDATE api_keys SET revoked_at = now() WHERE key_id = :k AND revoked_at IS NULL"), {"k": key_id}
             )
         self._verified = {k: v for k, v in self._verified.items() if not k.startswith(f"m3_{key_id}_")}
+        if len(self._revoked_ids) > 100_000:
+            self._revoked_ids.clear()
+        self._revoked_ids.add(key_id)
         if result.rowcount == 0:
             raise NotFound(f"no active key {key_id!r}")
         return True
+
+    def revoked_here(self, api_key: str) -> bool:
+        """Whether this replica revoked the key (running calls with it end at their next message)."""
+        return api_key[3:19] in self._revoked_ids
 
     async def tenant_for_key(self, api_key: str) -> int:
         """The tenant id a key belongs to; UNAUTHENTICATED for unknown, malformed or revoked keys."""

@@ -7,6 +7,8 @@ spelling, not its existence."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 from datetime import timezone
@@ -21,6 +23,8 @@ from .bank_store import check_bank_name
 from .config import Settings
 from .convert import timestamp
 from .errors import InvalidArgument, ResourceExhausted, rpc
+from .offload import CpuPool
+from .quotas import QuotaStore
 from .trajectory_store import (
     EpisodeFilter,
     EpisodeRow,
@@ -28,6 +32,8 @@ from .trajectory_store import (
     decode_cursor,
     encode_cursor,
 )
+
+log = logging.getLogger(__name__)
 
 EPISODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")  # patterns here fullmatch
 REWARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
@@ -143,30 +149,54 @@ def filter_from_proto(message: trajectories_pb2.EpisodeFilter, max_ids: int) -> 
     return flt
 
 
+def _page(rows: list[EpisodeRow]) -> trajectories_pb2.ReadPage:
+    """A Read page of the rows, resumable after the last (built on a worker thread: it is CPU work)."""
+    page = trajectories_pb2.ReadPage(episodes=[record_from_row(row) for row in rows])
+    page.next_cursor = encode_cursor(rows[-1].seq)
+    return page
+
+
 class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
-    def __init__(self, settings: Settings, auth: Authenticator, store: TrajectoryStore) -> None:
+    def __init__(
+        self, settings: Settings, auth: Authenticator, store: TrajectoryStore, quotas: QuotaStore, cpu: CpuPool
+    ) -> None:
         self.settings = settings
+        self.quotas = quotas
+        self.cpu = cpu
         self.auth = auth
         self.store = store
 
     @rpc
     async def Log(self, request_iterator, context):
         tenant_id = await self.auth.tenant(context)
+        await self.quotas.check_storage(tenant_id)
+        writer = self.store.writer(tenant_id)
         batch: list[EpisodeRow] = []
-        async with self.store.engine.begin() as conn:
-            writer = self.store.writer(conn, tenant_id)
-            await writer.start()
+        batch_bytes = 0
+        try:
             async for message in request_iterator:
                 for record in message.episodes:
                     batch.append(row_from_record(record, self.settings))
-                if len(batch) >= self.settings.log_batch_episodes:
+                batch_bytes += message.ByteSize()
+                if len(batch) >= self.settings.log_batch_episodes or batch_bytes >= self.settings.write_batch_bytes:
                     await writer.stage(batch)
-                    batch = []
+                    batch, batch_bytes = [], 0
             await writer.stage(batch)
+            await self.quotas.check_storage(tenant_id, writer.staged_bytes)
             counts = await writer.commit()
+        except BaseException:
+            if writer.staged_bytes:
+                await asyncio.shield(self._discard(writer))
+            raise
         return trajectories_pb2.LogSummary(
             logged=counts.logged, duplicates=counts.duplicates, decisions=counts.decisions
         )
+
+    async def _discard(self, writer) -> None:
+        try:
+            await writer.discard()
+        except Exception as err:  # the janitor removes it later, by age
+            log.warning("staged episodes of a failed Log not removed now: %s", err)
 
     @rpc
     async def AttachReward(self, request, context):
@@ -187,30 +217,21 @@ class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
             raise InvalidArgument(f"page_size exceeds the limit of {self.settings.max_read_page_episodes}")
         page_size = request.page_size or self.settings.read_page_episodes
         remaining = request.limit or None
-        # A page also ends at half the message limit, so large episodes never make an oversized message.
+        # A page also ends at about half the message limit, so large episodes never make an oversized message.
         byte_budget = self.settings.max_message_bytes // 2
         while remaining is None or remaining > 0:
             want = page_size if remaining is None else min(page_size, remaining)
-            rows = await self.store.read(
-                tenant_id, flt, after, want, not request.omit_decisions, request.include_hidden_states
+            rows, exhausted = await self.store.read(
+                tenant_id, flt, after, want, byte_budget, not request.omit_decisions, request.include_hidden_states
             )
             if not rows:
                 return
-            page = trajectories_pb2.ReadPage()
-            size, whole = 0, True
-            for row in rows:
-                record = record_from_row(row)
-                size += record.ByteSize()
-                if page.episodes and size > byte_budget:
-                    whole = False
-                    break
-                page.episodes.append(record)
-                after = row.seq
-            page.next_cursor = encode_cursor(after)
+            page = await self.cpu.run(_page, rows)
             yield page
+            after = rows[-1].seq
             if remaining is not None:
                 remaining -= len(page.episodes)
-            if whole and len(rows) < want:
+            if exhausted:
                 return
 
     @rpc

@@ -6,12 +6,13 @@ replayed episode is counted as a duplicate, never stored twice, and a stream is 
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from memory3.core.episodes import DECISION_COLUMNS, DECISION_FIELDS
 
@@ -49,6 +50,11 @@ class EpisodeRow:
     @property
     def n_decisions(self) -> int:
         return len(self.decisions[0])
+
+    def approximate_bytes(self) -> int:
+        """About what the episode takes in memory and on the wire (4 bytes per token and decision field)."""
+        return (4 * (len(self.prompt_ids) + len(self.response_ids)) + 4 * len(self.decisions) * self.n_decisions
+                + len(self.hidden_states or b"") + 32 * len(self.rewards) + 256)
 
 
 @dataclass
@@ -104,66 +110,82 @@ class LogCounts:
 
 @dataclass
 class EpisodeWriter:
-    """One Log stream's transaction: stage batches with COPY, insert the new ones at commit."""
+    """One Log stream: each batch is staged (COPY into the UNLOGGED staging table under the stream's
+    id) in its own short transaction, so nothing is held while the client is idle; :meth:`commit`
+    inserts the new episodes in one transaction, so the stream is still all or nothing."""
 
-    conn: AsyncConnection
+    engine: AsyncEngine
     tenant_id: int
+    stream_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    staged_bytes: int = 0
     _received: int = 0
-
-    async def start(self) -> None:
-        await self.conn.execute(
-            text(f"CREATE TEMP TABLE m3_episode_staging ({_STAGED_DEFINITION}) ON COMMIT DROP")
-        )
 
     async def stage(self, rows: list[EpisodeRow]) -> None:
         if not rows:
             return
-        raw = await self.conn.get_raw_connection()
-        async with raw.driver_connection.cursor() as cursor:
-            async with cursor.copy(
-                f"COPY m3_episode_staging ({', '.join(_STAGED)}) FROM STDIN (FORMAT BINARY)"
-            ) as copy:
-                copy.set_types(_STAGED_TYPES)
-                for row in rows:
-                    self._received += 1
-                    await copy.write_row(
-                        (
-                            self._received, row.episode_id, row.bank, row.model_fingerprint, row.proxy_version,
-                            row.prompt_ids, row.response_ids, row.n_decisions, *row.decisions,
-                            Jsonb(row.rewards), row.hidden_states,
+        async with self.engine.begin() as conn:
+            raw = await conn.get_raw_connection()
+            async with raw.driver_connection.cursor() as cursor:
+                async with cursor.copy(
+                    f"COPY episode_staging (stream_id, {', '.join(_STAGED)}) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["uuid", *_STAGED_TYPES])
+                    for row in rows:
+                        self._received += 1
+                        await copy.write_row(
+                            (
+                                self.stream_id, self._received, row.episode_id, row.bank, row.model_fingerprint,
+                                row.proxy_version, row.prompt_ids, row.response_ids, row.n_decisions, *row.decisions,
+                                Jsonb(row.rewards), row.hidden_states,
+                            )
                         )
-                    )
+                        self.staged_bytes += row.approximate_bytes()
+
+    async def discard(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM episode_staging WHERE stream_id = :s"), {"s": self.stream_id})
 
     async def commit(self) -> LogCounts:
         """Insert the staged episodes that are new for the tenant (first copy of an id wins).
 
-        The per-tenant advisory lock is taken here, after the slow staging, and held until the
-        transaction commits: seqs are then assigned in commit order within a tenant, which is
-        what lets a Read cursor (last seq seen) never miss a row that commits later."""
+        The per-tenant advisory lock is taken here and held until the transaction commits: seqs
+        are then assigned in commit order within a tenant, which is what lets a Read cursor (last
+        seq seen) never miss a row that commits later. The tenant's trajectory bytes (quota
+        'stored_bytes') grow in the same transaction."""
         if not self._received:
             return LogCounts()
-        await self.conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtext('trajectories'), hashtext(CAST(:t AS text)))"),
-            {"t": self.tenant_id},
-        )
-        columns = ", ".join(_STAGED[1:])
-        result = await self.conn.execute(
-            text(
-                f"""
-                WITH firsts AS (
-                    SELECT DISTINCT ON (episode_id) * FROM m3_episode_staging ORDER BY episode_id, stream_seq
-                ), inserted AS (
-                    INSERT INTO trajectory_episodes (tenant_id, {columns})
-                    SELECT :tenant, {columns} FROM firsts ORDER BY stream_seq
-                    ON CONFLICT (tenant_id, episode_id) DO NOTHING
-                    RETURNING n_decisions
-                )
-                SELECT count(*), coalesce(sum(n_decisions), 0) FROM inserted
-                """
-            ),
-            {"tenant": self.tenant_id},
-        )
-        logged, decisions = result.one()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext('trajectories'), hashtext(CAST(:t AS text)))"),
+                {"t": self.tenant_id},
+            )
+            columns = ", ".join(_STAGED[1:])
+            result = await conn.execute(
+                text(
+                    f"""
+                    WITH firsts AS (
+                        SELECT DISTINCT ON (episode_id) * FROM episode_staging WHERE stream_id = :stream
+                        ORDER BY episode_id, stream_seq
+                    ), inserted AS (
+                        INSERT INTO trajectory_episodes AS e (tenant_id, {columns})
+                        SELECT :tenant, {columns} FROM firsts ORDER BY stream_seq
+                        ON CONFLICT (tenant_id, episode_id) DO NOTHING
+                        RETURNING n_decisions, pg_column_size(e.*) AS bytes
+                    )
+                    SELECT count(*), coalesce(sum(n_decisions), 0), coalesce(sum(bytes), 0) FROM inserted
+                    """
+                ),
+                {"tenant": self.tenant_id, "stream": self.stream_id},
+            )
+            logged, decisions, stored = result.one()
+            await conn.execute(
+                text(
+                    "INSERT INTO tenant_usage (tenant_id, trajectory_bytes) VALUES (:t, :b) ON CONFLICT (tenant_id)"
+                    " DO UPDATE SET trajectory_bytes = tenant_usage.trajectory_bytes + EXCLUDED.trajectory_bytes"
+                ),
+                {"t": self.tenant_id, "b": int(stored)},
+            )
+            await conn.execute(text("DELETE FROM episode_staging WHERE stream_id = :s"), {"s": self.stream_id})
         return LogCounts(int(logged), self._received - int(logged), int(decisions))
 
 
@@ -176,33 +198,45 @@ class TrajectoryStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    def writer(self, conn: AsyncConnection, tenant_id: int) -> EpisodeWriter:
-        return EpisodeWriter(conn, tenant_id)
+    def writer(self, tenant_id: int) -> EpisodeWriter:
+        return EpisodeWriter(self.engine, tenant_id)
 
     async def read(
-        self, tenant_id: int, flt: EpisodeFilter, after_seq: int, limit: int, with_decisions: bool, with_hidden: bool
-    ) -> list[EpisodeRow]:
-        """Up to ``limit`` episodes after ``after_seq``, in log order."""
+        self, tenant_id: int, flt: EpisodeFilter, after_seq: int, limit: int, budget: int, with_decisions: bool,
+        with_hidden: bool,
+    ) -> tuple[list[EpisodeRow], bool]:
+        """Episodes after ``after_seq``, in log order: up to ``limit`` of them, or fewer when the next
+        would pass ``budget`` bytes (the first always comes). (rows, whether the query was exhausted).
+
+        Rows come through a server-side cursor a few at a time, so a page never holds more than
+        about its budget however large the episodes are."""
         where, params = flt.where(tenant_id)
         decisions = ", ".join(DECISION_COLUMNS) if with_decisions else ""
         hidden = "hidden_states" if with_hidden else "NULL::bytea AS hidden_states"
+        empty = ([],) * len(DECISION_COLUMNS)
+        rows, size, exhausted = [], 0, True
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
+            result = await conn.stream(
                 text(
                     f"SELECT {_READ_COLUMNS}, {hidden}{', ' + decisions if decisions else ''}"
                     f" FROM trajectory_episodes WHERE {where} AND seq > :after ORDER BY seq LIMIT :limit"
                 ),
                 {**params, "after": after_seq, "limit": limit},
+                execution_options={"yield_per": 8},
             )
-            empty = ([],) * len(DECISION_COLUMNS)
-            return [
-                EpisodeRow(
+            async for r in result:
+                row = EpisodeRow(
                     r.episode_id, r.bank, r.model_fingerprint, r.proxy_version, r.prompt_ids, r.response_ids,
                     tuple(getattr(r, c) for c in DECISION_COLUMNS) if with_decisions else empty,
                     r.rewards, r.hidden_states, r.logged_at, r.seq,
                 )
-                for r in rows
-            ]
+                size += row.approximate_bytes()
+                if rows and size > budget:
+                    exhausted = False
+                    break
+                rows.append(row)
+            await result.close()
+        return rows, exhausted and len(rows) < limit
 
     async def count(self, tenant_id: int, flt: EpisodeFilter) -> tuple[int, int]:
         where, params = flt.where(tenant_id)

@@ -25,7 +25,7 @@ from memory3.sdk.client.client import Client
 from memory3.service.child_process import ServiceProcess
 from memory3.service.embedded_pg import EmbeddedPostgres
 
-ADMIN = "crash-admin-key"
+ADMIN = "crash-admin-" + "k" * 8 + "0123456789abcdef0123"
 DIM = 8
 BATCH = 20
 ROUNDS = int(os.environ.get("MEMORY3_CRASH_ROUNDS", "3"))

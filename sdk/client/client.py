@@ -177,6 +177,17 @@ class AsyncClient(Transport, TrajectoryMethods):
     async def revoke_key(self, key_id: str) -> bool:
         return (await self.tenants.RevokeKey(tenants_pb2.RevokeKeyRequest(key_id=key_id), **self._call())).revoked
 
+    async def get_quotas(self, tenant: str) -> dict[str, tenants_pb2.Quota]:
+        """A tenant's quotas by name (limit, default_limit, overridden, used)."""
+        reply = await self.tenants.GetQuotas(tenants_pb2.GetQuotasRequest(tenant=tenant), **self._call())
+        return {q.name: q for q in reply.quotas}
+
+    async def set_quota(self, tenant: str, name: str, value: int | None) -> dict[str, tenants_pb2.Quota]:
+        """Override one quota of a tenant (None: back to the server's default); the quotas after."""
+        request = tenants_pb2.SetQuotaRequest(tenant=tenant, name=name, value=value or 0, reset=value is None)
+        reply = await self.tenants.SetQuota(request, **self._call())
+        return {q.name: q for q in reply.quotas}
+
 
 class Client:
     """Blocking client: the same calls as :class:`AsyncClient`, run on a private event loop thread."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18memory3/v1/tenants.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListTenantsRequest\":\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.memory3.v1.Tenant\"0\n\x0fIssueKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"3\n\x10IssueKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"$\n\x11RevokeKeyResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\x32\xaf\x02\n\x07Tenants\x12\x43\n\x0c\x43reateTenant\x12\x1f.memory3.v1.CreateTenantRequest\x1a\x12.memory3.v1.Tenant\x12N\n\x0bListTenants\x12\x1e.memory3.v1.ListTenantsRequest\x1a\x1f.memory3.v1.ListTenantsResponse\x12\x45\n\x08IssueKey\x12\x1b.memory3.v1.IssueKeyRequest\x1a\x1c.memory3.v1.IssueKeyResponse\x12H\n\tRevokeKey\x12\x1c.memory3.v1.RevokeKeyRequest\x1a\x1d.memory3.v1.RevokeKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18memory3/v1/tenants.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13\x43reateTenantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12ListTenantsRequest\":\n\x13ListTenantsResponse\x12#\n\x07tenants\x18\x01 \x03(\x0b\x32\x12.memory3.v1.Tenant\"0\n\x0fIssueKeyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"3\n\x10IssueKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"$\n\x11RevokeKeyResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"k\n\x05Quota\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\x15\n\rdefault_limit\x18\x03 \x01(\x03\x12\x12\n\noverridden\x18\x04 \x01(\x08\x12\x11\n\x04used\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_used\"M\n\x0fSetQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x03\x12\r\n\x05reset\x18\x04 \x01(\x08\"\"\n\x10GetQuotasRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"F\n\x11GetQuotasResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12!\n\x06quotas\x18\x02 \x03(\x0b\x32\x11.memory3.v1.Quota2\xc1\x03\n\x07Tenants\x12\x43\n\x0c\x43reateTenant\x12\x1f.memory3.v1.CreateTenantRequest\x1a\x12.memory3.v1.Tenant\x12N\n\x0bListTenants\x12\x1e.memory3.v1.ListTenantsRequest\x1a\x1f.memory3.v1.ListTenantsResponse\x12\x45\n\x08IssueKey\x12\x1b.memory3.v1.IssueKeyRequest\x1a\x1c.memory3.v1.IssueKeyResponse\x12H\n\tRevokeKey\x12\x1c.memory3.v1.RevokeKeyRequest\x1a\x1d.memory3.v1.RevokeKeyResponse\x12H\n\tGetQuotas\x12\x1c.memory3.v1.GetQuotasRequest\x1a\x1d.memory3.v1.GetQuotasResponse\x12\x46\n\x08SetQuota\x12\x1b.memory3.v1.SetQuotaRequest\x1a\x1d.memory3.v1.GetQuotasResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEKEYREQUEST']._serialized_end=401
   _globals['_REVOKEKEYRESPONSE']._serialized_start=403
   _globals['_REVOKEKEYRESPONSE']._serialized_end=439
-  _globals['_TENANTS']._serialized_start=442
-  _globals['_TENANTS']._serialized_end=745
+  _globals['_QUOTA']._serialized_start=441
+  _globals['_QUOTA']._serialized_end=548
+  _globals['_SETQUOTAREQUEST']._serialized_start=550
+  _globals['_SETQUOTAREQUEST']._serialized_end=627
+  _globals['_GETQUOTASREQUEST']._serialized_start=629
+  _globals['_GETQUOTASREQUEST']._serialized_end=663
+  _globals['_GETQUOTASRESPONSE']._serialized_start=665
+  _globals['_GETQUOTASRESPONSE']._serialized_end=735
+  _globals['_TENANTS']._serialized_start=738
+  _globals['_TENANTS']._serialized_end=1187
 # @@protoc_insertion_point(module_scope)

@@ -60,3 +60,43 @@ class RevokeKeyResponse(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     revoked: bool
     def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
+
+class Quota(_message.Message):
+    __slots__ = ("name", "limit", "default_limit", "overridden", "used")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDDEN_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    limit: int
+    default_limit: int
+    overridden: bool
+    used: int
+    def __init__(self, name: _Optional[str] = ..., limit: _Optional[int] = ..., default_limit: _Optional[int] = ..., overridden: _Optional[bool] = ..., used: _Optional[int] = ...) -> None: ...
+
+class SetQuotaRequest(_message.Message):
+    __slots__ = ("tenant", "name", "value", "reset")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    name: str
+    value: int
+    reset: bool
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., value: _Optional[int] = ..., reset: _Optional[bool] = ...) -> None: ...
+
+class GetQuotasRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class GetQuotasResponse(_message.Message):
+    __slots__ = ("tenant", "quotas")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    quotas: _containers.RepeatedCompositeFieldContainer[Quota]
+    def __init__(self, tenant: _Optional[str] = ..., quotas: _Optional[_Iterable[_Union[Quota, _Mapping]]] = ...) -> None: ...

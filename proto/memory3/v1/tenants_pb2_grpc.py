@@ -54,6 +54,16 @@ class TenantsStub:
                 request_serializer=memory3_dot_v1_dot_tenants__pb2.RevokeKeyRequest.SerializeToString,
                 response_deserializer=memory3_dot_v1_dot_tenants__pb2.RevokeKeyResponse.FromString,
                 _registered_method=True)
+        self.GetQuotas = channel.unary_unary(
+                '/memory3.v1.Tenants/GetQuotas',
+                request_serializer=memory3_dot_v1_dot_tenants__pb2.GetQuotasRequest.SerializeToString,
+                response_deserializer=memory3_dot_v1_dot_tenants__pb2.GetQuotasResponse.FromString,
+                _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/memory3.v1.Tenants/SetQuota',
+                request_serializer=memory3_dot_v1_dot_tenants__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=memory3_dot_v1_dot_tenants__pb2.GetQuotasResponse.FromString,
+                _registered_method=True)
 
 
 class TenantsServicer:
@@ -83,6 +93,20 @@ class TenantsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetQuotas(self, request, context):
+        """Quotas of a tenant: limits in force, defaults, overrides and current use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Override one quota of a tenant (or reset it); answers the tenant's quotas after the change.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +129,16 @@ def add_TenantsServicer_to_server(servicer, server):
                     servicer.RevokeKey,
                     request_deserializer=memory3_dot_v1_dot_tenants__pb2.RevokeKeyRequest.FromString,
                     response_serializer=memory3_dot_v1_dot_tenants__pb2.RevokeKeyResponse.SerializeToString,
+            ),
+            'GetQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQuotas,
+                    request_deserializer=memory3_dot_v1_dot_tenants__pb2.GetQuotasRequest.FromString,
+                    response_serializer=memory3_dot_v1_dot_tenants__pb2.GetQuotasResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=memory3_dot_v1_dot_tenants__pb2.SetQuotaRequest.FromString,
+                    response_serializer=memory3_dot_v1_dot_tenants__pb2.GetQuotasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +249,60 @@ class Tenants:
             '/memory3.v1.Tenants/RevokeKey',
             memory3_dot_v1_dot_tenants__pb2.RevokeKeyRequest.SerializeToString,
             memory3_dot_v1_dot_tenants__pb2.RevokeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memory3.v1.Tenants/GetQuotas',
+            memory3_dot_v1_dot_tenants__pb2.GetQuotasRequest.SerializeToString,
+            memory3_dot_v1_dot_tenants__pb2.GetQuotasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memory3.v1.Tenants/SetQuota',
+            memory3_dot_v1_dot_tenants__pb2.SetQuotaRequest.SerializeToString,
+            memory3_dot_v1_dot_tenants__pb2.GetQuotasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,322 @@
+"""Hostile and careless clients (issue 22): nothing a caller holds can starve the others.
+
+Each test runs against a real server on loopback with tight limits (one-second idle deadlines,
+few slots) and a real PostgreSQL, and checks both sides: what the hostile caller gets, and that
+another tenant is served meanwhile."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ADMIN_KEY, ServerThread, make_settings
+from helpers import expect_status
+from memory3.core.embedder import BUILTIN_EMBEDDER
+from memory3.core.episodes import Episode
+from memory3.sdk.client import BankInfo, Client, MemorySpec, Reference
+from memory3.sdk.client.trajectories import episode_to_record
+from memory3.service.embedded_pg import libpq_url
+from memory3.v1 import memories_pb2, trajectories_pb2
+
+SPEC = MemorySpec((0,), 1, 4, 2)
+IDLE = 1.0
+
+
+@pytest.fixture(scope="module")
+def tight(database_url, embedder):
+    srv = ServerThread(
+        make_settings(database_url, stream_idle_seconds=IDLE, max_in_flight=12, tenant_max_concurrent_calls=4,
+                      db_pool_size=2, db_max_overflow=2),
+        embedder,
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def admin_client(tight):
+    with Client(tight.target, ADMIN_KEY) as client:
+        yield client
+
+
+def _tenant(admin_client, name):
+    admin_client.create_tenant(name)
+    return admin_client.issue_key(name)
+
+
+def _bank(client: Client, name: str) -> None:
+    client.create_bank(BankInfo(name, "f" * 16, SPEC, "client", 4, "l2"))
+
+
+def _metadata(key: str):
+    return (("authorization", f"Bearer {key}"),)
+
+
+class Gate:
+    """A request iterator that sends ``first`` messages, then waits (an idle client) until opened."""
+
+    def __init__(self, first):
+        self.first, self.opened = list(first), threading.Event()
+
+    def __iter__(self):
+        yield from self.first
+        self.opened.wait(30)
+
+
+def _idle_streams(channel, method, key, first, count):
+    gates = [Gate(first) for _ in range(count)]
+    futures = [method.future(iter(gate), metadata=_metadata(key), timeout=30) for gate in gates]
+    return gates, futures
+
+
+@pytest.fixture(scope="module")
+def tenants(tight, admin_client):
+    keys = {}
+    for name in ("hostile-a", "hostile-b"):
+        keys[name] = _tenant(admin_client, name)
+    with Client(tight.target, keys["hostile-b"][1]) as b:
+        _bank(b, "kb")
+        b.write("kb", [Reference("r1", "text", embedding=[1.0, 0, 0, 0])])
+    with Client(tight.target, keys["hostile-a"][1]) as a:
+        _bank(a, "kb")
+    return keys
+
+
+def test_keyless_idle_streams_take_no_slot_and_are_refused_at_once(tight, tenants):
+    """Finding 1: 256 key-less Write streams that never sent anything locked every tenant out."""
+    with grpc.insecure_channel(tight.target) as channel:
+        write = channel.stream_unary("/memory3.v1.Memories/Write",
+                                     request_serializer=memories_pb2.WriteRequest.SerializeToString,
+                                     response_deserializer=memories_pb2.WriteSummary.FromString)
+        gates, futures = _idle_streams(channel, write, "nope", [], 40)  # more than max_in_flight
+        try:
+            for future in futures:
+                with expect_status(grpc.StatusCode.UNAUTHENTICATED):
+                    future.result(timeout=IDLE * 5)  # refused without waiting on the idle client
+            assert tight.running.guard.in_flight == 0
+            with Client(tight.target, tenants["hostile-b"][1]) as b:
+                assert b.stats("kb").references == 1
+        finally:
+            for gate in gates:
+                gate.opened.set()
+
+
+def _pool_transactions(database_url) -> int:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
+            " AND pid <> pg_backend_pid() AND datname = current_database()"
+        ).fetchone()[0]
+
+
+def test_idle_streams_hold_no_transaction_and_end_at_the_idle_deadline(tight, tenants, database_url):
+    """Finding 2: idle Log/Write streams held a pooled connection and an open transaction each."""
+    key = tenants["hostile-a"][1]
+    episode = episode_to_record(Episode([1, 2], [3], [], "f" * 16, 0, "kb", episode_id="e-idle"))
+    with grpc.insecure_channel(tight.target) as channel:
+        log_method = channel.stream_unary("/memory3.v1.Trajectories/Log",
+                                          request_serializer=trajectories_pb2.LogRequest.SerializeToString,
+                                          response_deserializer=trajectories_pb2.LogSummary.FromString)
+        write = channel.stream_unary("/memory3.v1.Memories/Write",
+                                     request_serializer=memories_pb2.WriteRequest.SerializeToString,
+                                     response_deserializer=memories_pb2.WriteSummary.FromString)
+        first_ref = memories_pb2.WriteRequest(
+            bank="kb", reference=memories_pb2.ReferenceRecord(external_id="x", text="t", embedding=[1, 0, 0, 0]))
+        gates, futures = _idle_streams(channel, log_method, key, [trajectories_pb2.LogRequest(episodes=[episode])], 2)
+        more_gates, more = _idle_streams(channel, write, key, [first_ref], 2)
+        gates += more_gates
+        futures += more
+        try:
+            time.sleep(IDLE / 2)  # the streams sent their first message and are idle now
+            assert _pool_transactions(database_url) == 0
+            with Client(tight.target, tenants["hostile-b"][1]) as b:
+                for _ in range(5):  # the pool (2 + 2 connections) is free for the other tenant
+                    assert b.stats("kb").references == 1
+            for future in futures:
+                with expect_status(grpc.StatusCode.DEADLINE_EXCEEDED, "stream_idle_seconds"):
+                    future.result(timeout=IDLE * 10)
+        finally:
+            for gate in gates:
+                gate.opened.set()
+    with Client(tight.target, key) as a:
+        assert a.stats("kb").references == 0  # nothing the idle streams sent was committed
+        assert a.count_episodes() == (0, 0)
+    assert tight.running.guard.in_flight == 0
+
+
+def test_a_tenant_at_its_concurrency_quota_leaves_the_others_served(tight, tenants, admin_client):
+    key = tenants["hostile-a"][1]
+    admin_client.set_quota("hostile-a", "concurrent_calls", 2)
+    try:
+        with grpc.insecure_channel(tight.target) as channel:
+            write = channel.stream_unary("/memory3.v1.Memories/Write",
+                                         request_serializer=memories_pb2.WriteRequest.SerializeToString,
+                                         response_deserializer=memories_pb2.WriteSummary.FromString)
+            gates, futures = _idle_streams(channel, write, key, [memories_pb2.WriteRequest(bank="kb")], 2)
+            try:
+                time.sleep(IDLE / 3)
+                with Client(tight.target, key) as a, expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                                        "quota 'concurrent_calls'"):
+                    a.stats("kb")
+                with Client(tight.target, tenants["hostile-b"][1]) as b:
+                    for _ in range(10):
+                        assert b.stats("kb").references == 1
+            finally:
+                for gate in gates:
+                    gate.opened.set()
+                for future in futures:
+                    try:
+                        future.result(timeout=IDLE * 10)
+                    except grpc.RpcError:
+                        pass
+    finally:
+        admin_client.set_quota("hostile-a", "concurrent_calls", None)
+
+
+def test_revoking_a_key_ends_its_running_streams(tight, admin_client):
+    key_id, key = _tenant(admin_client, "hostile-revoked")
+    with Client(tight.target, key) as client:
+        _bank(client, "kb")
+    with grpc.insecure_channel(tight.target) as channel:
+        write = channel.stream_unary("/memory3.v1.Memories/Write",
+                                     request_serializer=memories_pb2.WriteRequest.SerializeToString,
+                                     response_deserializer=memories_pb2.WriteSummary.FromString)
+        revoked = threading.Event()
+
+        def requests():
+            yield memories_pb2.WriteRequest(bank="kb")
+            for i in range(200):
+                if i == 5:
+                    admin_client.revoke_key(key_id)
+                    revoked.set()
+                yield memories_pb2.WriteRequest(reference=memories_pb2.ReferenceRecord(
+                    external_id=f"r{i}", text="t", embedding=[1, 0, 0, 0]))
+                time.sleep(0.01)
+
+        with expect_status(grpc.StatusCode.UNAUTHENTICATED, "revoked"):
+            write(requests(), metadata=_metadata(key), timeout=30)
+        assert revoked.is_set()
+    with psycopg.connect(libpq_url(tight.running.settings.database_url), autocommit=True) as conn:
+        staged = conn.execute("SELECT count(*) FROM reference_staging").fetchone()[0]
+        rows = conn.execute(
+            "SELECT count(*) FROM memory_references r JOIN banks b ON b.id = r.bank_id"
+            " JOIN tenants t ON t.id = b.tenant_id WHERE t.name = 'hostile-revoked'"
+        ).fetchone()[0]
+    assert rows == 0 and staged == 0  # nothing committed, nothing left staged
+
+
+def test_a_reader_that_stops_reading_is_cut_off_and_frees_its_slot(tight, admin_client):
+    _, key = _tenant(admin_client, "hostile-slow-reader")
+    rng = np.random.default_rng(0)
+    with Client(tight.target, key) as client:
+        _bank(client, "kb")
+        client.write("kb", [Reference(f"r{i}", "x" * 60_000, embedding=rng.normal(size=4).tolist()) for i in range(200)])
+    with grpc.insecure_channel(tight.target) as channel:
+        fetch = channel.unary_stream("/memory3.v1.Memories/Fetch",
+                                     request_serializer=memories_pb2.FetchRequest.SerializeToString,
+                                     response_deserializer=memories_pb2.ReferenceFrames.FromString)
+        responses = fetch(memories_pb2.FetchRequest(bank="kb", external_ids=[f"r{i}" for i in range(200)]),
+                          metadata=_metadata(key), timeout=60)
+        next(responses)  # take one message, then stop reading
+        deadline = time.monotonic() + IDLE * 15
+        while tight.running.guard.in_flight and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tight.running.guard.in_flight == 0
+        responses.cancel()
+
+
+def _health(target) -> int:
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        return reply.status
+
+
+def test_heavy_overlap_filtering_runs_off_the_event_loop(tight, admin_client):
+    """Finding 3: one Retrieve with max_overlap froze every call, health included, for seconds."""
+    _, key = _tenant(admin_client, "hostile-overlap")
+    words = " ".join(f"w{i}" for i in range(4000))
+    with Client(tight.target, key) as client:
+        client.create_bank(BankInfo("kb", "f" * 16, SPEC, BUILTIN_EMBEDDER, 384, "cosine"))
+        client.write("kb", [Reference(f"r{i}", f"{i} {words}", embedding=None) for i in range(64)])
+        done = threading.Event()
+        answers = []
+
+        def heavy():
+            try:
+                client.retrieve("kb", text=words * 2, top_k=240, max_overlap=0.5)
+            finally:
+                done.set()
+
+        worker = threading.Thread(target=heavy)
+        worker.start()
+        while not done.is_set():
+            answers.append(_health(tight.target))  # each within its 2 s deadline while the query runs
+        worker.join()
+    assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}
+
+
+def test_bank_create_and_drop_let_other_banks_write_behind_an_open_transaction(tight, admin_client, database_url):
+    """Finding 9: creating a bank queued an ACCESS EXCLUSIVE lock on the shared parent table."""
+    _, key = _tenant(admin_client, "hostile-ddl")
+    with Client(tight.target, key) as client:
+        _bank(client, "busy")
+        _bank(client, "other")
+        with psycopg.connect(libpq_url(database_url)) as reader:
+            reader.execute("SELECT count(*) FROM memory_references")  # holds a lock on the parent until commit
+            with Client(tight.target, key, timeout=10) as quick:
+                _bank(quick, "created-meanwhile")
+                quick.write("other", [Reference("r", "t", embedding=[0, 1, 0, 0])])
+                assert quick.stats("other").references == 1
+            reader.rollback()
+        assert client.delete_bank("created-meanwhile") == 0
+        assert "created-meanwhile" not in [b.name for b in client.list_banks()]
+
+
+def test_quotas_refuse_beyond_the_limit_and_name_it(tight, admin_client):
+    _, key = _tenant(admin_client, "hostile-quota")
+    quotas = admin_client.get_quotas("hostile-quota")
+    assert set(quotas) == {"concurrent_calls", "banks", "stored_bytes"}
+    assert not quotas["banks"].overridden and quotas["banks"].used == 0
+    admin_client.set_quota("hostile-quota", "banks", 1)
+    admin_client.set_quota("hostile-quota", "stored_bytes", 400_000)
+    with Client(tight.target, key) as client:
+        _bank(client, "first")
+        with expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota 'banks'"):
+            _bank(client, "second")
+        with expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota 'stored_bytes'"):
+            client.write("first", [Reference(f"r{i}", "y" * 50_000, embedding=[1, 0, 0, 0]) for i in range(10)])
+        assert client.stats("first").references == 0
+        with expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota 'stored_bytes'"):
+            client.log_episodes([Episode(list(range(20_000)), [1], [], "f" * 16, 0, "first", episode_id=f"e{i}")
+                                 for i in range(10)])
+        assert client.count_episodes() == (0, 0)
+    after = admin_client.set_quota("hostile-quota", "banks", None)
+    assert not after["banks"].overridden and after["banks"].limit == after["banks"].default_limit
+    with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "quota name"):
+        admin_client.set_quota("hostile-quota", "bogus", 1)
+    with expect_status(grpc.StatusCode.NOT_FOUND, "tenant"):
+        admin_client.get_quotas("no-such-tenant")
+
+
+def test_failed_admin_attempts_are_limited_per_address(database_url, embedder):
+    srv = ServerThread(make_settings(database_url, admin_failures_per_minute=3), embedder)
+    try:
+        for _ in range(3):
+            with Client(srv.target, "m3_0123456789abcdef_" + "x" * 43) as wrong:
+                with expect_status(grpc.StatusCode.UNAUTHENTICATED):
+                    wrong.list_tenants()
+        with Client(srv.target, ADMIN_KEY) as right, expect_status(grpc.StatusCode.UNAUTHENTICATED, "too many"):
+            right.list_tenants()  # refused unchecked, even with the right key, for the rest of the minute
+    finally:
+        srv.stop()
+
+
+def test_a_weak_admin_key_is_refused_at_start(database_url):
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        ServerThread(make_settings(database_url, admin_key="change-me"))

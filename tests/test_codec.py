@@ -455,7 +455,15 @@ def test_wrong_codebook_version_rejected(codebook, bank, version):
 
 _FUZZ_MEM = SyntheticKV(1, 1, 2, 4, seed=5).sample()
 _FUZZ_CODEBOOK = train_codebook([SyntheticKV(1, 1, 2, 4, seed=5).sample() for _ in range(4)], 2, 1, kmeans_iters=1)
-_FUZZ_SEEDS = [encode_memory(_FUZZ_MEM, s, _FUZZ_CODEBOOK) for s in SCHEMES]
+# A memory of repeated values compresses, so these seeds carry zstd bodies: mutations then reach
+# the decompressor (corrupt frames, frames whose declared size lies) behind a valid CRC.
+_FUZZ_FLAT = ExplicitMemory(torch.full_like(_FUZZ_MEM.kv, 0.5), _FUZZ_MEM.positions, _FUZZ_MEM.fingerprint)
+_FUZZ_SEEDS = [encode_memory(m, s, _FUZZ_CODEBOOK) for m in (_FUZZ_MEM, _FUZZ_FLAT) for s in SCHEMES]
+
+
+def test_fuzz_seeds_include_compressed_bodies():
+    flags = [read_header(seed).flags & FLAG_ZSTD for seed in _FUZZ_SEEDS]
+    assert any(flags) and not all(flags)
 
 
 def _refresh_crc(blob: bytearray) -> bytes:

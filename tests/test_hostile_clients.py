@@ -233,7 +233,7 @@ def test_a_reader_that_stops_reading_is_cut_off_and_frees_its_slot(tight, admin_
 
 def _health(target) -> int:
     with grpc.insecure_channel(target) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         return reply.status
 
 
@@ -243,20 +243,23 @@ def test_heavy_overlap_filtering_runs_off_the_event_loop(tight, admin_client):
     words = " ".join(f"w{i}" for i in range(4000))
     with Client(tight.target, key) as client:
         client.create_bank(BankInfo("kb", "f" * 16, SPEC, BUILTIN_EMBEDDER, 384, "cosine"))
-        client.write("kb", [Reference(f"r{i}", f"{i} {words}", embedding=None) for i in range(64)])
+        # 320 long references: comparing each with the query on the event loop stalled it for ~1.5 s
+        # (vectors sent along: the built-in embedder would spend seconds on texts this long)
+        vectors = np.random.default_rng(1).normal(size=(320, 384))
+        client.write("kb", [Reference(f"r{i}", f"{i} {words}", embedding=vectors[i].tolist()) for i in range(320)])
         done = threading.Event()
         answers = []
 
         def heavy():
             try:
-                client.retrieve("kb", text=words * 2, top_k=240, max_overlap=0.5)
+                client.retrieve("kb", text=words * 2, top_k=255, max_overlap=0.5)
             finally:
                 done.set()
 
         worker = threading.Thread(target=heavy)
         worker.start()
         while not done.is_set():
-            answers.append(_health(tight.target))  # each within its 2 s deadline while the query runs
+            answers.append(_health(tight.target))  # each within its 1 s deadline while the query runs
         worker.join()
     assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}
 
@@ -320,3 +323,62 @@ def test_failed_admin_attempts_are_limited_per_address(database_url, embedder):
 def test_a_weak_admin_key_is_refused_at_start(database_url):
     with pytest.raises(ValueError, match="at least 32 characters"):
         ServerThread(make_settings(database_url, admin_key="change-me"))
+
+
+def test_revoking_a_key_ends_a_running_read(tight, admin_client):
+    key_id, key = _tenant(admin_client, "hostile-revoked-reader")
+    with Client(tight.target, key) as client:
+        client.log_episodes([Episode([1], [2, 3], [], "f" * 16, 0, "kb", episode_id=f"e{i}") for i in range(300)])
+    with grpc.insecure_channel(tight.target) as channel:
+        read = channel.unary_stream("/memory3.v1.Trajectories/Read",
+                                    request_serializer=trajectories_pb2.ReadRequest.SerializeToString,
+                                    response_deserializer=trajectories_pb2.ReadPage.FromString)
+        pages = read(trajectories_pb2.ReadRequest(page_size=1), metadata=_metadata(key), timeout=30)
+        received = 0
+        with expect_status(grpc.StatusCode.UNAUTHENTICATED, "revoked"):
+            for _ in pages:
+                received += 1
+                if received == 1:
+                    admin_client.revoke_key(key_id)
+                time.sleep(0.01)
+    assert received < 300
+
+
+def test_hidden_state_bombs_are_refused_before_allocating():
+    """Finding 5: logged hidden states had no decompressed size bound."""
+    import zstandard
+
+    from memory3.sdk.proxy.logger import unpack_hidden_states
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 * 2**20))  # 64 MiB in a few KiB
+    assert len(bomb) < 16_384
+    with pytest.raises(ValueError, match="declare 67108864 bytes"):
+        unpack_hidden_states(bomb, max_bytes=2**20)
+
+
+def test_a_huge_safetensors_header_is_parsed_off_the_event_loop(tight, admin_client):
+    """Finding 3: Publish parsed a JSON header of up to 512 MiB on the event loop."""
+    import hashlib
+    import json as json_module
+
+    from memory3.v1 import proxies_pb2
+
+    _, key = _tenant(admin_client, "hostile-header")
+    header = json_module.dumps({f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+                                for i in range(180_000)}).encode()  # ~12 MiB of JSON
+    weights = len(header).to_bytes(8, "little") + header + b"\0" * 4
+    info = proxies_pb2.ProxyInfo(name="p", model_fingerprint="f" * 16, weights_size=len(weights),
+                                 weights_sha256=hashlib.sha256(weights).digest())
+    chunks = [proxies_pb2.PublishRequest(info=info)] + [
+        proxies_pb2.PublishRequest(weights_chunk=weights[i:i + 2**20]) for i in range(0, len(weights), 2**20)]
+    done, answers = threading.Event(), []
+    with grpc.insecure_channel(tight.target, options=[("grpc.max_send_message_length", 64 * 2**20)]) as channel:
+        publish = channel.stream_unary("/memory3.v1.Proxies/Publish",
+                                       request_serializer=proxies_pb2.PublishRequest.SerializeToString,
+                                       response_deserializer=proxies_pb2.ProxyInfo.FromString)
+        future = publish.future(iter(chunks), metadata=_metadata(key), timeout=60)
+        future.add_done_callback(lambda _: done.set())
+        while not done.is_set():
+            answers.append(_health(tight.target))
+        assert future.result().version == 1
+    assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}

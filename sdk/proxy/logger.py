@@ -56,9 +56,19 @@ def pack_hidden_states(states, dtype=np.float16, level: int = 3) -> bytes:
     return zstandard.ZstdCompressor(level=level).compress(buffer.getvalue())
 
 
-def unpack_hidden_states(blob: bytes) -> np.ndarray:
-    """The array :func:`pack_hidden_states` packed."""
-    return np.load(io.BytesIO(zstandard.ZstdDecompressor().decompress(blob)), allow_pickle=False)
+MAX_HIDDEN_STATES_BYTES = 256 * 1024 * 1024
+"""Largest decompressed hidden states :func:`unpack_hidden_states` accepts (a 4 MiB compressed
+payload — the server's limit — could otherwise declare gigabytes: a decompression bomb)."""
+
+
+def unpack_hidden_states(blob: bytes, max_bytes: int = MAX_HIDDEN_STATES_BYTES) -> np.ndarray:
+    """The array :func:`pack_hidden_states` packed; ValueError for a frame larger than ``max_bytes``
+    decompressed (checked from the frame header before anything is allocated)."""
+    declared = zstandard.frame_content_size(blob)
+    if declared > max_bytes:
+        raise ValueError(f"hidden states declare {declared} bytes decompressed; the limit is {max_bytes}")
+    raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
+    return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
 def compressed(blob: bytes, level: int = 3) -> bytes:

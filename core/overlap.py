@@ -57,16 +57,19 @@ def token_overlap(a: str | Sequence, b: str | Sequence, n: int = OVERLAP_NGRAM) 
     return hits / len(grams_a)
 
 
-def overlapping(query: str, texts: Sequence[str], limit: float, n: int = OVERLAP_NGRAM) -> list[bool]:
+def overlapping(
+    query: str, texts: Sequence[str], limit: float, n: int = OVERLAP_NGRAM, max_words: int | None = None
+) -> list[bool]:
     """For each text, whether ``token_overlap(query, text) > limit`` — the query split into
-    n-grams once, however many texts it is compared with (the service's ``max_overlap`` filter)."""
-    grams_query = _ngrams(_units(query), n)
+    n-grams once, however many texts it is compared with (the service's ``max_overlap`` filter).
+    ``max_words`` compares only the first words of the query and of each text (bounded cost)."""
+    grams_query = _ngrams(_units(query)[:max_words], n)
     if not grams_query:
         return [False] * len(texts)
     n_eff = len(grams_query[0])
     result = []
     for text in texts:
-        units = _units(text)
+        units = _units(text)[:max_words]
         grams_text = set(_ngrams(units, n_eff)) if len(units) >= n_eff else set()
         hits = sum(1 for g in grams_query if g in grams_text)
         result.append(hits / len(grams_query) > limit)

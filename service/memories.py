@@ -29,12 +29,26 @@ log = logging.getLogger(__name__)
 
 MAX_EXTERNAL_ID = 256
 DEFAULT_TOP_K = 5
+OVERLAP_MAX_WORDS = 1024  # max_overlap compares the first 1024 words of query and reference (bounded cost)
 
 
 @dataclass
 class _PendingReference:
     record: memories_pb2.ReferenceRecord
     memory: bytearray = field(default_factory=bytearray)
+
+
+def _groups(items: list, sizes: list[int], budget: int):
+    """Consecutive items in groups of at most ``budget`` bytes (an item larger than that alone)."""
+    group, total = [], 0
+    for item, size in zip(items, sizes):
+        if group and total + size > budget:
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += size
+    if group:
+        yield group
 
 
 class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
@@ -239,7 +253,8 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             raise InvalidArgument("filter keys and values may not contain NUL")
         rows = await self.refs.search(bank, vector, limit, dict(request.filter))
         if excluding:
-            dropped = await self.cpu.run(overlapping, request.text, [r.text for r in rows], request.max_overlap)
+            dropped = await self.cpu.run(overlapping, request.text, [r.text for r in rows], request.max_overlap,
+                                         max_words=OVERLAP_MAX_WORDS)
             rows = [r for r, drop in zip(rows, dropped) if not drop]
         rows = rows[:top_k]
         for rank, row in enumerate(rows):
@@ -259,22 +274,17 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         """Messages for the rows with their memories, read a group of about ``read_batch_bytes`` at a
         time (so a call's memory stays bounded whatever it asks for), each row as it is now; a row
         deleted meanwhile is left out."""
-        budget = self.settings.read_batch_bytes
-        group, size = [], 0
-        for index, row in enumerate(rows):
-            group.append(row)
-            size += row.memory_size
-            if size >= budget or index == len(rows) - 1:
-                current = await self.refs.load(bank, [r.external_id for r in group], True)
-                fresh = []
-                for old in group:
-                    now = current.get(old.external_id)
-                    if now is not None:
-                        now.score, now.rank = old.score, old.rank
-                        fresh.append(now)
-                for message in self._packed(self._all_frames(fresh, with_text, True, ranked)):
-                    yield message
-                group, size = [], 0
+        for group in _groups(rows, [row.memory_size for row in rows], self.settings.read_batch_bytes):
+            current = await self.refs.load(bank, [r.external_id for r in group], True)
+            fresh = []
+            for old in group:
+                now = current.get(old.external_id)
+                if now is not None:
+                    now.score, now.rank = old.score, old.rank
+                    fresh.append(now)
+            for message in self._packed(self._all_frames(fresh, with_text, True, ranked)):
+                yield message
+            current = fresh = None  # let this group go before the next one is read
 
     def _check_ids(self, ids) -> list[str]:
         ids = list(ids)
@@ -295,19 +305,14 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             missing = [i for i in wanted if i not in sizes]
             shown = ", ".join(repr(i) for i in missing[:10])
             raise NotFound(f"{len(missing)} reference(s) not found in bank {bank.name!r}: {shown}")
-        budget = self.settings.read_batch_bytes
         present = [i for i in wanted if i in sizes]
-        group, size = [], 0
-        for index, external_id in enumerate(present):
-            group.append(external_id)
-            text_bytes, memory_bytes = sizes[external_id]
-            size += text_bytes + (memory_bytes if request.include_memory else 0)
-            if size >= budget or index == len(present) - 1:
-                current = await self.refs.load(bank, group, request.include_memory)
-                rows = [current[i] for i in group if i in current]
-                for message in self._packed(self._all_frames(rows, True, request.include_memory, ranked=False)):
-                    yield message
-                group, size = [], 0
+        weights = [sizes[i][0] + (sizes[i][1] if request.include_memory else 0) for i in present]
+        for group in _groups(present, weights, self.settings.read_batch_bytes):
+            current = await self.refs.load(bank, group, request.include_memory)
+            rows = [current[i] for i in group if i in current]
+            for message in self._packed(self._all_frames(rows, True, request.include_memory, ranked=False)):
+                yield message
+            current = rows = None  # let this group go before the next one is read
 
     @rpc
     async def Delete(self, request, context):

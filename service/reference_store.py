@@ -202,21 +202,18 @@ class ReferenceStore:
             return {r.external_id: (int(r.size), int(r.memory_size)) for r in rows}
 
     async def load(self, bank: Bank, external_ids: list[str], with_memory: bool) -> dict[str, StoredReference]:
-        """The references among the ids as they are now, by id (the caller keeps groups bounded)."""
+        """The references among the ids as they are now, by id (the caller keeps groups bounded).
+        Binary results: a memory arrives as its bytes, not as hex text twice its size."""
         memory_column = "memory" if with_memory else "NULL::bytea"
+        sql = (
+            f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column}"
+            f" FROM {bank.partition} WHERE external_id = ANY(%(ids)s)"
+        )
         async with _bank_partition(bank), self.reads.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column} AS memory"
-                    f" FROM {bank.partition} WHERE external_id = ANY(:ids)"
-                ),
-                {"ids": list(external_ids)},
-            )
-            return {
-                r.external_id: StoredReference(r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32,
-                                               r.memory)
-                for r in rows
-            }
+            driver = (await conn.get_raw_connection()).driver_connection
+            async with driver.cursor(binary=True) as cursor:
+                await cursor.execute(sql, {"ids": list(external_ids)})
+                return {row[0]: StoredReference(*row[:5], row[5]) async for row in cursor}
 
     async def delete(self, bank: Bank, external_ids: list[str]) -> int:
         async with _bank_partition(bank), self.engine.begin() as conn:

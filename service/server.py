@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+from sqlalchemy.engine import make_url
 
 from memory3.core.embedder import BuiltinEmbedder
 from memory3.core.loop_thread import LoopThread
@@ -117,7 +118,10 @@ class RunningServer:
 
 def database_url(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     if settings.database_url:
-        return sqlalchemy_url(settings.database_url), None
+        url = make_url(sqlalchemy_url(settings.database_url))
+        if settings.database_password and not url.password:
+            url = url.set(password=settings.database_password)
+        return url.render_as_string(hide_password=False), None
     embedded = EmbeddedPostgres(settings.data_dir)
     return embedded.url, embedded
 

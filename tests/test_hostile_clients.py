@@ -382,3 +382,27 @@ def test_a_huge_safetensors_header_is_parsed_off_the_event_loop(tight, admin_cli
             answers.append(_health(tight.target))
         assert future.result().version == 1
     assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}
+
+
+def test_the_embedded_database_keeps_its_directories_closed(tmp_path):
+    """Finding 11: as root, the embedded PostgreSQL opened every parent of its data dir to 0755,
+    and a long data-dir path moved its socket into a world-writable runtime directory."""
+    import os
+    import stat
+
+    from memory3.service.embedded_pg import EmbeddedDatabaseError, EmbeddedPostgres
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    database = EmbeddedPostgres(private / "data")
+    try:
+        for directory in (private, private / "data"):
+            mode = stat.S_IMODE(directory.stat().st_mode)
+            assert not mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IRGRP | stat.S_IWGRP), (directory, oct(mode))
+        assert stat.S_IMODE((private / "data" / "pgdata").stat().st_mode) == 0o700
+        if os.geteuid() == 0:
+            assert stat.S_IMODE(private.stat().st_mode) & stat.S_IXOTH  # PostgreSQL's user passes through
+    finally:
+        database.stop()
+    with pytest.raises(EmbeddedDatabaseError, match="too long a path"):
+        EmbeddedPostgres(tmp_path / ("d" * 100))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import psycopg
+import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -70,7 +71,7 @@ def test_compose_runs_the_cli_serve_command_on_matching_ports():
     command = service["command"]
     assert command[:2] == ["memory3", "serve"]
     port = command[command.index("--port") + 1]
-    assert f"{port}:{port}" in service["ports"]
+    assert f"127.0.0.1:{port}:{port}" in service["ports"]  # no TLS: published on loopback only
     assert service["environment"]["DATABASE_URL"].startswith("postgresql://")
     assert "pgvector/pgvector" in compose["services"]["db"]["image"]
     assert service["depends_on"]["db"]["condition"] == "service_healthy"
@@ -81,6 +82,42 @@ def test_compose_runs_the_cli_serve_command_on_matching_ports():
     assert args.command == "serve" and args.port == int(port) and args.host == "0.0.0.0"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"EXPOSE {port}" in dockerfile
+
+
+def test_compose_keeps_secrets_in_files_and_the_service_off_the_superuser():
+    """Issue 22, finding 11: compose connected as the PostgreSQL superuser with a hard-coded password."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    db, service = compose["services"]["db"], compose["services"]["memory3"]
+    url = make_url(service["environment"]["DATABASE_URL"])
+    assert url.password is None and url.username != db["environment"]["POSTGRES_USER"]
+    for environment in (db["environment"], service["environment"]):
+        assert not any("PASSWORD" in k and not k.endswith("_FILE") for k in environment), environment
+        assert not any(k.endswith("ADMIN_KEY") for k in environment), environment
+    secrets = {name: spec["file"] for name, spec in compose["secrets"].items()}
+    for used in (*db["secrets"], *service["secrets"]):
+        assert used in secrets
+    init = (ROOT / "deploy" / "initdb" / "10-memory3-role.sh").read_text()
+    assert f"CREATE ROLE {url.username} LOGIN" in init and "NOSUPERUSER" in init
+    assert db["image"].split(":")[1].endswith("-pg18")  # the same major as the embedded PostgreSQL
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "secrets"} <= set(ignored)
+
+
+def test_settings_come_from_secret_files(tmp_path, monkeypatch):
+    from memory3.service.config import load_settings
+    from memory3.service.server import database_url
+
+    (tmp_path / "pw").write_text("s3cret\n")
+    (tmp_path / "admin").write_text("a" * 20 + "0123456789abcdef\n")
+    monkeypatch.setenv("MEMORY3_DATABASE_PASSWORD_FILE", str(tmp_path / "pw"))
+    monkeypatch.setenv("MEMORY3_ADMIN_KEY_FILE", str(tmp_path / "admin"))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://memory3@db:5432/memory3")
+    settings = load_settings()
+    assert settings.admin_key == "a" * 20 + "0123456789abcdef"
+    assert make_url(database_url(settings)[0]).password == "s3cret"
+    monkeypatch.setenv("MEMORY3_ADMIN_KEY_FILE", str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match="MEMORY3_ADMIN_KEY_FILE=.*cannot read it"):
+        load_settings()
 
 
 def _free_port() -> int:

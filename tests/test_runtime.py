@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import psycopg
 import pytest
 from conftest import ADMIN_KEY, ServerThread, make_settings
@@ -108,28 +109,40 @@ def test_expired_deadline_stops_database_work(server, client, database_url):
         locker.rollback()
 
 
-def test_graceful_shutdown_finishes_in_flight_calls(own_server):
-    srv, key = own_server(grace_seconds=10.0)
+def test_graceful_shutdown_turns_health_not_serving_then_finishes_in_flight_calls(own_server):
+    srv, key = own_server(grace_seconds=10.0, drain_notice_seconds=3.0)
     with Client(srv.target, key) as client:
         client.create_bank(BankInfo("g", FINGERPRINT, SPEC, "client", 2, "l2"))
     channel = grpc.insecure_channel(srv.target)
     stub = memories_pb2_grpc.MemoriesStub(channel)
-    release = threading.Event()
+    health = health_pb2_grpc.HealthStub(channel)
+    sent_first, release = threading.Event(), threading.Event()
 
     def stream():
         yield memories_pb2.WriteRequest(bank="g", reference=memories_pb2.ReferenceRecord(external_id="a", text="t", embedding=[1, 0]))
+        sent_first.set()
         release.wait(10)
         yield memories_pb2.WriteRequest(reference=memories_pb2.ReferenceRecord(external_id="b", text="t", embedding=[0, 1]))
 
     pending = stub.Write.future(stream(), metadata=(("authorization", f"Bearer {key}"),))
-    time.sleep(0.5)
+    assert sent_first.wait(10)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
     stopper = threading.Thread(target=srv.stop)
     stopper.start()
-    time.sleep(0.5)
-    with pytest.raises(grpc.RpcError):  # no new calls once draining
-        grpc.insecure_channel(srv.target).unary_unary("/memory3.v1.Memories/Stats")(b"", timeout=2)
+    statuses = []  # polled until the listener closes: SERVING until the stop, then NOT_SERVING
+    while True:
+        try:
+            statuses.append(health.Check(health_pb2.HealthCheckRequest(), timeout=2).status)
+        except grpc.RpcError:
+            break
+        if statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        time.sleep(0.02)
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING, statuses  # load balancers see the drain
     release.set()
     summary = pending.result(15)
     stopper.join(20)
+    with pytest.raises(grpc.RpcError):  # no new calls once stopped
+        grpc.insecure_channel(srv.target).unary_unary("/memory3.v1.Memories/Stats")(b"", timeout=2)
     channel.close()
     assert summary.inserted == 2

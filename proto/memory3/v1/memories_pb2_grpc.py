@@ -26,7 +26,22 @@ if _version_not_supported:
 
 
 class MemoriesStub:
-    """Missing associated documentation comment in .proto file."""
+    """Statuses every RPC of every memory3 service may answer (each RPC documents its own besides):
+    UNAUTHENTICATED     no `authorization: Bearer <key>` metadata, an unknown key, or a key revoked
+    while the call ran (a running stream ends at its next message)
+    PERMISSION_DENIED   the admin key on a tenant's data, or a tenant key on an admin RPC
+    RESOURCE_EXHAUSTED  the server is at its cap of calls in flight, or the tenant at its quota
+    'concurrent_calls' (trailing metadata `grpc-retry-pushback-ms`: retry after
+    it), or a quota ('banks', 'stored_bytes') or size limit is reached (the
+    message names which); nothing was changed
+    DEADLINE_EXCEEDED   the client's deadline passed; or a stream's client sent no message, or took
+    no response message, for the server's stream_idle_seconds (default 30 s);
+    or the call ran past max_call_seconds (default 3600 s). A client stream cut
+    off this way commits nothing.
+    UNAVAILABLE         the server is stopping or the database is unreachable: retry
+    Authentication happens before a call takes any resource, so refused calls cost the server
+    next to nothing and never wait on the client.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,10 +77,30 @@ class MemoriesStub:
 
 
 class MemoriesServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Statuses every RPC of every memory3 service may answer (each RPC documents its own besides):
+    UNAUTHENTICATED     no `authorization: Bearer <key>` metadata, an unknown key, or a key revoked
+    while the call ran (a running stream ends at its next message)
+    PERMISSION_DENIED   the admin key on a tenant's data, or a tenant key on an admin RPC
+    RESOURCE_EXHAUSTED  the server is at its cap of calls in flight, or the tenant at its quota
+    'concurrent_calls' (trailing metadata `grpc-retry-pushback-ms`: retry after
+    it), or a quota ('banks', 'stored_bytes') or size limit is reached (the
+    message names which); nothing was changed
+    DEADLINE_EXCEEDED   the client's deadline passed; or a stream's client sent no message, or took
+    no response message, for the server's stream_idle_seconds (default 30 s);
+    or the call ran past max_call_seconds (default 3600 s). A client stream cut
+    off this way commits nothing.
+    UNAVAILABLE         the server is stopping or the database is unreachable: retry
+    Authentication happens before a call takes any resource, so refused calls cost the server
+    next to nothing and never wait on the client.
+    """
 
     def Write(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Client stream, all or nothing: the summary comes once every reference is committed. Batches are
+        staged in the database as they arrive (no connection is held while the client is idle), then
+        moved into the bank in one transaction. Idempotent per (bank, external_id); for an id sent
+        twice in one stream the last copy wins. RESOURCE_EXHAUSTED "quota 'stored_bytes'" when the
+        tenant's stored bytes plus this stream's would pass its quota.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -131,7 +166,22 @@ def add_MemoriesServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Memories:
-    """Missing associated documentation comment in .proto file."""
+    """Statuses every RPC of every memory3 service may answer (each RPC documents its own besides):
+    UNAUTHENTICATED     no `authorization: Bearer <key>` metadata, an unknown key, or a key revoked
+    while the call ran (a running stream ends at its next message)
+    PERMISSION_DENIED   the admin key on a tenant's data, or a tenant key on an admin RPC
+    RESOURCE_EXHAUSTED  the server is at its cap of calls in flight, or the tenant at its quota
+    'concurrent_calls' (trailing metadata `grpc-retry-pushback-ms`: retry after
+    it), or a quota ('banks', 'stored_bytes') or size limit is reached (the
+    message names which); nothing was changed
+    DEADLINE_EXCEEDED   the client's deadline passed; or a stream's client sent no message, or took
+    no response message, for the server's stream_idle_seconds (default 30 s);
+    or the call ran past max_call_seconds (default 3600 s). A client stream cut
+    off this way commits nothing.
+    UNAVAILABLE         the server is stopping or the database is unreachable: retry
+    Authentication happens before a call takes any resource, so refused calls cost the server
+    next to nothing and never wait on the client.
+    """
 
     @staticmethod
     def Write(request_iterator,

@@ -55,7 +55,12 @@ class ProxiesServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Publish(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Client stream: the info first, then the weights in chunks. The weights are hashed as they
+        arrive and staged in the database a few MiB at a time (never held whole by the server); the
+        safetensors header may be at most 16 MiB. RESOURCE_EXHAUSTED "quota 'stored_bytes'" when the
+        announced weights_size would pass the tenant's quota. Statuses common to every RPC: see the
+        Memories service.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -60,7 +60,11 @@ class TrajectoriesServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Log(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Client stream, all or nothing, deduplicated by episode_id (the first copy wins; later ones
+        count as duplicates). Batches are staged as they arrive and inserted in one transaction at the
+        end. RESOURCE_EXHAUSTED "quota 'stored_bytes'" beyond the tenant's quota. Statuses common to
+        every RPC: see the Memories service.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

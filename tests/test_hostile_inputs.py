@@ -102,6 +102,18 @@ def test_a_zstd_frame_that_declares_another_size_is_refused_before_decompressing
         read_header(_blob_with_zstd_body(raw_size, unsized))
 
 
+def test_the_server_refuses_a_decompression_bomb_on_write(server, tenant):
+    """16 KB on the wire that would make every reader allocate 512 MiB: refused at Write."""
+    raw_size = 1 + 2 * 2 * 2
+    bomb = _blob_with_zstd_body(raw_size, zstandard.ZstdCompressor().compress(b"\x00" * (512 * 1024 * 1024)))
+    assert len(bomb) < 32_768
+    with Client(server.target, tenant.api_key) as client:
+        client.create_bank(BankInfo("bombs", "f" * 16, MemorySpec((0,), 1, 2, 1), "client", 8, "l2"))
+        with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "zstd frame declares"):
+            client.write("bombs", [Reference("b", "t", embedding=[1.0] * 8, memory=bomb)])
+        assert client.stats("bombs").references == 0
+
+
 def test_a_codebook_whose_fingerprint_is_not_utf8_is_a_codebook_error(server, tenant):
     from memory3.core.codebook_format import _CRC, _HEADER
 

@@ -114,3 +114,29 @@ def test_other_tenants_banks_do_not_exist_for_the_caller(server, new_tenant):
         assert a.stats("secret").references == 0
         assert a.retrieve("secret", vector=[1, 0, 0, 0]) == []
         assert (b.stats("secret"), b.fetch("secret", ["doc"])) == before
+
+
+def test_keys_are_stored_only_as_hashes_and_a_revoked_key_leaves_the_cache(server, admin, database_url):
+    """The database holds sha256(secret), never the secret; revoking a key that the server just
+    verified (so it sits in the 2 s key cache) refuses it at once."""
+    import hashlib
+
+    import psycopg
+
+    from memory3.service.embedded_pg import libpq_url
+
+    name = "hashed-keys"
+    admin.create_tenant(name)
+    key_id, key = admin.issue_key(name)
+    secret = key.split("_", 2)[2]
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        stored = conn.execute("SELECT * FROM api_keys WHERE key_id = %s", (key_id,)).fetchone()
+    assert stored is not None and hashlib.sha256(secret.encode()).digest() in [bytes(v) for v in stored
+                                                                                 if isinstance(v, (bytes, memoryview))]
+    assert not any(secret in str(v) for v in stored)
+    assert server.running.settings.key_cache_seconds > 0
+    with Client(server.target, key) as client:
+        assert client.list_banks() == []  # verified: now cached
+        admin.revoke_key(key_id)
+        with expect_status(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked"):
+            client.list_banks()

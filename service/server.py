@@ -40,7 +40,7 @@ from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
 from .memories import MemoriesServicer
 from .offload import CpuPool
 from .metrics import CACHE_LOOKUPS
-from .observability import ObservabilityInterceptor, refresh_bank_gauges
+from .observability import ObservabilityInterceptor, refresh_bank_gauges, watch_event_loop
 from .guard import CallGuard
 from .proxies import ProxiesServicer
 from .proxy_store import ProxyStore
@@ -172,6 +172,7 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     background = asyncio.gather(
         refresh_bank_gauges(engine, settings.metrics_refresh_seconds),
         purge_stale_staging(engine, settings.max_call_seconds + 60),
+        watch_event_loop(),
     )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -9,6 +9,12 @@ import secrets
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import settings as hypothesis_settings
+
+# Property tests are reproducible: derandomized (the same examples every run, so a CI failure
+# reproduces locally) and failing examples printed as a blob for @reproduce_failure.
+hypothesis_settings.register_profile("memory3", derandomize=True, print_blob=True)
+hypothesis_settings.load_profile("memory3")
 
 from memory3.core.embedder import BuiltinEmbedder
 from memory3.sdk.client.client import AsyncClient, Client

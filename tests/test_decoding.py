@@ -59,8 +59,7 @@ def _chunk_texts(tokenizer, ids):
     return [tokenizer.decode(ids[i : i + CHUNK], skip_special_tokens=True) for i in range(0, len(ids), CHUNK)]
 
 
-@pytest.fixture(scope="module")
-def chunk_bank(blocking, supply, writer, model, tokenizer, spec):
+def _chunk_bank(blocking, supply, writer, model, tokenizer, spec) -> str:
     """References whose texts are exactly the prompt's chunks (ids p0, p1, ...), plus filler."""
     bank = _new_bank(blocking, model, spec)
     chunks = _chunk_texts(tokenizer, tokenizer(PROMPT)["input_ids"])
@@ -69,12 +68,19 @@ def chunk_bank(blocking, supply, writer, model, tokenizer, spec):
     return bank
 
 
+@pytest.fixture(scope="module")
+def chunk_bank(blocking, supply, writer, model, tokenizer, spec):
+    """The module's shared chunk bank: tests read it, none writes to it."""
+    return _chunk_bank(blocking, supply, writer, model, tokenizer, spec)
+
+
 def _generate(model, tokenizer, supply, bank, prompts, **options):
     options = {"max_new_tokens": 40, "chunk": CHUNK, "top_k": 1, "stop_at_eos": False, **options}
     return generate_flat(model, tokenizer, prompts, supply=supply, bank=bank, **options)
 
 
-def test_retrieval_every_chunk_with_the_expected_query(model, tokenizer, supply, blocking, writer, chunk_bank):
+def test_retrieval_every_chunk_with_the_expected_query(model, tokenizer, supply, blocking, writer, spec):
+    chunk_bank = _chunk_bank(blocking, supply, writer, model, tokenizer, spec)  # its own: this test writes to it
     [first] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT])
     ids = first.prompt_ids + first.token_ids
     n = len(first.prompt_ids)
@@ -99,6 +105,34 @@ def test_retrieval_every_chunk_with_the_expected_query(model, tokenizer, supply,
     assert second.token_ids[:CHUNK] == first.token_ids[:CHUNK]  # same memories until the switch
     assert second.segments[6].query == generated0 and second.segments[6].reference_ids == ["g0"]
     assert second.segments[6].start == n + CHUNK
+
+
+def test_what_generate_computed_is_what_the_recorded_memories_give_when_replayed(model, tokenizer, supply,
+                                                                                blocking, spec, chunk_bank):
+    """Replay: each segment's memories, fetched from the service by the ids the segment records,
+    set on an injector of our own, and the segment's tokens fed to the model with the cache of the
+    segments before; every generated token's logits must equal what ``generate`` returned. A
+    memory switch that is recorded but not read (or read at the wrong positions) fails here."""
+    from memory3.sdk.memory.codec import decode_memory
+    from memory3.sdk.memory.injection import MemoryInjector
+
+    bank = chunk_bank
+    [result] = _generate(model, tokenizer, supply, bank, [PROMPT], top_k=2, output_scores=True)
+    assert len({tuple(s.reference_ids) for s in result.segments}) > 2  # memories switch along the way
+    ids = torch.tensor([result.prompt_ids + result.token_ids])
+    stored = {r.external_id: decode_memory(r.memory)
+              for r in blocking.fetch(bank, sorted(result.reference_ids), include_memory=True)}
+    logits, past = [], None
+    with torch.no_grad(), MemoryInjector(model, spec) as injector:
+        for segment in result.segments:
+            injector.set_memories([[stored[i] for i in segment.reference_ids]])
+            out = model(input_ids=ids[:, segment.start:segment.end], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits[0].float())
+    replayed = torch.cat(logits)
+    n = len(result.prompt_ids)
+    assert replayed.shape[0] == n + len(result.token_ids) - 1  # every fed position, the last token never fed
+    torch.testing.assert_close(replayed[n - 1:], result.scores, atol=1e-4, rtol=1e-4)
 
 
 def test_zero_memories_is_plain_generation(model, tokenizer, supply, blocking, spec):

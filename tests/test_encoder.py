@@ -157,12 +157,27 @@ def test_selection_equals_slow_reference(model, spec, encoder):
 
 
 def test_kept_keys_carry_reference_positions(model, spec, encoder):
-    """A kept key rotated back by its position is position-free: RoPE was applied before selection."""
+    """A kept key rotated back by its recorded position is the layer's own pre-RoPE key at that
+    position (read from k_proj with a hook): RoPE was applied at the reference position, before
+    selection — not at another position, and not left out."""
     memory = encoder.encode([TEXTS[1]])[0]
+    ids = encoder.tokenize([TEXTS[1]])[0]
+    captured = {}
+    hooks = [model.model.layers[i].self_attn.k_proj.register_forward_hook(
+        lambda _m, _inp, out, i=i: captured.__setitem__(i, out.detach())) for i in spec.memory_layers]
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for hook in hooks:
+            hook.remove()
     rotary = Rotary.from_model(model)
     back = rotary.rotate(memory.keys, -memory.positions)
-    forth = rotary.rotate(back, memory.positions)
-    torch.testing.assert_close(forth, memory.keys, atol=1e-5, rtol=0)
+    for slot, layer in enumerate(spec.memory_layers):
+        pre = captured[layer][0].view(len(ids), spec.kv_heads, spec.head_dim).transpose(0, 1)  # (heads, seq, dim)
+        for g in range(spec.kv_heads):
+            torch.testing.assert_close(back[slot, g], pre[g, memory.positions[slot, g]], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(back, memory.keys, atol=1e-3)  # the stored keys are rotated
 
 
 def test_padded_batch_equals_one_by_one(encoder):

@@ -67,6 +67,10 @@ def test_three_modes_run_on_the_same_questions(setup):
     for r in ev.modes.values():
         assert r.questions == 6 and 0.0 <= r.exact_match <= 1.0
         assert r.generated_tokens == 6 * 4 and r.tokens_per_s > 0
+    # the memory and RAG modes read what they were given: their answers are not the plain model's
+    got = {mode: [e["got"] for e in ev.examples if e["mode"] == mode] for mode in MODES}
+    assert all(len(answers) == 3 for answers in got.values())
+    assert got["memory"] != got["plain"] and got["rag"] != got["plain"], got
     rag = prompt_ids(tokenizer, pairs[0].question, "rag", [world.references[0].text])
     plain = prompt_ids(tokenizer, pairs[0].question, "plain", [world.references[0].text])
     assert len(rag) > len(plain) and rag[-len(plain) + 1 :] == plain[1:]  # same question, after the texts

@@ -255,9 +255,17 @@ def test_eager_and_sdpa_agree(tokenizer, spec, memories):
 
 
 def test_parallel_positions_rotation_equals_context_shift(model):
-    """R(-offset) on a key == +offset on the query: attention scores agree."""
+    """R(-offset) on a key == +offset on the query: attention scores agree — with the rotation the
+    model itself applies (its rotary module's cos/sin through HF's apply_rotary_pos_emb), so the
+    SDK's Rotary must have the model's frequencies and layout, not just be some rotation."""
     rotary = Rotary.from_model(model)
     torch.manual_seed(0)
+    dim = model.config.head_dim
+    x = torch.randn(1, 1, 9, dim)
+    positions = torch.tensor([[0, 1, 2, 5, 17, 64, 100, 300, 1000]])
+    cos, sin = model.model.rotary_emb(x, positions)
+    by_model, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    torch.testing.assert_close(rotary.rotate(x[0, 0], positions[0]), by_model[0, 0], atol=1e-5, rtol=1e-5)
     q, k = torch.randn(5, 16, dtype=torch.float64), torch.randn(7, 16, dtype=torch.float64)
     q_pos, k_pos, offset = torch.arange(5), torch.arange(7) * 3, 64
     shifted_context = rotary.rotate(q, q_pos + offset) @ rotary.rotate(k, k_pos).T

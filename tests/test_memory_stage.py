@@ -2,7 +2,7 @@
 autograd intact, memories that really feed the answers, and resumable checkpoints.
 
 Real tokenizer, real models, real MiniLM retrieval; no mocks. Embeddings are cached under
-runs/.embedding-cache, so reruns are faster than the first run.
+~/.cache/memory3/embeddings, so reruns are faster than the first run.
 """
 
 from pathlib import Path

@@ -219,6 +219,9 @@ def _start(data_dir: Path, port: int) -> subprocess.Popen:
     while time.time() < deadline:
         line = proc.stdout.readline()
         if "listening on" in line:
+            import threading
+
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # a full pipe would block the server
             return proc
         if proc.poll() is not None:
             raise AssertionError(f"serve exited early: {line}{proc.stdout.read()}")

@@ -18,9 +18,13 @@ def model():
     return tiny_llama(seed=1)
 
 
+
+def _rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
 def test_outputs_probabilities_and_values(model):
     proxy = ProxyPolicy.for_model(model, width=8, seed=0)
-    hidden, candidate = torch.randn(5, 64), torch.randn(5, 64)
+    hidden, candidate = torch.randn(5, 64, generator=_rng(1)), torch.randn(5, 64, generator=_rng(2))
     logit, value = proxy(hidden, candidate)
     assert logit.shape == value.shape == (5,)
     p = proxy.p_accept(hidden, candidate)
@@ -29,7 +33,7 @@ def test_outputs_probabilities_and_values(model):
 
 
 def test_constant_policies(model):
-    hidden, candidate = torch.randn(3, 64), torch.randn(3, 64)
+    hidden, candidate = torch.randn(3, 64, generator=_rng(3)), torch.randn(3, 64, generator=_rng(4))
     assert torch.equal(ProxyPolicy.always_accept(model).p_accept(hidden, candidate), torch.ones(3))
     assert torch.equal(ProxyPolicy.always_reject(model).p_accept(hidden, candidate), torch.zeros(3))
 
@@ -47,7 +51,7 @@ def test_parameter_ratio_within_one_percent_on_the_reference_preset():
 def test_bytes_and_directory_round_trip(model, tmp_path):
     proxy = ProxyPolicy.for_model(model, width=8, seed=3)
     proxy.version = 7
-    hidden, candidate = torch.randn(4, 64), torch.randn(4, 64)
+    hidden, candidate = torch.randn(4, 64, generator=_rng(5)), torch.randn(4, 64, generator=_rng(6))
     for loaded in (ProxyPolicy.from_bytes(proxy.to_bytes()), ProxyPolicy.load(proxy.save(tmp_path / "p"))):
         assert loaded.config == proxy.config and loaded.version == 7
         assert torch.equal(loaded.p_accept(hidden, candidate), proxy.p_accept(hidden, candidate))

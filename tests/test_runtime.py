@@ -74,7 +74,10 @@ def test_overload_is_refused_with_pushback_not_queued(own_server):
             release.wait(10)
 
         holder = stub.Write.future(slow_stream(), metadata=metadata)
-        time.sleep(0.5)  # the Write is now in flight
+        deadline = time.monotonic() + 10
+        while srv.running.guard.in_flight < 1:  # the Write holds the one slot now
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         with pytest.raises(grpc.RpcError) as info:
             stub.Stats(memories_pb2.StatsRequest(bank="b"), metadata=metadata, timeout=5)
         release.set()

@@ -4,7 +4,7 @@ Stage 2 retrieves for every chunk of every batch and the evaluation for every qu
 through the gRPC service would make training depend on a running database for nothing the trainer
 needs. The embedder (:class:`memory3.core.embedder.BuiltinEmbedder`) and the metric (cosine on
 L2-normalised vectors) are the service's, so the trainer retrieves what a bank holding the same
-references would. Embeddings are cached on disk (``.npy`` named by a hash of embedder + texts):
+references would. Embeddings are cached on disk (``.npy`` named by a hash of weights + texts):
 runs, resumes, the evaluation and tests embed the same references again and again.
 
 Measurements: docs/experiments.md
@@ -20,8 +20,9 @@ import numpy as np
 
 from memory3.core.embedder import BuiltinEmbedder
 
-DEFAULT_CACHE_DIR = Path("runs") / ".embedding-cache"
-"""Git-ignored (``/runs/``); shared by every run of a checkout."""
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "memory3" / "embeddings"
+"""Per user, whatever the working directory; shared by every run and checkout (entries are keyed
+by the embedder's weights and the texts, so they never go stale)."""
 
 _EMBEDDER: BuiltinEmbedder | None = None
 
@@ -38,14 +39,15 @@ def embed_cached(texts: Sequence[str], cache_dir: str | Path | None = DEFAULT_CA
                  embedder: BuiltinEmbedder | None = None) -> np.ndarray:
     """(len(texts), dim) float32 L2-normalised embeddings, from the disk cache when present.
 
-    The cache key covers the embedder's name and every text in order, so a changed corpus never
-    reads stale vectors. ``cache_dir=None`` disables the cache.
+    The cache key covers the embedder's weights (name and shipping package version) and every
+    text in order, so neither a changed corpus nor new weights read stale vectors.
+    ``cache_dir=None`` disables the cache.
     """
     embedder = embedder or builtin_embedder()
     texts = list(texts)
     path = None
     if cache_dir is not None:
-        digest = hashlib.sha256(embedder.name.encode())
+        digest = hashlib.sha256(embedder.weights_id.encode())
         for t in texts:
             digest.update(b"\0" + t.encode())
         path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.npy"

@@ -113,6 +113,8 @@ def test_what_generate_computed_is_what_the_recorded_memories_give_when_replayed
     set on an injector of our own, and the segment's tokens fed to the model with the cache of the
     segments before; every generated token's logits must equal what ``generate`` returned. A
     memory switch that is recorded but not read (or read at the wrong positions) fails here."""
+    from transformers import DynamicCache
+
     from memory3.sdk.memory.codec import decode_memory
     from memory3.sdk.memory.injection import MemoryInjector
 
@@ -122,12 +124,11 @@ def test_what_generate_computed_is_what_the_recorded_memories_give_when_replayed
     ids = torch.tensor([result.prompt_ids + result.token_ids])
     stored = {r.external_id: decode_memory(r.memory)
               for r in blocking.fetch(bank, sorted(result.reference_ids), include_memory=True)}
-    logits, past = [], None
+    logits, cache = [], DynamicCache()
     with torch.no_grad(), MemoryInjector(model, spec) as injector:
         for segment in result.segments:
             injector.set_memories([[stored[i] for i in segment.reference_ids]])
-            out = model(input_ids=ids[:, segment.start:segment.end], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=ids[:, segment.start:segment.end], cache=cache, use_cache=True)
             logits.append(out.logits[0].float())
     replayed = torch.cat(logits)
     n = len(result.prompt_ids)

@@ -249,6 +249,7 @@ def test_drill_label_mask_counts_answers_and_the_token_after():
     assert labelled.replace(" ", "") == "Brask\npainter"
 
 
+@pytest.mark.slow  # minutes of training on 2 cores: `make test-fast` skips it
 def test_stage2_feeds_memories(tmp_path):
     """A small two-stage run (~3 minutes): after stage 2 the loss on reference-dependent tokens
     (drill answers about entities no training text states) is lower with the reference in memory

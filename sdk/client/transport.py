@@ -50,6 +50,13 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     ]
 
 
+def _lost_in_transit(err: grpc.aio.AioRpcError) -> bool:
+    """A stream whose connection broke while this client was sending (the server crashed, say):
+    gRPC's core reports it as INTERNAL "Internal error from Core" — not an answer of the server,
+    which never sent one, so an idempotent stream is re-sent like after UNAVAILABLE."""
+    return err.code() == grpc.StatusCode.INTERNAL and "from Core" in (err.details() or "")
+
+
 def pushback_seconds(err: grpc.aio.AioRpcError) -> float | None:
     """The server's retry advice for a busy refusal (RESOURCE_EXHAUSTED + grpc-retry-pushback-ms)."""
     if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -114,7 +121,7 @@ class Transport:
                 return await make_call()
             except grpc.aio.AioRpcError as err:
                 pushback = pushback_seconds(err)
-                retryable = err.code() == grpc.StatusCode.UNAVAILABLE or pushback is not None
+                retryable = err.code() == grpc.StatusCode.UNAVAILABLE or pushback is not None or _lost_in_transit(err)
                 if not retryable or attempt == self.write_retries:
                     raise
                 await asyncio.sleep(pushback if pushback is not None else min(0.1 * 2**attempt, 2.0))

@@ -28,7 +28,7 @@ class BuiltinEmbedder:
         self.on_cache_lookup = on_cache_lookup  # called with hit=True/False for each query lookup (metrics)
         self.query_cache_size = query_cache_size
         self.batch_max = batch_max
-        self._queries: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._queries: OrderedDict[tuple[object, str], np.ndarray] = OrderedDict()
         self._model = None
         self._lock = threading.Lock()
         self._batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -73,12 +73,15 @@ class BuiltinEmbedder:
             batcher = self._batchers[loop] = _Batcher(self.embed, self.batch_max)
         return await batcher.submit(texts)
 
-    async def embed_query(self, text: str) -> np.ndarray:
-        """A query's vector, from a small LRU when the same text was asked recently (repeated
-        prompts, templates, a decoding batch re-asking the same chunk): no model call then."""
-        vector = self._queries.get(text)
+    async def embed_query(self, text: str, namespace: object = None) -> np.ndarray:
+        """A query's vector, from a small LRU when the same text was asked recently in the same
+        ``namespace`` (repeated prompts, templates, a decoding batch re-asking the same chunk): no
+        model call then. The service passes the tenant as the namespace: a hit is faster than a
+        miss, so a cache shared across tenants would tell one tenant what another asked."""
+        key = (namespace, text)
+        vector = self._queries.get(key)
         if vector is not None:
-            self._queries.move_to_end(text)
+            self._queries.move_to_end(key)
             if self.on_cache_lookup:
                 self.on_cache_lookup(True)
             return vector
@@ -86,7 +89,7 @@ class BuiltinEmbedder:
             self.on_cache_lookup(False)
         vector = (await self.embed_async([text]))[0]
         if self.query_cache_size > 0:
-            self._queries[text] = vector
+            self._queries[key] = vector
             while len(self._queries) > self.query_cache_size:
                 self._queries.popitem(last=False)
         return vector

@@ -13,6 +13,7 @@ from .errors import InvalidArgument, ResourceExhausted, rpc
 from .offload import CpuPool
 from .quotas import QuotaStore
 from .tenant_store import TenantStore
+from .tokens import Tokens
 
 
 class CodebooksMixin:
@@ -58,9 +59,10 @@ def _codebook_proto(bank: str, stored) -> banks_pb2.Codebook:
 class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
     def __init__(
         self, auth: Authenticator, banks: BankStore, codebooks: CodebookStore, settings: Settings, quotas: QuotaStore,
-        cpu: CpuPool,
+        cpu: CpuPool, tokens: Tokens,
     ) -> None:
         self.auth = auth
+        self.tokens = tokens
         self.quotas = quotas
         self.cpu = cpu
         self.banks = banks
@@ -87,8 +89,10 @@ class BanksServicer(CodebooksMixin, banks_pb2_grpc.BanksServicer):
         tenant_id = await self.auth.tenant(context)
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
-        banks, token = await self.banks.list(tenant_id, request.page_size, request.page_token)
-        return banks_pb2.ListBanksResponse(banks=[bank_to_proto(b.info()) for b in banks], next_page_token=token)
+        after = self.tokens.open(tenant_id, "banks", request.page_token, "page_token")
+        banks, last = await self.banks.list(tenant_id, request.page_size, after)
+        return banks_pb2.ListBanksResponse(banks=[bank_to_proto(b.info()) for b in banks],
+                                           next_page_token=self.tokens.seal(tenant_id, "banks", last))
 
     @rpc
     async def DeleteBank(self, request, context):

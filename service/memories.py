@@ -230,7 +230,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
                 )
             if len(request.text.encode()) > self.settings.max_text_bytes:
                 raise ResourceExhausted(f"query text exceeds {self.settings.max_text_bytes} bytes")
-            return await self.embedder.embed_query(request.text)
+            return await self.embedder.embed_query(request.text, namespace=bank.tenant_id)  # per tenant: no side channel
         raise InvalidArgument("Retrieve needs a query: non-empty text or a vector")
 
     @rpc

@@ -24,6 +24,7 @@ from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, rpc
 from .offload import CpuPool
 from .proxy_store import ProxyRecord, ProxyStore
 from .quotas import QuotaStore
+from .tokens import Tokens
 from .trajectories import check_fingerprint
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,11 @@ def _check_name(name: str) -> None:
 
 class ProxiesServicer(proxies_pb2_grpc.ProxiesServicer):
     def __init__(
-        self, settings: Settings, auth: Authenticator, store: ProxyStore, quotas: QuotaStore, cpu: CpuPool
+        self, settings: Settings, auth: Authenticator, store: ProxyStore, quotas: QuotaStore, cpu: CpuPool,
+        tokens: Tokens,
     ) -> None:
         self.settings = settings
+        self.tokens = tokens
         self.quotas = quotas
         self.cpu = cpu
         self.auth = auth
@@ -192,5 +195,8 @@ class ProxiesServicer(proxies_pb2_grpc.ProxiesServicer):
             _check_name(request.name)
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative")
-        records, token = await self.store.list(tenant_id, request.name, request.page_size, request.page_token)
-        return proxies_pb2.ListProxiesResponse(proxies=[info_to_proto(r) for r in records], next_page_token=token)
+        kind = f"proxies:{request.name}"  # a token continues the listing it came from, same name filter
+        after = self.tokens.open(tenant_id, kind, request.page_token, "page_token")
+        records, token = await self.store.list(tenant_id, request.name, request.page_size, after)
+        return proxies_pb2.ListProxiesResponse(proxies=[info_to_proto(r) for r in records],
+                                               next_page_token=self.tokens.seal(tenant_id, kind, token))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 from sqlalchemy.engine import make_url
 
@@ -47,6 +47,7 @@ from .proxy_store import ProxyStore
 from .quotas import QuotaStore
 from .reference_store import ReferenceStore
 from .tenant_store import TenantStore
+from .tokens import Tokens
 from .trajectories import TrajectoriesServicer
 from .trajectory_store import TrajectoryStore
 
@@ -80,6 +81,26 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_connection_age_grace_ms", ms(settings.grace_seconds)),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
     ]
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def add_reflection(server: grpc.aio.Server) -> None:
+    """Server reflection under both names tools ask for: ``grpc.reflection.v1`` (grpcurl and
+    current tools ask it first) and ``v1alpha``. The two protocols are the same messages under two
+    package names, so v1 is served by the v1alpha servicer with v1alpha's (wire-identical) messages."""
+    names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
 
 
 @dataclass
@@ -137,30 +158,32 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     auth = Authenticator(tenants, admin_key)
     banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction, settings.bank_cache_seconds)
     refs = ReferenceStore(engine, settings.hnsw_ef_search)
-    embedder = embedder or BuiltinEmbedder(
-        settings.embedder_device, settings.query_cache_size, settings.embed_batch_max,
-        on_cache_lookup=lambda hit: CACHE_LOOKUPS.labels("query_embedding", "hit" if hit else "miss").inc(),
-    )
+    def count_lookup(hit: bool) -> None:
+        CACHE_LOOKUPS.labels("query_embedding", "hit" if hit else "miss").inc()
+
+    embedder = embedder or BuiltinEmbedder(settings.embedder_device, settings.query_cache_size, settings.embed_batch_max)
+    embedder.on_cache_lookup = embedder.on_cache_lookup or count_lookup
 
     quotas = QuotaStore(engine, settings)
     cpu = CpuPool(settings.cpu_workers)
+    tokens = Tokens(admin_key)  # page tokens and cursors: the same on every replica sharing the admin key
     await banks.drop_orphans()
     guard = CallGuard(settings, auth, quotas)
     interceptor = ObservabilityInterceptor(guard)
     server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(settings))
     codebooks = CodebookStore(engine)
-    banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings, quotas, cpu), server)
+    banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings, quotas, cpu, tokens), server)
     memories_pb2_grpc.add_MemoriesServicer_to_server(
         MemoriesServicer(settings, auth, banks, refs, codebooks, embedder, quotas, cpu), server
     )
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants, quotas), server)
     trajectories_pb2_grpc.add_TrajectoriesServicer_to_server(
-        TrajectoriesServicer(settings, auth, TrajectoryStore(engine), quotas, cpu), server
+        TrajectoriesServicer(settings, auth, TrajectoryStore(engine), quotas, cpu, tokens), server
     )
-    proxies_pb2_grpc.add_ProxiesServicer_to_server(ProxiesServicer(settings, auth, ProxyStore(engine), quotas, cpu), server)
+    proxies_pb2_grpc.add_ProxiesServicer_to_server(ProxiesServicer(settings, auth, ProxyStore(engine), quotas, cpu, tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    add_reflection(server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")

@@ -25,6 +25,7 @@ from .convert import timestamp
 from .errors import InvalidArgument, ResourceExhausted, rpc
 from .offload import CpuPool
 from .quotas import QuotaStore
+from .tokens import Tokens
 from .trajectory_store import (
     EpisodeFilter,
     EpisodeRow,
@@ -149,18 +150,20 @@ def filter_from_proto(message: trajectories_pb2.EpisodeFilter, max_ids: int) -> 
     return flt
 
 
-def _page(rows: list[EpisodeRow]) -> trajectories_pb2.ReadPage:
-    """A Read page of the rows, resumable after the last (built on a worker thread: it is CPU work)."""
+def _page(rows: list[EpisodeRow], cursor: str) -> trajectories_pb2.ReadPage:
+    """A Read page of the rows, resumable by ``cursor`` (built on a worker thread: it is CPU work)."""
     page = trajectories_pb2.ReadPage(episodes=[record_from_row(row) for row in rows])
-    page.next_cursor = encode_cursor(rows[-1].seq)
+    page.next_cursor = cursor
     return page
 
 
 class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
     def __init__(
-        self, settings: Settings, auth: Authenticator, store: TrajectoryStore, quotas: QuotaStore, cpu: CpuPool
+        self, settings: Settings, auth: Authenticator, store: TrajectoryStore, quotas: QuotaStore, cpu: CpuPool,
+        tokens: Tokens,
     ) -> None:
         self.settings = settings
+        self.tokens = tokens
         self.quotas = quotas
         self.cpu = cpu
         self.auth = auth
@@ -210,7 +213,7 @@ class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
     async def Read(self, request, context):
         tenant_id = await self.auth.tenant(context)
         flt = filter_from_proto(request.filter, self.settings.max_fetch_ids)
-        after = decode_cursor(request.cursor)
+        after = decode_cursor(self.tokens.open(tenant_id, "episodes", request.cursor, "cursor"))
         if request.page_size < 0 or request.limit < 0:
             raise InvalidArgument("page_size and limit must not be negative")
         if request.page_size > self.settings.max_read_page_episodes:
@@ -226,7 +229,7 @@ class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
             )
             if not rows:
                 return
-            page = await self.cpu.run(_page, rows)
+            page = await self.cpu.run(_page, rows, self.tokens.seal(tenant_id, "episodes", encode_cursor(rows[-1].seq)))
             yield page
             after = rows[-1].seq
             if remaining is not None:

@@ -140,3 +140,71 @@ def test_keys_are_stored_only_as_hashes_and_a_revoked_key_leaves_the_cache(serve
         admin.revoke_key(key_id)
         with expect_status(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked"):
             client.list_banks()
+
+
+def test_no_observable_cache_crosses_tenants(server, new_tenant):
+    """Issue 19, finding 9: the query-embedding cache was keyed by text alone, so a tenant could
+    tell from Retrieve's latency whether another had just asked the same text. By the cache's own
+    metric: A's first query misses, B's first query of the same text misses too, A's repeat hits."""
+    from memory3.core.embedder import BUILTIN_EMBEDDER
+    from memory3.service.metrics import CACHE_LOOKUPS
+
+    def lookups(result: str) -> float:
+        return CACHE_LOOKUPS.labels("query_embedding", result)._value.get()
+
+    text = "which lighthouse did the keeper of tenant isolation watch?"
+    clients = []
+    for tenant in (new_tenant(), new_tenant()):
+        client = Client(server.target, tenant.api_key)
+        client.create_bank(BankInfo("q", FINGERPRINT, SPEC, BUILTIN_EMBEDDER, 384, "cosine"))
+        clients.append(client)
+    a, b = clients
+    try:
+        steps = []
+        for who in (a, b, a):
+            hits, misses = lookups("hit"), lookups("miss")
+            who.retrieve("q", text=text, top_k=1)
+            steps.append((lookups("hit") - hits, lookups("miss") - misses))
+        assert steps == [(0, 1), (0, 1), (1, 0)], steps
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_page_tokens_and_cursors_are_opaque_and_bound_to_their_tenant(server, new_tenant):
+    """Issue 19, finding 6: page tokens were the last bank name (any string accepted) and Read
+    cursors a counter shared by all tenants. Now: opaque, and another tenant's, an altered or a
+    made-up token is INVALID_ARGUMENT naming the field."""
+    from memory3.core.episodes import Episode
+
+    a_keys, b_keys = new_tenant(), new_tenant()
+    with Client(server.target, a_keys.api_key) as a, Client(server.target, b_keys.api_key) as b:
+        for name in ("k1", "k2", "k3"):
+            a.create_bank(BankInfo(name, FINGERPRINT, SPEC, "client", 2, "l2"))
+            b.create_bank(BankInfo(name, FINGERPRINT, SPEC, "client", 2, "l2"))
+        a.log_episodes([Episode([1], [2], [], FINGERPRINT, 0, episode_id=f"e{i}") for i in range(3)])
+        b.log_episodes([Episode([1], [2], [], FINGERPRINT, 0, episode_id=f"e{i}") for i in range(3)])
+        page = a.read_episodes(limit=1)
+        assert page.cursor and not page.cursor.startswith("c1.") and not page.cursor.isdigit()
+        assert [e.episode_id for e in a.read_episodes(cursor=page.cursor).episodes] == ["e1", "e2"]
+        altered = page.cursor[:-4] + ("AAAA" if not page.cursor.endswith("AAAA") else "BBBB")
+        for bad in (altered, "c1.0", "%%%garbage"):
+            with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "cursor"):
+                a.read_episodes(cursor=bad)
+        with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "cursor"):
+            b.read_episodes(cursor=page.cursor)  # A's cursor is not B's
+
+        from memory3.v1 import banks_pb2, banks_pb2_grpc
+
+        with grpc.insecure_channel(server.target) as channel:
+            stub = banks_pb2_grpc.BanksStub(channel)
+            auth_a = (("authorization", f"Bearer {a_keys.api_key}"),)
+            auth_b = (("authorization", f"Bearer {b_keys.api_key}"),)
+            first = stub.ListBanks(banks_pb2.ListBanksRequest(page_size=1), metadata=auth_a, timeout=10)
+            assert [x.name for x in first.banks] == ["k1"] and "k1" not in first.next_page_token
+            rest = stub.ListBanks(banks_pb2.ListBanksRequest(page_size=5, page_token=first.next_page_token),
+                                  metadata=auth_a, timeout=10)
+            assert [x.name for x in rest.banks] == ["k2", "k3"]
+            for token, auth in (("%%%garbage", auth_a), ("k1", auth_a), (first.next_page_token, auth_b)):
+                with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "page_token"):
+                    stub.ListBanks(banks_pb2.ListBanksRequest(page_size=1, page_token=token), metadata=auth, timeout=10)

@@ -37,6 +37,16 @@ def test_health_and_reflection_answer(server):
         replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         listed = {s.name for s in replies[0].list_services_response.service}
         assert set(SERVICE_NAMES) | {"grpc.health.v1.Health"} <= listed
+        # grpc.reflection.v1 (what grpcurl asks first): the same messages under the v1 name
+        v1 = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                   request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                   response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        [listing, described] = list(v1(iter([
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="memory3.v1.Memories"),
+        ]), timeout=5))
+        assert {s.name for s in listing.list_services_response.service} == listed
+        assert described.file_descriptor_response.file_descriptor_proto  # the .proto, for clients to build stubs
 
 
 def test_migrations_run_up_on_an_empty_database(database_url):

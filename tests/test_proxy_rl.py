@@ -56,10 +56,10 @@ def _vtrace_by_definition(values, log_rhos, rewards, last, rho_bar, c_bar):
     ρ_t = min(ρ̄, π/μ), c_i = min(c̄, π/μ); advantages r_s + v_{s+1} − V(x_s)."""
     n = len(values)
     ends = [t for t in range(n) if last[t]]
-    end_of = [min(e for e in ends if e >= s) for s in range(n)]
+    end_of = [min([e for e in ends if e >= s] or [n - 1]) for s in range(n)]  # data may stop mid-episode
     rhos = np.exp(log_rhos)
     rho, c = np.minimum(rho_bar, rhos), np.minimum(c_bar, rhos)
-    next_v = [0.0 if last[t] else values[t + 1] for t in range(n)]
+    next_v = [0.0 if last[t] or t == n - 1 else values[t + 1] for t in range(n)]
     targets = np.zeros(n)
     for s in range(n):
         total, trace = values[s], 1.0
@@ -67,7 +67,7 @@ def _vtrace_by_definition(values, log_rhos, rewards, last, rho_bar, c_bar):
             total += trace * rho[t] * (rewards[t] + next_v[t] - values[t])
             trace *= c[t]
         targets[s] = total
-    next_target = [0.0 if last[t] else targets[t + 1] for t in range(n)]
+    next_target = [0.0 if last[t] or t == n - 1 else targets[t + 1] for t in range(n)]
     return targets, np.array([rewards[t] + next_target[t] - values[t] for t in range(n)])
 
 
@@ -80,11 +80,14 @@ def test_vtrace_matches_the_definition_with_truncated_ratios():
     log_rhos = rng.normal(scale=1.2, size=n)  # ratios ~0.1 .. 10
     last = np.zeros(n, dtype=bool)
     last[[6, 7, 19, 33, n - 1]] = True
-    for rho_bar, c_bar in ((1.0, 1.0), (1.0, 0.7), (2.0, 0.5)):
-        targets, advantages = vtrace(values, log_rhos, rewards, last, rho_bar, c_bar)
-        want_targets, want_advantages = _vtrace_by_definition(values, log_rhos, rewards, last, rho_bar, c_bar)
-        assert np.allclose(targets, want_targets), (rho_bar, c_bar)
-        assert np.allclose(advantages, want_advantages), (rho_bar, c_bar)
+    unfinished = last.copy()
+    unfinished[n - 1] = False  # the data ends inside an episode: nothing is bootstrapped past it
+    for ends in (last, unfinished):
+        for rho_bar, c_bar in ((1.0, 1.0), (1.0, 0.7), (2.0, 0.5)):
+            targets, advantages = vtrace(values, log_rhos, rewards, ends, rho_bar, c_bar)
+            want_targets, want_advantages = _vtrace_by_definition(values, log_rhos, rewards, ends, rho_bar, c_bar)
+            assert np.allclose(targets, want_targets), (rho_bar, c_bar)
+            assert np.allclose(advantages, want_advantages), (rho_bar, c_bar)
     untruncated, _ = _vtrace_by_definition(values, log_rhos, rewards, last, np.inf, np.inf)
     assert not np.allclose(vtrace(values, log_rhos, rewards, last, 1.0, 1.0)[0], untruncated)
 

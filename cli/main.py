@@ -1,29 +1,63 @@
-"""The ``memory3`` command: serve, manage tenants/keys and banks, ingest JSONL, query, train."""
+"""The ``memory3`` command: serve, manage tenants/keys and banks, ingest JSONL, query, train.
+
+A user's mistake gets one line on stderr — what, where, how to fix — and exit status 2; a server
+refusal gets its status and message (exit 1); never a traceback, never a secret (passwords in
+URLs and API keys are masked in every message).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import re
 import sys
 from pathlib import Path
 
 from memory3.service.auth import ADMIN_KEY_FILE
-from memory3.service.config import load_settings
+from memory3.service.config import Settings, load_settings
+
+
+class CliError(Exception):
+    """A user's mistake: the message says what, where and how to fix it."""
+
+
+_SECRETS = (
+    (re.compile(r"(\w+://[^:/@\s]*:)[^@\s]+@"), r"\1***@"),  # password in a URL
+    (re.compile(r"\b(m3_[0-9a-f]{16}_)[A-Za-z0-9_-]+"), r"\1***"),  # tenant API key
+    (re.compile(r"\b(m3admin_)[A-Za-z0-9_-]+"), r"\1***"),  # generated admin key
+)
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    for secret in secrets:
+        if secret and len(secret) >= 8:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _target(args, settings: Settings) -> str:
+    return args.target or settings.target or f"{settings.host}:{settings.port}"
 
 
 def _client(args):
     from memory3.sdk.client import Client
 
     settings = load_settings()
-    target = args.target or settings.target or f"{settings.host}:{settings.port}"
     key = args.api_key or settings.api_key
-    admin_key_file = settings.data_dir / ADMIN_KEY_FILE
-    if not key and args.command in ("tenant", "key") and admin_key_file.exists():
-        key = admin_key_file.read_text().strip()
+    if not key and args.command in ("tenant", "key"):  # admin commands: the admin key
+        key = settings.admin_key
+        admin_key_file = settings.data_dir / ADMIN_KEY_FILE
+        if not key and admin_key_file.exists():
+            key = admin_key_file.read_text().strip()
+        if not key:
+            raise CliError(f"no admin key: set MEMORY3_ADMIN_KEY (or MEMORY3_ADMIN_KEY_FILE), pass --api-key, or run "
+                           f"where `memory3 serve` keeps {admin_key_file}")
     if not key:
-        sys.exit("no API key: pass --api-key or set MEMORY3_API_KEY")
-    return Client(target, key)
+        raise CliError("no API key: pass --api-key or set MEMORY3_API_KEY (a tenant's key from `memory3 key issue`)")
+    return Client(_target(args, settings), key)
 
 
 def cmd_serve(args) -> None:
@@ -36,7 +70,11 @@ def cmd_serve(args) -> None:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except (ValueError, OSError, RuntimeError) as err:  # configuration, database or port: say which, once
+        secrets = (settings.admin_key, settings.database_password, settings.database_url)
+        raise CliError(f"memory3 serve could not start: {redact(str(err).splitlines()[0], *secrets[:2])}") from None
 
 
 def cmd_tenant(args) -> None:
@@ -95,31 +133,53 @@ def cmd_bank(args) -> None:
             print(json.dumps(client.stats(args.name).__dict__))
 
 
-def _jsonl_references(path: Path):
+def _reference_from_line(path: Path, number: int, line: str):
+    """One JSONL line as a Reference; CliError naming the file, the line and the problem."""
     import base64
+    import binascii
 
     from memory3.sdk.client import Reference
 
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                yield Reference(
-                    external_id=str(item["id"]), text=item.get("text", ""), metadata=item.get("metadata", {}),
-                    embedding=item.get("embedding"),
-                    memory=base64.b64decode(item["memory"]) if item.get("memory") else None,
-                )
-            except (KeyError, ValueError) as err:
-                sys.exit(f"{path}:{number}: not a reference ({err}); each line needs at least 'id' and 'text'")
+    where = f"{path}:{number}"
+    try:
+        item = json.loads(line)
+    except ValueError as err:
+        raise CliError(f"{where}: not JSON ({err.args[0]})") from None
+    if not isinstance(item, dict):
+        raise CliError(f"{where}: each line must be a JSON object like {{\"id\": \"r1\", \"text\": \"...\"}}, "
+                       f"got a {type(item).__name__}")
+    if "id" not in item:
+        raise CliError(f"{where}: missing \"id\" (each line needs at least \"id\" and \"text\")")
+    metadata = item.get("metadata") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CliError(f"{where}: \"metadata\" must be an object of string values, e.g. {{\"n\": \"7\"}}")
+    embedding = item.get("embedding")
+    if embedding is not None and not (isinstance(embedding, list) and all(isinstance(x, (int, float)) for x in embedding)):
+        raise CliError(f"{where}: \"embedding\" must be a list of numbers")
+    try:
+        memory = base64.b64decode(item["memory"], validate=True) if item.get("memory") else None
+    except (binascii.Error, TypeError, ValueError):
+        raise CliError(f"{where}: \"memory\" is not base64") from None
+    return Reference(external_id=str(item["id"]), text=str(item.get("text", "")), metadata=metadata,
+                     embedding=embedding, memory=memory)
+
+
+def _jsonl_references(path: Path):
+    """The file's references, one line at a time (CliError naming the line of a bad one)."""
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield _reference_from_line(path, number, line)
+    except UnicodeDecodeError as err:
+        raise CliError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def cmd_ingest(args) -> None:
     from tqdm import tqdm
 
     path = Path(args.file)
-    total = sum(1 for line in path.open() if line.strip())
+    total = sum(1 for _ in _jsonl_references(path))  # a first pass checks every line: a bad file sends nothing
     with _client(args) as client, tqdm(total=total, unit="ref", desc=f"ingest {args.bank}") as bar:
         summary = client.write_many(args.bank, _jsonl_references(path), batch_size=args.batch_size, progress=bar)
     print(json.dumps(summary.__dict__))
@@ -164,7 +224,7 @@ def cmd_generate(args) -> None:
     settings = load_settings()
     key = args.api_key or settings.api_key
     if not key and args.mode != "plain":
-        sys.exit("no API key: pass --api-key or set MEMORY3_API_KEY")
+        raise CliError("no API key: pass --api-key or set MEMORY3_API_KEY (a tenant's key from `memory3 key issue`)")
     generate_command(
         args.target or settings.target or f"{settings.host}:{settings.port}", key or "", args.bank, args.model,
         args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k,
@@ -182,10 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api-key", help="tenant or admin key (default MEMORY3_API_KEY)")
         return p
 
-    serve = sub.add_parser("serve", help="run the gRPC service (embedded PostgreSQL unless DATABASE_URL is set)")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--data-dir", type=Path)
+    serve = sub.add_parser("serve", help="run the gRPC service (embedded PostgreSQL unless DATABASE_URL is set)",
+                           epilog=settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--host", help="address to bind (MEMORY3_HOST)")
+    serve.add_argument("--port", type=int, help="gRPC port, 0 for any free one (MEMORY3_PORT)")
+    serve.add_argument("--data-dir", type=Path, help="where the embedded PostgreSQL and admin.key live (MEMORY3_DATA_DIR)")
     serve.set_defaults(func=cmd_serve)
 
     tenant = client_command("tenant", "create or list tenants (admin key)")
@@ -261,21 +322,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    import grpc
+HINTS = {
+    "UNAVAILABLE": "is `memory3 serve` running there? (--target or MEMORY3_TARGET)",
+    "UNAUTHENTICATED": "check the key (--api-key or MEMORY3_API_KEY; admin commands: MEMORY3_ADMIN_KEY)",
+    "PERMISSION_DENIED": "tenant and key commands take the admin key, data commands a tenant's key",
+    "DEADLINE_EXCEEDED": "the server did not answer in time; retry, or check its load and logs",
+}
 
+
+def _settings_error(err: ValueError) -> str:
+    """A settings error in one line: which variable, what is wrong (pydantic's own text is a block)."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        name = str(first["loc"][0]) if first.get("loc") else "?"
+        variable = "DATABASE_URL" if name == "database_url" else f"MEMORY3_{name.upper()}"
+        return f"{variable}: {first['msg']} (see `memory3 serve --help`)"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def settings_epilog() -> str:
+    """Every setting of the one settings table: variable, default, meaning."""
+    lines = ["settings (environment variables; each also from a file named by <VARIABLE>_FILE):"]
+    for name, field in Settings.model_fields.items():
+        variable = "DATABASE_URL" if name == "database_url" else f"MEMORY3_{name.upper()}"
+        default = field.default
+        shown = "unset" if default is None else str(default).replace(str(Path.home()), "~")
+        lines.append(f"  {variable} (default {shown})\n      {field.description}")
+    return "\n".join(lines)
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"memory3: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train-proxy"]:  # every option belongs to the trainer's own parser
         return cmd_train_proxy(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
-    if args.command in ("tenant",) and args.action == "create" and not args.name:
-        sys.exit("tenant create needs a name")
-    if args.command == "bank" and args.action != "list" and not args.name:
-        sys.exit(f"bank {args.action} needs a bank name")
     try:
+        if args.command in ("tenant",) and args.action == "create" and not args.name:
+            raise CliError("tenant create needs a name: memory3 tenant create NAME")
+        if args.command == "bank" and args.action != "list" and not args.name:
+            raise CliError(f"bank {args.action} needs a bank name: memory3 bank {args.action} NAME")
         args.func(args)
-    except grpc.RpcError as err:
-        sys.exit(f"error: {err.code().name}: {err.details()}")
+    except CliError as err:
+        _fail(redact(str(err)), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except FileNotFoundError as err:
+        _fail(f"{err.filename}: no such file", 2)
+    except OSError as err:
+        _fail(redact(f"{getattr(err, 'filename', None) or ''} {err.strerror or err}".strip()), 2)
+    except ValueError as err:  # settings from the environment or a secret file
+        _fail(redact(_settings_error(err)), 2)
+    except Exception as err:
+        import grpc
+
+        if not isinstance(err, grpc.RpcError):
+            raise
+        code = err.code().name
+        hint = HINTS.get(code)
+        _fail(redact(f"{code}: {err.details()}" + (f" — {hint}" if hint else "")), 1)
 
 
 if __name__ == "__main__":

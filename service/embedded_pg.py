@@ -98,7 +98,8 @@ def sqlalchemy_url(url: str) -> str:
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
-    raise ValueError(f"not a PostgreSQL URL: {url!r}")
+    scheme = url.split("://", 1)[0] if "://" in url else "no scheme"
+    raise ValueError(f"DATABASE_URL is not a PostgreSQL URL (scheme {scheme!r}; expected postgresql://user@host/db)")
 
 
 def libpq_url(url: str) -> str:

@@ -91,6 +91,105 @@ def _message(draw, descriptor, depth: int = 0):
     return message
 
 
+def _templates() -> dict[str, list]:
+    """A valid request (stream) per method: the fuzz changes one field of it, so most examples
+    get past the first checks and reach the storage layer with the one odd value."""
+    import hashlib
+
+    from memory3.v1 import banks_pb2, memories_pb2, proxies_pb2, tenants_pb2, trajectories_pb2
+
+    spec = banks_pb2.MemorySpec(memory_layers=list(SPEC.memory_layers), kv_heads=SPEC.kv_heads, head_dim=SPEC.head_dim,
+                                tokens_per_head=SPEC.tokens_per_head, reference_length=SPEC.reference_length,
+                                codec=SPEC.codec)
+    memory = memory_payload(seed=3)
+    record = memories_pb2.ReferenceRecord(external_id="new", text="t", metadata={"k": "v"}, embedding=[1, 0, 0, 1],
+                                          memory_size=len(memory), memory_chunk=memory)
+    episode = trajectories_pb2.EpisodeRecord(episode_id="e-new", bank="live", model_fingerprint=FINGERPRINT,
+                                             prompt_ids=[1, 2], response_ids=[3], decision_position=[0],
+                                             decision_token=[3], decision_llm_prob=[0.5], decision_rank=[0],
+                                             decision_p_accept=[0.7], decision_accepted=[True],
+                                             decision_rejections=[0], rewards={"r": 1.0})
+    weights = b"\x02\x00\x00\x00\x00\x00\x00\x00{}"
+    info = proxies_pb2.ProxyInfo(name="p", model_fingerprint=FINGERPRINT, weights_size=len(weights),
+                                 weights_sha256=hashlib.sha256(weights).digest(), config_json="{}")
+    return {
+        "CreateBank": [banks_pb2.CreateBankRequest(bank=banks_pb2.Bank(
+            name="fresh", model_fingerprint=FINGERPRINT, memory_spec=spec,
+            embedder=banks_pb2.EmbedderSpec(name="client", dimension=4, metric="cosine")))],
+        "GetBank": [banks_pb2.GetBankRequest(name="live")],
+        "DeleteBank": [banks_pb2.DeleteBankRequest(name="missing")],
+        "PutCodebook": [banks_pb2.PutCodebookRequest(bank="live", chunk=b"M3PQ" + b"\x00" * 60)],
+        "GetCodebook": [banks_pb2.GetCodebookRequest(bank="live", version=1)],
+        "Write": [memories_pb2.WriteRequest(bank="live"), memories_pb2.WriteRequest(reference=record)],
+        "Retrieve": [memories_pb2.RetrieveRequest(bank="live", vector=memories_pb2.Vector(values=[1, 0, 0, 1]),
+                                                  top_k=5, filter={"k": "v"}, include_memory=True, include_text=True)],
+        "Fetch": [memories_pb2.FetchRequest(bank="live", external_ids=["r0", "r1"], include_memory=True)],
+        "Delete": [memories_pb2.DeleteRequest(bank="live", external_ids=["nope"])],
+        "Stats": [memories_pb2.StatsRequest(bank="live")],
+        "Log": [trajectories_pb2.LogRequest(episodes=[episode])],
+        "AttachReward": [trajectories_pb2.AttachRewardRequest(episode_id="e-new", name="human", value=1.0)],
+        "Read": [trajectories_pb2.ReadRequest(page_size=2, limit=3, include_hidden_states=True)],
+        "Count": [trajectories_pb2.CountRequest()],
+        "Publish": [proxies_pb2.PublishRequest(info=info), proxies_pb2.PublishRequest(weights_chunk=weights)],
+        "Get": [proxies_pb2.GetProxyRequest(name="p", model_fingerprint=FINGERPRINT, include_weights=True)],
+        "List": [proxies_pb2.ListProxiesRequest(name="p", page_size=2)],
+        "CreateTenant": [tenants_pb2.CreateTenantRequest(name="fuzzed-tenant")],
+        "IssueKey": [tenants_pb2.IssueKeyRequest(tenant="fuzz-a", label="l")],
+        "RevokeKey": [tenants_pb2.RevokeKeyRequest(key_id="0123456789abcdef")],
+        "GetQuotas": [tenants_pb2.GetQuotasRequest(tenant="fuzz-a")],
+        "SetQuota": [tenants_pb2.SetQuotaRequest(tenant="fuzz-b", name="banks", value=1000)],
+    }
+
+
+def _fields(descriptor, prefix=(), depth=0):
+    """Every field path of a message type (nested messages down to three levels)."""
+    for field in descriptor.fields:
+        path = (*prefix, field)
+        yield path
+        if field.type == F.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry and depth < 3:
+            yield from _fields(field.message_type, path, depth + 1)  # a repeated one: its first item
+
+
+def _descend(holder, step):
+    """The message a path step leads to (a repeated field's first item, made if absent)."""
+    child = getattr(holder, step.name)
+    if step.is_repeated:
+        return child[0] if len(child) else child.add()
+    return child
+
+
+@st.composite
+def _one_field_changed(draw, template: list):
+    """The template stream with one field of one of its messages set to an aimed value."""
+    messages = [type(m)() for m in template]
+    for copy, original in zip(messages, template):
+        copy.CopyFrom(original)
+    target = draw(st.sampled_from(messages))
+    path = draw(st.sampled_from(list(_fields(target.DESCRIPTOR))))
+    holder = target
+    for step in path[:-1]:
+        holder = _descend(holder, step)
+    field = path[-1]
+    if field.containing_oneof is not None and field.type == F.TYPE_MESSAGE:
+        getattr(holder, field.name).SetInParent()
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+        getattr(holder, field.name)[draw(_value(key, 0))] = draw(_value(value, 0))
+    elif field.is_repeated:
+        del getattr(holder, field.name)[:]
+        if field.type == F.TYPE_MESSAGE:
+            getattr(holder, field.name).add().CopyFrom(draw(_value(field, 1)))
+        else:
+            getattr(holder, field.name).extend(draw(st.lists(_value(field, 0), max_size=5)))
+    elif field.type == F.TYPE_MESSAGE:
+        getattr(holder, field.name).CopyFrom(draw(_value(field, 1)))
+    else:
+        setattr(holder, field.name, draw(_value(field, 0)))
+    if draw(st.booleans()) and len(messages) > 1:  # a stream may also repeat its items
+        messages.append(messages[-1])
+    return messages
+
+
 class Unexpected(logging.Handler):
     """Collects the errors the server logs as unexpected (status_for's INTERNAL path)."""
 
@@ -163,9 +262,11 @@ def test_live_fuzz_never_answers_internal_and_leaves_the_other_tenant_alone(live
     admin_rpc = service_name.endswith(".Tenants")
     key = ADMIN_KEY if admin_rpc else keys["fuzz-a"]
     before = _snapshot(srv.target, keys["fuzz-b"])
-    strategy = st.lists(_message(method.input_type), min_size=1, max_size=4 if method.client_streaming else 1)
+    template = _templates().get(method.name)
+    anything = st.lists(_message(method.input_type), min_size=1, max_size=4 if method.client_streaming else 1)
+    strategy = (_one_field_changed(template) | _one_field_changed(template) | anything) if template else anything
 
-    @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(requests=strategy)
     def check(requests):
         code, details = _call(srv.target, service_name, method, requests, key)
@@ -175,6 +276,87 @@ def test_live_fuzz_never_answers_internal_and_leaves_the_other_tenant_alone(live
 
     check()
     if admin_rpc:  # the fuzz may have set the tenants' quotas: give them back their defaults
+        with Client(srv.target, ADMIN_KEY) as admin:
+            for tenant in ("fuzz-a", "fuzz-b"):
+                for quota in ("concurrent_calls", "banks", "stored_bytes"):
+                    admin.set_quota(tenant, quota, None)
+    assert _snapshot(srv.target, keys["fuzz-b"]) == before
+
+
+STRINGS = ["", "\x00", "a\x00b", "x" * 5000, "ü" * 300, "kb\n", "' OR 1=1 --", "../../etc", "\u202e"]
+BYTES = [b"", b"\x00", memory_payload(seed=4)[:-1], b"M3KV" + b"\xff" * 60]
+INTS = {
+    F.TYPE_INT32: [-1, 0, 1, 1023, 1024, 1025, 4097, 10_001, 2**31 - 1, -(2**31)],
+    F.TYPE_INT64: [-1, 0, 1, 1025, 2**63 - 1, -(2**63)],
+    F.TYPE_UINT32: [0, 1, 2**32 - 1],
+    F.TYPE_UINT64: [0, 1, 2**26 + 1, 2**64 - 1],
+    F.TYPE_FLOAT: [float("nan"), float("inf"), -float("inf"), -0.0, 1.0000001, 3.4e38],
+    F.TYPE_DOUBLE: [float("nan"), float("inf"), -1e-9, 1e308],
+    F.TYPE_BOOL: [True, False],
+}
+
+
+def _aimed(field) -> list:
+    """Values aimed at one field: odd strings (NUL, very long, ...), broken bytes, ±1 around limits."""
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return [{"\x00": "v"}, {"k": "\x00"}, {"x" * 5000: "v"}, {"": ""}] if field.message_type.fields_by_name[
+            "value"].type == F.TYPE_STRING else [{"\x00": 1.0}, {"k": float("nan")}, {"x" * 300: 1.0}]
+    if field.type == F.TYPE_STRING:
+        return STRINGS + TARGETED.get(field.name, [])
+    if field.type == F.TYPE_BYTES:
+        return BYTES
+    if field.type == F.TYPE_ENUM:
+        return [0, 99]
+    if field.type == F.TYPE_MESSAGE:
+        return [message_factory.GetMessageClass(field.message_type)()]  # present but empty
+    return INTS[field.type]
+
+
+def _variants(template: list):
+    """The template stream once per (message, field, aimed value): every field of every item."""
+    for index, original in enumerate(template):
+        for path in _fields(original.DESCRIPTOR):
+            field = path[-1]
+            for value in _aimed(field):
+                messages = [type(m)() for m in template]
+                for copy, source in zip(messages, template):
+                    copy.CopyFrom(source)
+                holder = messages[index]
+                for step in path[:-1]:
+                    holder = _descend(holder, step)
+                if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                    getattr(holder, field.name).update(value)
+                elif field.is_repeated:
+                    del getattr(holder, field.name)[:]
+                    if field.type == F.TYPE_MESSAGE:
+                        getattr(holder, field.name).add()
+                    else:
+                        getattr(holder, field.name).extend([value] * 3)
+                elif field.type == F.TYPE_MESSAGE:
+                    getattr(holder, field.name).CopyFrom(value)
+                else:
+                    setattr(holder, field.name, value)
+                yield ".".join(f.name for f in path), value, messages
+
+
+@pytest.mark.parametrize("service_name, method", [p for p in _methods() if p.values[1].name in _templates()],
+                         ids=lambda p: getattr(p, "name", None))
+def test_every_field_of_every_request_aimed_at_storage(live, service_name, method):
+    """Deterministic sweep: each field of each message of a valid request, one at a time, set to
+    each value aimed at it. Not one answer may be INTERNAL/UNKNOWN or unexplained."""
+    srv, keys, handler = live
+    key = ADMIN_KEY if service_name.endswith(".Tenants") else keys["fuzz-a"]
+    before = _snapshot(srv.target, keys["fuzz-b"])
+    calls = 0
+    for where, value, requests in _variants(_templates()[method.name]):
+        code, details = _call(srv.target, service_name, method, requests, key)
+        calls += 1
+        shown = repr(value)[:60]
+        assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), f"{method.name} {where}={shown}: {code}"
+        assert code == grpc.StatusCode.OK or details, f"{method.name} {where}={shown}: {code} without a message"
+        assert not handler.records, f"{method.name} {where}={shown}: " + handler.format(handler.records[0])
+    assert calls >= len(STRINGS)  # the sweep ran
+    if service_name.endswith(".Tenants"):
         with Client(srv.target, ADMIN_KEY) as admin:
             for tenant in ("fuzz-a", "fuzz-b"):
                 for quota in ("concurrent_calls", "banks", "stored_bytes"):

@@ -57,7 +57,8 @@ def _client(args):
                            f"where `memory3 serve` keeps {admin_key_file}")
     if not key:
         raise CliError("no API key: pass --api-key or set MEMORY3_API_KEY (a tenant's key from `memory3 key issue`)")
-    return Client(_target(args, settings), key)
+    ca_file = args.ca_file or settings.ca_file
+    return Client(_target(args, settings), key, tls=settings.tls or bool(ca_file), ca_file=ca_file)
 
 
 def cmd_serve(args) -> None:
@@ -198,7 +199,13 @@ def cmd_health(args) -> None:
 
     settings = load_settings()
     target = args.target or settings.target or f"{settings.host}:{settings.port}"
-    with grpc.insecure_channel(target) as channel:
+    ca_file = args.ca_file or settings.ca_file
+    if ca_file or settings.tls:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(
+            Path(ca_file).read_bytes() if ca_file else None))
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
@@ -240,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--target", help="server address (default MEMORY3_TARGET or MEMORY3_HOST:MEMORY3_PORT)")
         p.add_argument("--api-key", help="tenant or admin key (default MEMORY3_API_KEY)")
+        p.add_argument("--ca-file", help="CA certificate (PEM) of a TLS server (default MEMORY3_CA_FILE)")
         return p
 
     serve = sub.add_parser("serve", help="run the gRPC service (embedded PostgreSQL unless DATABASE_URL is set)",
@@ -308,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for health checks)")
     health.add_argument("--target")
     health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--ca-file", help="CA certificate (PEM) of a TLS server (default MEMORY3_CA_FILE)")
     health.set_defaults(func=cmd_health)
 
     train = sub.add_parser("train", help="two-stage pretraining of the reference model from a config file")

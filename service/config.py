@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         description="Where the embedded PostgreSQL keeps its data between runs",
     )
     host: str = Field(default="127.0.0.1", description="Address the gRPC server binds")
+    tls_cert_file: Path | None = Field(
+        default=None, description="Server certificate chain (PEM) for gRPC over TLS; with tls_key_file. Unset: plain gRPC")
+    tls_key_file: Path | None = Field(default=None, description="Private key (PEM) of tls_cert_file")
+    ca_file: Path | None = Field(
+        default=None, description="Client commands: CA (PEM) that signed the server's certificate; set: connect with TLS")
+    tls: bool = Field(default=False, description="Client commands: connect with TLS, trusting the system's CAs")
     port: int = Field(default=50051, description="gRPC port (0: pick a free one)")
     admin_key: str | None = Field(
         default=None, description="Key for the admin-only Tenants service; unset: one is made and kept in data_dir/admin.key"

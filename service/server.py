@@ -9,6 +9,7 @@ import ctypes
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -184,7 +185,16 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_reflection(server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls_cert_file or settings.tls_key_file:
+        if not (settings.tls_cert_file and settings.tls_key_file):
+            raise ValueError("TLS needs both MEMORY3_TLS_CERT_FILE and MEMORY3_TLS_KEY_FILE")
+        credentials = grpc.ssl_server_credentials(
+            [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())]
+        )
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     await server.start()

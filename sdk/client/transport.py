@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 
 import grpc
 
@@ -67,6 +68,21 @@ def pushback_seconds(err: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+def channel_credentials(tls: bool = False, ca_file: str | Path | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials when ``tls`` or a CA file is given (the CA file: a server certificate the
+    system does not trust, e.g. self-signed); None for plain gRPC."""
+    if not tls and not ca_file:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes() if ca_file else None)
+
+
+def open_channel(target: str, tls: bool = False, ca_file: str | Path | None = None) -> grpc.aio.Channel:
+    credentials = channel_credentials(tls, ca_file)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=channel_options())
+    return grpc.aio.secure_channel(target, credentials, options=channel_options())
+
+
 class Transport:
     """A channel to one service with the caller's key; the stubs of every service on it."""
 
@@ -78,13 +94,15 @@ class Transport:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         write_retries: int = 5,
         timeout: float | None = 60.0,
+        tls: bool = False,
+        ca_file: str | Path | None = None,
     ) -> None:
         self.target = target
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self.chunk_bytes = chunk_bytes
         self.write_retries = write_retries
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self.channel = open_channel(target, tls, ca_file)
         self.banks = banks_pb2_grpc.BanksStub(self.channel)
         self.memories = memories_pb2_grpc.MemoriesStub(self.channel)
         self.tenants = tenants_pb2_grpc.TenantsStub(self.channel)

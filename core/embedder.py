@@ -60,7 +60,8 @@ class BuiltinEmbedder:
             return np.zeros((0, self.dimension), dtype=np.float32)
         model = self._load()
         with self._lock:
-            vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+            vectors = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                   show_progress_bar=False)  # no bars in server logs (one JSON object per line)
         return np.asarray(vectors, dtype=np.float32)
 
     async def embed_async(self, texts: list[str]) -> np.ndarray:

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=256, description="Concurrent calls served; beyond it RESOURCE_EXHAUSTED + pushback")
     metrics_port: int | None = Field(default=9464, description="Prometheus /metrics port (unset or -1: off; 0: any free port)")
     metrics_refresh_seconds: float = Field(default=30.0, description="How often bank-size gauges are refreshed")
+    metrics_bank_labels: bool = Field(
+        default=False,
+        description="Also export per-bank sizes labelled with tenant and bank names (the metrics port has no auth)")
     log_format: str = Field(default="text", description="'text' or 'json' (one JSON object per line)")
     log_level: str = Field(default="INFO", description="Python logging level")
 

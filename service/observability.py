@@ -1,7 +1,9 @@
 """Metrics, request ids, structured logs and admission control, for every RPC in one place.
 
-* Prometheus: ``memory3_rpc_total{method,code}``, ``memory3_rpc_seconds{method}``,
-  ``memory3_rpc_in_flight``, ``memory3_rpc_rejected_total``, bank sizes, server-side cache hits.
+* Prometheus: ``grpc_server_started_total``, ``grpc_server_handled_total{grpc_code}`` and the
+  ``grpc_server_handling_seconds`` histogram by grpc_type/grpc_service/grpc_method (the gRPC
+  convention), ``memory3_rpc_in_flight``, ``memory3_rpc_rejected_total``, storage totals (per bank
+  only when opted in), cache hits, event-loop lag, build info.
 * Each call gets a request id (the client's ``x-request-id`` metadata, else a new one), sent back
   in trailing metadata and stamped on every log line written while the call runs.
 * Every call passes the call guard (``guard.py``: authentication before any resource, admission,
@@ -26,11 +28,15 @@ from .auth import caller_var
 from .metrics import (
     BANK_BYTES,
     BANK_REFERENCES,
+    BANKS,
     EVENT_LOOP_LAG,
+    RPC_HANDLED,
     RPC_IN_FLIGHT,
     RPC_REJECTED,
     RPC_SECONDS,
-    RPC_TOTAL,
+    RPC_STARTED,
+    STORED_BYTES,
+    STORED_REFERENCES,
 )
 from .errors import InvalidArgument, ResourceExhausted, ServiceError
 from .guard import PUSHBACK_MS, CallGuard
@@ -93,26 +99,33 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         parse = _parser(handler.request_deserializer, handler.request_streaming, self.guard)
         if handler.unary_unary or handler.stream_unary:
             behaviour = handler.unary_unary or handler.stream_unary
-            wrapped = self._unary(behaviour, method, metadata, parse)
+            kind = "unary" if handler.unary_unary else "client_stream"
+            wrapped = self._unary(behaviour, (method, kind), metadata, parse)
             factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         else:
             behaviour = handler.unary_stream or handler.stream_stream
-            wrapped = self._stream(behaviour, method, metadata, parse)
+            kind = "server_stream" if handler.unary_stream else "bidi_stream"
+            wrapped = self._stream(behaviour, (method, kind), metadata, parse)
             factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
-    def _finish(self, method: str, context, started: float, cancelled: bool) -> None:
+    def _finish(self, call: tuple[str, str], context, started: float, cancelled: bool) -> None:
+        method, kind = call
         code = "CANCELLED" if cancelled else (context.code() or grpc.StatusCode.OK)
         code_name = code if isinstance(code, str) else code.name
         elapsed = time.perf_counter() - started
-        RPC_TOTAL.labels(method, code_name).inc()
-        RPC_SECONDS.labels(method).observe(elapsed)
+        service, _, name = method.strip("/").partition("/")
+        RPC_HANDLED.labels(kind, service, name, code_name).inc()
+        RPC_SECONDS.labels(kind, service, name).observe(elapsed)
         log.info("%s %s %.1f ms", method, code_name, elapsed * 1000,
                  extra={"fields": {"method": method, "code": code_name, "ms": round(elapsed * 1000, 2)}})
 
     @contextlib.asynccontextmanager
-    async def _tracked(self, method: str, metadata, context):
+    async def _tracked(self, call: tuple[str, str], metadata, context):
         """Request id, caller, admission, deadline, metrics and the access log around one call."""
+        method, kind = call
+        service, _, name = method.strip("/").partition("/")
+        RPC_STARTED.labels(kind, service, name).inc()
         request_id = dict(metadata).get("x-request-id") or ""
         if not REQUEST_ID.fullmatch(request_id):  # absent, too long or odd characters: ours instead
             request_id = uuid.uuid4().hex[:16]
@@ -145,21 +158,21 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             cancelled = True
             raise
         finally:
-            self._finish(method, context, started, cancelled)
+            self._finish(call, context, started, cancelled)
             if caller_token is not None:
                 caller_var.reset(caller_token)
             request_id_var.reset(token)
 
-    def _unary(self, behaviour, method, metadata, parse):
+    def _unary(self, behaviour, call, metadata, parse):
         async def wrapper(request, context):
-            async with self._tracked(method, metadata, context) as caller:
+            async with self._tracked(call, metadata, context) as caller:
                 return await behaviour(await parse(request, context, caller), context)
 
         return wrapper
 
-    def _stream(self, behaviour, method, metadata, parse):
+    def _stream(self, behaviour, call, metadata, parse):
         async def wrapper(request, context):
-            async with self._tracked(method, metadata, context) as caller:
+            async with self._tracked(call, metadata, context) as caller:
                 responses = behaviour(await parse(request, context, caller), context)
                 await self.guard.respond(context, responses, caller)
 
@@ -200,8 +213,9 @@ async def watch_event_loop(interval: float = 0.05) -> None:
         EVENT_LOOP_LAG.observe(max(0.0, time.perf_counter() - started - interval))
 
 
-async def refresh_bank_gauges(engine, interval: float) -> None:
-    """Every ``interval`` seconds, bank sizes from the catalog (cheap: no table scans)."""
+async def refresh_bank_gauges(engine, interval: float, per_bank: bool = False) -> None:
+    """Every ``interval`` seconds, bank sizes from the catalog (cheap: no table scans): totals, and
+    per bank (tenant and bank names as labels) only when ``per_bank``."""
     query = text(
         "SELECT t.name AS tenant, b.name AS bank, greatest(c.reltuples, 0) AS rows,"
         " pg_total_relation_size(c.oid) AS bytes FROM banks b JOIN tenants t ON t.id = b.tenant_id"
@@ -211,11 +225,15 @@ async def refresh_bank_gauges(engine, interval: float) -> None:
         try:
             async with engine.connect() as conn:
                 rows = (await conn.execute(query)).all()
-            BANK_REFERENCES.clear()
-            BANK_BYTES.clear()
-            for row in rows:
-                BANK_REFERENCES.labels(row.tenant, row.bank).set(row.rows)
-                BANK_BYTES.labels(row.tenant, row.bank).set(row.bytes)
+            BANKS.set(len(rows))
+            STORED_REFERENCES.set(sum(row.rows for row in rows))
+            STORED_BYTES.set(sum(row.bytes for row in rows))
+            if per_bank:
+                BANK_REFERENCES.clear()
+                BANK_BYTES.clear()
+                for row in rows:
+                    BANK_REFERENCES.labels(row.tenant, row.bank).set(row.rows)
+                    BANK_BYTES.labels(row.tenant, row.bank).set(row.bytes)
         except Exception as err:  # metrics must never take the server down
             logging.getLogger(__name__).warning("bank gauges not refreshed: %s", err)
         await asyncio.sleep(interval)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+import platform
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from .db import create_engine_for, migrate, purge_stale_staging
 from .embedded_pg import EmbeddedPostgres, sqlalchemy_url
 from .memories import MemoriesServicer
 from .offload import CpuPool
-from .metrics import CACHE_LOOKUPS
+from .metrics import BUILD_INFO, CACHE_LOOKUPS
 from .observability import ObservabilityInterceptor, refresh_bank_gauges, watch_event_loop
 from .guard import CallGuard
 from .proxies import ProxiesServicer
@@ -198,12 +199,13 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     await server.start()
+    BUILD_INFO.labels(_version(), platform.python_version(), grpc.__version__).set(1)
     metrics_http, metrics_port = None, None
     if settings.metrics_port is not None and settings.metrics_port >= 0:
         metrics_http, _ = start_http_server(settings.metrics_port, addr=settings.host)
         metrics_port = metrics_http.server_port
     background = asyncio.gather(
-        refresh_bank_gauges(engine, settings.metrics_refresh_seconds),
+        refresh_bank_gauges(engine, settings.metrics_refresh_seconds, settings.metrics_bank_labels),
         purge_stale_staging(engine, settings.max_call_seconds + 60),
         watch_event_loop(),
     )
@@ -213,6 +215,15 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     return RunningServer(
         server, port, health_servicer, engine, embedded, settings, metrics_http, metrics_port, background, cpu, guard
     )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memory3")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -46,9 +46,13 @@ def test_metrics_count_rpcs_by_method_and_code(server, client):
         client.get_bank("missing")
     port = server.running.metrics_port
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'memory3_rpc_total{code="OK",method="/memory3.v1.Banks/CreateBank"}' in body
-    assert 'memory3_rpc_total{code="NOT_FOUND",method="/memory3.v1.Banks/GetBank"}' in body
-    assert "memory3_rpc_seconds_bucket" in body and "memory3_rpc_in_flight" in body
+    banks = 'grpc_service="memory3.v1.Banks",grpc_type="unary"'  # prometheus_client writes labels sorted
+    assert f'grpc_server_handled_total{{grpc_code="OK",grpc_method="CreateBank",{banks}}}' in body
+    assert f'grpc_server_handled_total{{grpc_code="NOT_FOUND",grpc_method="GetBank",{banks}}}' in body
+    assert f'grpc_server_handling_seconds_bucket{{grpc_method="CreateBank",{banks},le="0.001"}}' in body
+    assert "grpc_server_started_total" in body and "memory3_rpc_in_flight" in body
+    assert "memory3_build_info{" in body and "memory3_event_loop_lag_seconds_bucket" in body
+    assert "memory3_bank_bytes{" not in body  # no tenant or bank names unless the operator opts in
 
 
 def test_request_id_is_echoed(server, tenant):

@@ -268,3 +268,10 @@ def test_serve_embedded_default_persists_and_stops_cleanly(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
+
+
+def test_the_api_reference_matches_the_proto_files():
+    """docs/api.md is generated from the .proto files (their comments are the documentation)."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "api_reference.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr or result.stdout

@@ -4,8 +4,7 @@ A memory is written once and read many times by other processes, and the service
 it without a model, so the blob names everything needed to decode or reject it, and nothing is
 decoded before the CRC over the whole blob has been verified. This module is the torch-free half
 of the codec: the service validates every Write with it; :mod:`memory3.sdk.memory.codec` turns
-tensors into bodies and back, one :class:`SchemeFormat` per scheme. Byte layout: docs/design.md
-("The memory blob").
+tensors into bodies and back, one :class:`SchemeFormat` per scheme. Byte layout: docs/memory-blob.md.
 """
 
 from __future__ import annotations

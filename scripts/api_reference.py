@@ -70,7 +70,7 @@ def field_type(field: descriptor_pb2.FieldDescriptorProto, maps: dict[str, str])
 def render(files: descriptor_pb2.FileDescriptorSet) -> str:
     lines = ["# memory3 API reference", "",
              "Generated from `proto/memory3/v1/*.proto` by `python scripts/api_reference.py`; do not edit. "
-             "The memory blob format: docs/design.md (\"The memory blob\").", ""]
+             "The memory blob format: docs/memory-blob.md.", ""]
     for file in files.file:
         if not file.name.startswith("memory3/"):
             continue

@@ -8,11 +8,12 @@ STAMP := $(VENV)/.memory3-installed
 
 .PHONY: install serve test test-fast bench protos clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tests/node/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error  # the Node.js client test (Node 20+)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -275,3 +275,18 @@ def test_the_api_reference_matches_the_proto_files():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "api_reference.py"), "--check"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr or result.stdout
+
+
+def test_the_contract_lints_clean_and_breaks_nothing_since_the_last_release():
+    """buf lint (STANDARD, with the naming exceptions proto/buf.yaml explains) and buf breaking
+    (WIRE_JSON) against the last release's contract, kept as a buf image in proto/releases/ (built
+    from its git tag: `buf build .git#tag=vX,subdir=proto -o proto/releases/vX.binpb`)."""
+    buf = ROOT / "tests" / "node" / "node_modules" / ".bin" / "buf"
+    assert buf.exists(), "run `npm ci --prefix tests/node` (make install does)"
+    lint = subprocess.run([str(buf), "lint"], cwd=ROOT / "proto", capture_output=True, text=True, timeout=120)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    releases = sorted((ROOT / "proto" / "releases").glob("v*.binpb"))
+    assert releases, "no released contract to compare with in proto/releases/"
+    breaking = subprocess.run([str(buf), "breaking", "proto", "--against", str(releases[-1])],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert breaking.returncode == 0, breaking.stdout + breaking.stderr

@@ -28,10 +28,29 @@ class BankInfo:
     created_at: datetime | None = None
 
 
+CODEC_ENUMS = {"fp16": banks_pb2.CODEC_FP16, "int8": banks_pb2.CODEC_INT8, "int4": banks_pb2.CODEC_INT4,
+          "pq": banks_pb2.CODEC_PQ}
+METRIC_ENUMS = {"cosine": banks_pb2.METRIC_COSINE, "l2": banks_pb2.METRIC_L2, "ip": banks_pb2.METRIC_IP}
+
+
+def named(enum_value: int, text: str, names: dict[str, int], what: str) -> str:
+    """The name an enum field and its older string field give together ("" when neither is set).
+    ValueError when they disagree or the enum value is unknown."""
+    if not enum_value:
+        return text
+    by_value = {v: k for k, v in names.items()}
+    if enum_value not in by_value:
+        raise ValueError(f"{what}: unknown enum value {enum_value}")
+    if text and text != by_value[enum_value]:
+        raise ValueError(f"{what}: the enum says {by_value[enum_value]!r}, the string {text!r}")
+    return by_value[enum_value]
+
+
 def memory_spec_to_proto(spec: MemorySpec) -> banks_pb2.MemorySpec:
     return banks_pb2.MemorySpec(
         memory_layers=list(spec.memory_layers), kv_heads=spec.kv_heads, head_dim=spec.head_dim,
         tokens_per_head=spec.tokens_per_head, reference_length=spec.reference_length, codec=spec.codec,
+        scheme=CODEC_ENUMS.get(spec.codec, banks_pb2.CODEC_UNSPECIFIED),
     )
 
 
@@ -41,7 +60,8 @@ def bank_to_proto(bank: BankInfo) -> banks_pb2.Bank:
         name=bank.name,
         model_fingerprint=bank.model_fingerprint,
         memory_spec=memory_spec_to_proto(bank.spec),
-        embedder=banks_pb2.EmbedderSpec(name=bank.embedder_name, dimension=bank.embedder_dim, metric=bank.metric),
+        embedder=banks_pb2.EmbedderSpec(name=bank.embedder_name, dimension=bank.embedder_dim, metric=bank.metric,
+                                        distance=METRIC_ENUMS.get(bank.metric, banks_pb2.METRIC_UNSPECIFIED)),
     )
     if bank.created_at is not None:
         message.created_at.FromDatetime(bank.created_at)
@@ -54,9 +74,10 @@ def bank_from_proto(message: banks_pb2.Bank) -> BankInfo:
     return BankInfo(
         name=message.name,
         model_fingerprint=message.model_fingerprint,
-        spec=MemorySpec(tuple(ms.memory_layers), ms.kv_heads, ms.head_dim, ms.tokens_per_head, ms.reference_length, ms.codec),
+        spec=MemorySpec(tuple(ms.memory_layers), ms.kv_heads, ms.head_dim, ms.tokens_per_head, ms.reference_length,
+                        named(ms.scheme, ms.codec, CODEC_ENUMS, "memory_spec")),
         embedder_name=message.embedder.name,
         embedder_dim=message.embedder.dimension,
-        metric=message.embedder.metric,
+        metric=named(message.embedder.distance, message.embedder.metric, METRIC_ENUMS, "embedder"),
         created_at=message.created_at.ToDatetime() if message.HasField("created_at") else None,
     )

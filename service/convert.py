@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from memory3.core.banks import CODEC_ENUMS, METRIC_ENUMS, named
 from memory3.core.blob import SCHEMES
 from memory3.core.embedder import BUILTIN_DIMENSION, BUILTIN_EMBEDDER, BUILTIN_METRIC
 from memory3.core.memory_spec import MemorySpec
@@ -28,18 +29,23 @@ def bank_from_proto(message: banks_pb2.Bank, tenant_id: int) -> Bank:
     if not message.HasField("memory_spec"):
         raise InvalidArgument("bank.memory_spec is required")
     ms = message.memory_spec
-    if ms.codec not in SCHEMES:
-        raise InvalidArgument(f"memory_spec.codec must be one of {', '.join(SCHEMES)}, got {ms.codec!r}")
+    embedder = message.embedder
+    try:
+        codec = named(ms.scheme, ms.codec, CODEC_ENUMS, "memory_spec.scheme / memory_spec.codec")
+        metric = named(embedder.distance, embedder.metric, METRIC_ENUMS, "embedder.distance / embedder.metric")
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+    if codec not in SCHEMES:
+        raise InvalidArgument(f"memory_spec.codec must be one of {', '.join(SCHEMES)}, got {codec!r}")
     try:
         spec = MemorySpec(
             tuple(ms.memory_layers), ms.kv_heads, ms.head_dim, ms.tokens_per_head or 8,
-            ms.reference_length or 128, ms.codec,
+            ms.reference_length or 128, codec,
         )
     except ValueError as err:
         raise InvalidArgument(f"memory_spec: {err}") from None
-    embedder = message.embedder
     name = embedder.name or BUILTIN_EMBEDDER
-    metric = embedder.metric or BUILTIN_METRIC
+    metric = metric or BUILTIN_METRIC
     if metric not in METRICS:
         raise InvalidArgument(f"embedder.metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if name == BUILTIN_EMBEDDER:

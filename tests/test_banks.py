@@ -83,3 +83,34 @@ def test_bank_dropped_elsewhere_is_not_found_not_internal(client, server):
                  lambda: client.fetch("gone", ["a"]), lambda: client.write("gone", [Reference("b", "t", {}, [1, 2, 3])])):
         with expect_status(grpc.StatusCode.NOT_FOUND, "'gone'"):
             call()
+
+
+def test_codec_and_metric_as_enums_beside_their_strings(server, tenant):
+    """Issue 19: enums where strings were enumerations, wire-compatible: a request may use either
+    field; both set and different is INVALID_ARGUMENT; answers carry both."""
+    import grpc
+
+    from helpers import expect_status
+    from memory3.v1 import banks_pb2, banks_pb2_grpc
+
+    def bank(name, **spec):
+        return banks_pb2.CreateBankRequest(bank=banks_pb2.Bank(
+            name=name, model_fingerprint="f" * 16,
+            memory_spec=banks_pb2.MemorySpec(memory_layers=[0], kv_heads=1, head_dim=4, tokens_per_head=2,
+                                             **{k: v for k, v in spec.items() if k in ("codec", "scheme")}),
+            embedder=banks_pb2.EmbedderSpec(name="client", dimension=2,
+                                            **{k: v for k, v in spec.items() if k in ("metric", "distance")})))
+
+    auth = (("authorization", f"Bearer {tenant.api_key}"),)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = banks_pb2_grpc.BanksStub(channel)
+        created = stub.CreateBank(bank("enums", scheme=banks_pb2.CODEC_INT4, distance=banks_pb2.METRIC_L2),
+                                  metadata=auth, timeout=10)
+        assert (created.memory_spec.codec, created.memory_spec.scheme) == ("int4", banks_pb2.CODEC_INT4)
+        assert (created.embedder.metric, created.embedder.distance) == ("l2", banks_pb2.METRIC_L2)
+        old = stub.CreateBank(bank("strings", codec="fp16", metric="ip"), metadata=auth, timeout=10)
+        assert old.memory_spec.scheme == banks_pb2.CODEC_FP16 and old.embedder.distance == banks_pb2.METRIC_IP
+        with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "memory_spec.scheme / memory_spec.codec"):
+            stub.CreateBank(bank("clash", codec="fp16", scheme=banks_pb2.CODEC_INT8), metadata=auth, timeout=10)
+        with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "unknown enum value"):
+            stub.CreateBank(bank("unknown", scheme=99), metadata=auth, timeout=10)

@@ -25,39 +25,43 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memory3/v1/banks.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x01\n\nMemorySpec\x12\x15\n\rmemory_layers\x18\x01 \x03(\x05\x12\x10\n\x08kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x17\n\x0ftokens_per_head\x18\x04 \x01(\x05\x12\x18\n\x10reference_length\x18\x05 \x01(\x05\x12\r\n\x05\x63odec\x18\x06 \x01(\t\"?\n\x0c\x45mbedderSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\"\xb8\x01\n\x04\x42\x61nk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12+\n\x0bmemory_spec\x18\x03 \x01(\x0b\x32\x16.memory3.v1.MemorySpec\x12*\n\x08\x65mbedder\x18\x04 \x01(\x0b\x32\x18.memory3.v1.EmbedderSpec\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x11\x43reateBankRequest\x12\x1e\n\x04\x62\x61nk\x18\x01 \x01(\x0b\x32\x10.memory3.v1.Bank\"\x1e\n\x0eGetBankRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x10ListBanksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"M\n\x11ListBanksResponse\x12\x1f\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x10.memory3.v1.Bank\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65leteBankRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x12\x44\x65leteBankResponse\x12\x1a\n\x12references_deleted\x18\x01 \x01(\x03\"w\n\x08\x43odebook\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x12PutCodebookRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"3\n\x12GetCodebookRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rCodebookChunk\x12&\n\x08\x63odebook\x18\x01 \x01(\x0b\x32\x14.memory3.v1.Codebook\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\x32\xa9\x03\n\x05\x42\x61nks\x12=\n\nCreateBank\x12\x1d.memory3.v1.CreateBankRequest\x1a\x10.memory3.v1.Bank\x12\x37\n\x07GetBank\x12\x1a.memory3.v1.GetBankRequest\x1a\x10.memory3.v1.Bank\x12H\n\tListBanks\x12\x1c.memory3.v1.ListBanksRequest\x1a\x1d.memory3.v1.ListBanksResponse\x12K\n\nDeleteBank\x12\x1d.memory3.v1.DeleteBankRequest\x1a\x1e.memory3.v1.DeleteBankResponse\x12\x45\n\x0bPutCodebook\x12\x1e.memory3.v1.PutCodebookRequest\x1a\x14.memory3.v1.Codebook(\x01\x12J\n\x0bGetCodebook\x12\x1e.memory3.v1.GetCodebookRequest\x1a\x19.memory3.v1.CodebookChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16memory3/v1/banks.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xac\x01\n\nMemorySpec\x12\x15\n\rmemory_layers\x18\x01 \x03(\x05\x12\x10\n\x08kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x17\n\x0ftokens_per_head\x18\x04 \x01(\x05\x12\x18\n\x10reference_length\x18\x05 \x01(\x05\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12!\n\x06scheme\x18\x07 \x01(\x0e\x32\x11.memory3.v1.Codec\"e\n\x0c\x45mbedderSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12$\n\x08\x64istance\x18\x04 \x01(\x0e\x32\x12.memory3.v1.Metric\"\xb8\x01\n\x04\x42\x61nk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12+\n\x0bmemory_spec\x18\x03 \x01(\x0b\x32\x16.memory3.v1.MemorySpec\x12*\n\x08\x65mbedder\x18\x04 \x01(\x0b\x32\x18.memory3.v1.EmbedderSpec\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x11\x43reateBankRequest\x12\x1e\n\x04\x62\x61nk\x18\x01 \x01(\x0b\x32\x10.memory3.v1.Bank\"\x1e\n\x0eGetBankRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x10ListBanksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"M\n\x11ListBanksResponse\x12\x1f\n\x05\x62\x61nks\x18\x01 \x03(\x0b\x32\x10.memory3.v1.Bank\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x11\x44\x65leteBankRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x12\x44\x65leteBankResponse\x12\x1a\n\x12references_deleted\x18\x01 \x01(\x03\"w\n\x08\x43odebook\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"1\n\x12PutCodebookRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c\"3\n\x12GetCodebookRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"F\n\rCodebookChunk\x12&\n\x08\x63odebook\x18\x01 \x01(\x0b\x32\x14.memory3.v1.Codebook\x12\r\n\x05\x63hunk\x18\x02 \x01(\x0c*\\\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_FP16\x10\x01\x12\x0e\n\nCODEC_INT8\x10\x02\x12\x0e\n\nCODEC_INT4\x10\x03\x12\x0c\n\x08\x43ODEC_PQ\x10\x04*Q\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x11\n\rMETRIC_COSINE\x10\x01\x12\r\n\tMETRIC_L2\x10\x02\x12\r\n\tMETRIC_IP\x10\x03\x32\xa9\x03\n\x05\x42\x61nks\x12=\n\nCreateBank\x12\x1d.memory3.v1.CreateBankRequest\x1a\x10.memory3.v1.Bank\x12\x37\n\x07GetBank\x12\x1a.memory3.v1.GetBankRequest\x1a\x10.memory3.v1.Bank\x12H\n\tListBanks\x12\x1c.memory3.v1.ListBanksRequest\x1a\x1d.memory3.v1.ListBanksResponse\x12K\n\nDeleteBank\x12\x1d.memory3.v1.DeleteBankRequest\x1a\x1e.memory3.v1.DeleteBankResponse\x12\x45\n\x0bPutCodebook\x12\x1e.memory3.v1.PutCodebookRequest\x1a\x14.memory3.v1.Codebook(\x01\x12J\n\x0bGetCodebook\x12\x1e.memory3.v1.GetCodebookRequest\x1a\x19.memory3.v1.CodebookChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memory3.v1.banks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CODEC']._serialized_start=1141
+  _globals['_CODEC']._serialized_end=1233
+  _globals['_METRIC']._serialized_start=1235
+  _globals['_METRIC']._serialized_end=1316
   _globals['_MEMORYSPEC']._serialized_start=72
-  _globals['_MEMORYSPEC']._serialized_end=209
-  _globals['_EMBEDDERSPEC']._serialized_start=211
-  _globals['_EMBEDDERSPEC']._serialized_end=274
-  _globals['_BANK']._serialized_start=277
-  _globals['_BANK']._serialized_end=461
-  _globals['_CREATEBANKREQUEST']._serialized_start=463
-  _globals['_CREATEBANKREQUEST']._serialized_end=514
-  _globals['_GETBANKREQUEST']._serialized_start=516
-  _globals['_GETBANKREQUEST']._serialized_end=546
-  _globals['_LISTBANKSREQUEST']._serialized_start=548
-  _globals['_LISTBANKSREQUEST']._serialized_end=605
-  _globals['_LISTBANKSRESPONSE']._serialized_start=607
-  _globals['_LISTBANKSRESPONSE']._serialized_end=684
-  _globals['_DELETEBANKREQUEST']._serialized_start=686
-  _globals['_DELETEBANKREQUEST']._serialized_end=719
-  _globals['_DELETEBANKRESPONSE']._serialized_start=721
-  _globals['_DELETEBANKRESPONSE']._serialized_end=769
-  _globals['_CODEBOOK']._serialized_start=771
-  _globals['_CODEBOOK']._serialized_end=890
-  _globals['_PUTCODEBOOKREQUEST']._serialized_start=892
-  _globals['_PUTCODEBOOKREQUEST']._serialized_end=941
-  _globals['_GETCODEBOOKREQUEST']._serialized_start=943
-  _globals['_GETCODEBOOKREQUEST']._serialized_end=994
-  _globals['_CODEBOOKCHUNK']._serialized_start=996
-  _globals['_CODEBOOKCHUNK']._serialized_end=1066
-  _globals['_BANKS']._serialized_start=1069
-  _globals['_BANKS']._serialized_end=1494
+  _globals['_MEMORYSPEC']._serialized_end=244
+  _globals['_EMBEDDERSPEC']._serialized_start=246
+  _globals['_EMBEDDERSPEC']._serialized_end=347
+  _globals['_BANK']._serialized_start=350
+  _globals['_BANK']._serialized_end=534
+  _globals['_CREATEBANKREQUEST']._serialized_start=536
+  _globals['_CREATEBANKREQUEST']._serialized_end=587
+  _globals['_GETBANKREQUEST']._serialized_start=589
+  _globals['_GETBANKREQUEST']._serialized_end=619
+  _globals['_LISTBANKSREQUEST']._serialized_start=621
+  _globals['_LISTBANKSREQUEST']._serialized_end=678
+  _globals['_LISTBANKSRESPONSE']._serialized_start=680
+  _globals['_LISTBANKSRESPONSE']._serialized_end=757
+  _globals['_DELETEBANKREQUEST']._serialized_start=759
+  _globals['_DELETEBANKREQUEST']._serialized_end=792
+  _globals['_DELETEBANKRESPONSE']._serialized_start=794
+  _globals['_DELETEBANKRESPONSE']._serialized_end=842
+  _globals['_CODEBOOK']._serialized_start=844
+  _globals['_CODEBOOK']._serialized_end=963
+  _globals['_PUTCODEBOOKREQUEST']._serialized_start=965
+  _globals['_PUTCODEBOOKREQUEST']._serialized_end=1014
+  _globals['_GETCODEBOOKREQUEST']._serialized_start=1016
+  _globals['_GETCODEBOOKREQUEST']._serialized_end=1067
+  _globals['_CODEBOOKCHUNK']._serialized_start=1069
+  _globals['_CODEBOOKCHUNK']._serialized_end=1139
+  _globals['_BANKS']._serialized_start=1319
+  _globals['_BANKS']._serialized_end=1744
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -9,31 +10,59 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODEC_UNSPECIFIED: _ClassVar[Codec]
+    CODEC_FP16: _ClassVar[Codec]
+    CODEC_INT8: _ClassVar[Codec]
+    CODEC_INT4: _ClassVar[Codec]
+    CODEC_PQ: _ClassVar[Codec]
+
+class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METRIC_UNSPECIFIED: _ClassVar[Metric]
+    METRIC_COSINE: _ClassVar[Metric]
+    METRIC_L2: _ClassVar[Metric]
+    METRIC_IP: _ClassVar[Metric]
+CODEC_UNSPECIFIED: Codec
+CODEC_FP16: Codec
+CODEC_INT8: Codec
+CODEC_INT4: Codec
+CODEC_PQ: Codec
+METRIC_UNSPECIFIED: Metric
+METRIC_COSINE: Metric
+METRIC_L2: Metric
+METRIC_IP: Metric
+
 class MemorySpec(_message.Message):
-    __slots__ = ("memory_layers", "kv_heads", "head_dim", "tokens_per_head", "reference_length", "codec")
+    __slots__ = ("memory_layers", "kv_heads", "head_dim", "tokens_per_head", "reference_length", "codec", "scheme")
     MEMORY_LAYERS_FIELD_NUMBER: _ClassVar[int]
     KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_HEAD_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
     memory_layers: _containers.RepeatedScalarFieldContainer[int]
     kv_heads: int
     head_dim: int
     tokens_per_head: int
     reference_length: int
     codec: str
-    def __init__(self, memory_layers: _Optional[_Iterable[int]] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tokens_per_head: _Optional[int] = ..., reference_length: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
+    scheme: Codec
+    def __init__(self, memory_layers: _Optional[_Iterable[int]] = ..., kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tokens_per_head: _Optional[int] = ..., reference_length: _Optional[int] = ..., codec: _Optional[str] = ..., scheme: _Optional[_Union[Codec, str]] = ...) -> None: ...
 
 class EmbedderSpec(_message.Message):
-    __slots__ = ("name", "dimension", "metric")
+    __slots__ = ("name", "dimension", "metric", "distance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dimension: int
     metric: str
-    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ...) -> None: ...
+    distance: Metric
+    def __init__(self, name: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., distance: _Optional[_Union[Metric, str]] = ...) -> None: ...
 
 class Bank(_message.Message):
     __slots__ = ("name", "model_fingerprint", "memory_spec", "embedder", "created_at")

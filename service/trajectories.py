@@ -8,6 +8,7 @@ spelling, not its existence."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import math
 import re
@@ -150,6 +151,44 @@ def filter_from_proto(message: trajectories_pb2.EpisodeFilter, max_ids: int) -> 
     return flt
 
 
+EXPORT_PAGE_EPISODES = 1024
+
+
+class ArrowStream:
+    """The Export RPC's Arrow IPC stream, written a page at a time; each call returns the bytes
+    the page added (the schema comes with the first, the end-of-stream marker with close)."""
+
+    def __init__(self) -> None:
+        self._sink = io.BytesIO()
+        self._writer = None
+
+    def _take(self) -> bytes:
+        data = self._sink.getvalue()
+        self._sink.seek(0)
+        self._sink.truncate()
+        return data
+
+    def write(self, rows: list[EpisodeRow], reward_key: str | None, include_hidden_states: bool) -> bytes:
+        import pyarrow as pa
+
+        from memory3.core.episode_table import SCHEMA, episodes_batch
+
+        if self._writer is None:
+            self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
+        self._writer.write_batch(episodes_batch([row.episode() for row in rows], reward_key, include_hidden_states))
+        return self._take()
+
+    def close(self) -> bytes:
+        import pyarrow as pa
+
+        from memory3.core.episode_table import SCHEMA
+
+        if self._writer is None:  # no episode: still a valid (empty) stream
+            self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
+        self._writer.close()
+        return self._take()
+
+
 def _page(rows: list[EpisodeRow], cursor: str) -> trajectories_pb2.ReadPage:
     """A Read page of the rows, resumable by ``cursor`` (built on a worker thread: it is CPU work)."""
     page = trajectories_pb2.ReadPage(episodes=[record_from_row(row) for row in rows])
@@ -236,6 +275,30 @@ class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
                 remaining -= len(page.episodes)
             if exhausted:
                 return
+
+    @rpc
+    async def Export(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        flt = filter_from_proto(request.filter, self.settings.max_fetch_ids)
+        reward_key = request.reward_key or None
+        if reward_key is not None and not REWARD_NAME.fullmatch(reward_key):
+            raise InvalidArgument(f"reward_key {reward_key[:64]!r} must be a reward name (1-64 characters of "
+                                  "letters, digits, '_', '.', ':', '/', '-')")
+        budget = self.settings.max_message_bytes // 2
+        stream = ArrowStream()
+        after = 0
+        while True:
+            rows, exhausted = await self.store.read(
+                tenant_id, flt, after, EXPORT_PAGE_EPISODES, budget, True, request.include_hidden_states
+            )
+            if rows:
+                after = rows[-1].seq
+                data = await self.cpu.run(stream.write, rows, reward_key, request.include_hidden_states)
+                for start in range(0, len(data), self.settings.chunk_bytes):
+                    yield trajectories_pb2.ExportChunk(data=data[start : start + self.settings.chunk_bytes])
+            if exhausted or not rows:
+                break
+        yield trajectories_pb2.ExportChunk(data=stream.close())
 
     @rpc
     async def Count(self, request, context):

@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from memory3.core.episodes import DECISION_COLUMNS, DECISION_FIELDS
+from memory3.core.episodes import DECISION_COLUMNS, DECISION_FIELDS, Episode, decisions_from_columns
 
 from .errors import InvalidArgument, NotFound
 
@@ -50,6 +50,13 @@ class EpisodeRow:
     @property
     def n_decisions(self) -> int:
         return len(self.decisions[0])
+
+    def episode(self) -> Episode:
+        """The episode as the SDK and the export table know it."""
+        return Episode(
+            self.prompt_ids, self.response_ids, decisions_from_columns(self.decisions), self.model_fingerprint,
+            self.proxy_version, self.bank, dict(self.rewards), self.episode_id, self.hidden_states,
+        )
 
     def approximate_bytes(self) -> int:
         """About what the episode takes in memory and on the wire (4 bytes per token and decision field)."""

@@ -130,6 +130,8 @@ def _templates() -> dict[str, list]:
         "AttachReward": [trajectories_pb2.AttachRewardRequest(episode_id="e-new", name="human", value=1.0)],
         "Read": [trajectories_pb2.ReadRequest(page_size=2, limit=3, include_hidden_states=True)],
         "Count": [trajectories_pb2.CountRequest()],
+        "Export": [trajectories_pb2.ExportRequest(filter=trajectories_pb2.EpisodeFilter(bank="live"), reward_key="r",
+                                                  include_hidden_states=True)],
         "Publish": [proxies_pb2.PublishRequest(info=info), proxies_pb2.PublishRequest(weights_chunk=weights)],
         "Get": [proxies_pb2.GetProxyRequest(name="p", model_fingerprint=FINGERPRINT, include_weights=True)],
         "List": [proxies_pb2.ListProxiesRequest(name="p", page_size=2)],

@@ -134,7 +134,7 @@ def test_parquet_export_readable(client, tmp_path):
     client.log_episodes(episodes)
     client.attach_reward(episodes[0].episode_id, "human", 2.0)
     path = tmp_path / "traj.parquet"
-    rows = export_parquet(client, path, page_size=4)
+    rows = export_parquet(client, path)  # through the Export RPC's Arrow stream
     assert rows == 9
     table = pq.read_table(path)
     for column in ("prompt_ids", "response_ids", "action_mask", "behaviour_logprobs", "logprobs", "rewards",
@@ -161,6 +161,33 @@ def test_parquet_export_readable(client, tmp_path):
     # straight from a list of episodes, without the service
     assert write_parquet(episodes, tmp_path / "local.parquet") == 9
     assert pq.read_table(tmp_path / "local.parquet").num_rows == 9
+
+
+def test_the_export_rpc_is_an_arrow_stream_any_client_can_read(server, client, tenant):
+    """The Export RPC without the SDK: its chunks concatenated are one Arrow IPC stream, filtered on
+    the server (here by episode ids), a page at a time; an unknown reward key name is refused."""
+    import grpc
+    import pyarrow as pa
+
+    from helpers import expect_status
+    from memory3.v1 import trajectories_pb2, trajectories_pb2_grpc
+
+    episodes = [make_episode(100 + i) for i in range(5)]
+    client.log_episodes(episodes)
+    wanted = [episodes[1].episode_id, episodes[3].episode_id]
+    with grpc.insecure_channel(server.target) as channel:
+        stub = trajectories_pb2_grpc.TrajectoriesStub(channel)
+        auth = (("authorization", f"Bearer {tenant.api_key}"),)
+        chunks = list(stub.Export(trajectories_pb2.ExportRequest(
+            filter=trajectories_pb2.EpisodeFilter(episode_ids=wanted), reward_key="rule"), metadata=auth, timeout=30))
+        table = pa.ipc.open_stream(b"".join(c.data for c in chunks)).read_all()
+        assert table.column("episode_id").to_pylist() == wanted
+        assert table.column("reward").to_pylist() == [episodes[1].rewards["rule"], episodes[3].rewards["rule"]]
+        empty = list(stub.Export(trajectories_pb2.ExportRequest(
+            filter=trajectories_pb2.EpisodeFilter(episode_ids=["none"])), metadata=auth, timeout=30))
+        assert pa.ipc.open_stream(b"".join(c.data for c in empty)).read_all().num_rows == 0  # still a valid stream
+        with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "reward_key"):
+            list(stub.Export(trajectories_pb2.ExportRequest(reward_key="bad key!"), metadata=auth, timeout=30))
 
 
 def test_tenant_isolation(server, client, new_tenant):

@@ -11,10 +11,14 @@ re-sent whole; the other calls are retried on UNAVAILABLE by gRPC's retry policy
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import io
 import json
+import queue
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import AsyncIterator, Iterable, Iterator, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -226,6 +230,37 @@ class TrajectoryMethods:
         )
         return reply.episodes, reply.decisions
 
+    async def export_parquet(
+        self, path: str | Path, *, reward_key: str | None = None, include_hidden_states: bool = False,
+        timeout: float = 3600.0, **filter_args,
+    ) -> int:
+        """The episodes the filter selects, through the Export RPC's Arrow stream, into one Parquet
+        file at ``path`` (a row group per page, bounded memory); returns the rows written."""
+        request = trajectories_pb2.ExportRequest(
+            filter=episode_filter(**filter_args), reward_key=reward_key or "", include_hidden_states=include_hidden_states,
+        )
+        pieces: queue.Queue = queue.Queue(maxsize=16)  # chunks on their way to the Parquet writer's thread
+        writing = asyncio.ensure_future(asyncio.to_thread(_arrow_stream_to_parquet, pieces, Path(path)))
+
+        async def hand_over(item) -> bool:
+            """Queue ``item`` without blocking the event loop; False once the writer has stopped."""
+            while True:
+                try:
+                    pieces.put_nowait(item)
+                    return True
+                except queue.Full:
+                    if writing.done():
+                        return False
+                    await asyncio.sleep(0.01)
+
+        try:
+            async for chunk in self.trajectories.Export(request, **self._call(timeout=timeout)):
+                if not await hand_over(chunk.data):
+                    break
+        finally:
+            await hand_over(None)
+        return await writing
+
     # proxies
 
     async def publish_proxy(
@@ -270,3 +305,39 @@ class TrajectoryMethods:
             token = reply.next_page_token
             if not token:
                 return found
+
+
+class _Chunks(io.RawIOBase):
+    """A readable file over byte chunks arriving on a queue (None: the end)."""
+
+    def __init__(self, pieces: queue.Queue) -> None:
+        self.pieces, self.buffer, self.ended = pieces, b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self.buffer and not self.ended:
+            piece = self.pieces.get(timeout=3600)
+            if piece is None:
+                self.ended = True
+            else:
+                self.buffer = piece
+        n = min(len(target), len(self.buffer))
+        target[:n] = self.buffer[:n]
+        self.buffer = self.buffer[n:]
+        return n
+
+
+def _arrow_stream_to_parquet(pieces: queue.Queue, path: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    with pa.ipc.open_stream(io.BufferedReader(_Chunks(pieces), buffer_size=1 << 20)) as reader:
+        with pq.ParquetWriter(str(path), reader.schema, compression="zstd") as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                rows += batch.num_rows
+    return rows
+

@@ -133,6 +133,22 @@ class ReadPage(_message.Message):
     next_cursor: str
     def __init__(self, episodes: _Optional[_Iterable[_Union[EpisodeRecord, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
+class ExportRequest(_message.Message):
+    __slots__ = ("filter", "reward_key", "include_hidden_states")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    REWARD_KEY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    filter: EpisodeFilter
+    reward_key: str
+    include_hidden_states: bool
+    def __init__(self, filter: _Optional[_Union[EpisodeFilter, _Mapping]] = ..., reward_key: _Optional[str] = ..., include_hidden_states: _Optional[bool] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class CountRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]

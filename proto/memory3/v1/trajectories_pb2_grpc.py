@@ -54,6 +54,11 @@ class TrajectoriesStub:
                 request_serializer=memory3_dot_v1_dot_trajectories__pb2.CountRequest.SerializeToString,
                 response_deserializer=memory3_dot_v1_dot_trajectories__pb2.CountResponse.FromString,
                 _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/memory3.v1.Trajectories/Export',
+                request_serializer=memory3_dot_v1_dot_trajectories__pb2.ExportRequest.SerializeToString,
+                response_deserializer=memory3_dot_v1_dot_trajectories__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class TrajectoriesServicer:
@@ -89,6 +94,13 @@ class TrajectoriesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Export(self, request, context):
+        """Server stream of an Arrow IPC stream, a page of episodes at a time (bounded memory). Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrajectoriesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_TrajectoriesServicer_to_server(servicer, server):
                     servicer.Count,
                     request_deserializer=memory3_dot_v1_dot_trajectories__pb2.CountRequest.FromString,
                     response_serializer=memory3_dot_v1_dot_trajectories__pb2.CountResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=memory3_dot_v1_dot_trajectories__pb2.ExportRequest.FromString,
+                    response_serializer=memory3_dot_v1_dot_trajectories__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +238,33 @@ class Trajectories:
             '/memory3.v1.Trajectories/Count',
             memory3_dot_v1_dot_trajectories__pb2.CountRequest.SerializeToString,
             memory3_dot_v1_dot_trajectories__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memory3.v1.Trajectories/Export',
+            memory3_dot_v1_dot_trajectories__pb2.ExportRequest.SerializeToString,
+            memory3_dot_v1_dot_trajectories__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,37 +70,43 @@ class BanksServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateBank(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Idempotent for the same definition (see CreateBankRequest).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBank(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Read-only; NOT_FOUND for a bank the caller does not have.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBanks(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Read-only; the caller's banks in name order, paged.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteBank(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Not idempotent: NOT_FOUND the second time. Other banks' reads and writes go on meanwhile.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PutCodebook(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Client stream; idempotent per version (see PutCodebookRequest).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetCodebook(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Server stream; read-only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class TenantsStub:
-    """Missing associated documentation comment in .proto file."""
+    """Admin only (see Tenant). Statuses common to every RPC: see the Memories service.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,28 +68,33 @@ class TenantsStub:
 
 
 class TenantsServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Admin only (see Tenant). Statuses common to every RPC: see the Memories service.
+    """
 
     def CreateTenant(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Not idempotent: ALREADY_EXISTS for a taken name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTenants(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Read-only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def IssueKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Each call makes a new key.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Ends the key's running calls too (see RevokeKeyRequest).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -149,7 +155,8 @@ def add_TenantsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Tenants:
-    """Missing associated documentation comment in .proto file."""
+    """Admin only (see Tenant). Statuses common to every RPC: see the Memories service.
+    """
 
     @staticmethod
     def CreateTenant(request,

@@ -23,7 +23,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memory3.core.blob import FLAG_ZSTD, SCHEMES, CodecError, MemoryHeader, read_header, validate_payload
+from memory3.core.blob import FLAG_ZSTD, SCHEMES, CodecError, MemoryHeader, payload_checksum, read_header, validate_payload
 from memory3.core.memory_spec import MemorySpec
 from memory3.sdk.memory.codec import decode_memory, encode_memory
 from memory3.sdk.memory.pq import CodebookError, PQCodebook, train_codebook
@@ -513,3 +513,57 @@ def test_concurrent_encode_and_decode_from_many_threads():
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert all(pool.map(work, range(8)))
+
+
+# ---- every header check, reached behind a valid CRC ---------------------------------------------
+
+def _blob(*, magic=b"M3KV", version=1, scheme=0, flags=0, shape=(1, 1, 1, 4), cb_version=0, fp=b"ab" * 8,
+          params=b"", body=None, raw=None, size=None, pos_bytes=1, pq_m=0) -> bytes:
+    """A blob laid out as docs/memory-blob.md says, any field overridable, the CRC always valid."""
+    layers, heads, tokens, dim = shape
+    vectors = layers * 2 * heads * tokens
+    per_vector = {0: 2 * dim, 1: 2 + dim, 2: 2 + (dim + 1) // 2, 3: pq_m}.get(scheme, 2 * dim)
+    want = layers * heads * tokens * pos_bytes + vectors * per_vector
+    body = bytes(want) if body is None else body
+    header = struct.pack("<4sHBBHHHHIIIBB", magic, version, scheme, flags, *shape, cb_version,
+                         len(body) if size is None else size, want if raw is None else raw, len(fp), len(params))
+    blob = header + fp + params + body
+    return blob + struct.pack("<I", zlib.crc32(blob))
+
+
+PQ_PARAMS = bytes([4]) + b"d" * 8  # bytes per vector 4 (= head dim 4), 8-byte digest
+
+
+@pytest.mark.parametrize("blob, message", [
+    (_blob(magic=b"M3KX"), "not a memory3 memory"),
+    (_blob(magic=b"M3KA"), "not a memory3 memory"),
+    (_blob(version=2), "unsupported memory format version 2"),
+    (_blob(version=0), "unsupported memory format version 0"),
+    (_blob(shape=(1, 1, 0, 4)), "empty shape"),
+    (_blob(scheme=3, params=PQ_PARAMS, pq_m=4, cb_version=0), "names no codebook version"),
+    (_blob(scheme=3, params=bytes([0]) + b"d" * 8, pq_m=0, cb_version=1), "pq bytes per vector 0"),
+    (_blob(scheme=3, params=bytes([5]) + b"d" * 8, pq_m=5, cb_version=1), "pq bytes per vector 5"),
+    (_blob(scheme=3, params=b"d" * 5, pq_m=4, cb_version=1), "pq parameters are 5 bytes"),
+    (_blob(scheme=3, params=PQ_PARAMS + b"x", pq_m=4, cb_version=1), "pq parameters are 10 bytes"),
+    (_blob(fp="é".encode() * 4), "fingerprint is not ASCII"),
+    (_blob(body=bytes(18)), "uncompressed body is 18 bytes, shape implies 17"),  # 1 position + K, V of 4 halves
+    (_blob(raw=16), "raw size 16 does not match 17"),
+    (_blob(flags=0x04), "unknown flags 0x04"),
+    (_blob(scheme=7), "unknown scheme id 7"),
+    (_blob(cb_version=3), "takes no parameters or codebook"),
+    (_blob()[:-5] + _blob()[-4:], "truncated: header says 17 payload bytes, got 16"),
+])
+def test_each_header_check_refuses_with_its_reason(blob, message):
+    with pytest.raises(CodecError) as info:
+        read_header(blob)
+    assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("blob", [
+    _blob(scheme=3, params=PQ_PARAMS, pq_m=4, cb_version=1),           # pq with bytes per vector = head dim
+    _blob(flags=0x02, pos_bytes=2),                                      # uint16 positions, uncompressed
+    _blob(shape=(1, 1, 1, 1), body=bytes(1 + 4)),                        # the smallest blob: 34 + fingerprint + body
+])
+def test_blobs_at_the_edges_of_the_header_checks_are_accepted(blob):
+    header = read_header(blob)
+    assert header.checksum == zlib.crc32(blob[:-4]) == payload_checksum(blob)

@@ -10,6 +10,7 @@ survived and each survivor (line, operator, the change); `--write` records it in
 
     python scripts/mutation.py                 # every target (tens of minutes on 2 cores)
     python scripts/mutation.py vtrace auth     # some targets
+    python scripts/mutation.py codec-validation --recheck SESSION.sqlite   # survivors again, after new tests
 """
 
 from __future__ import annotations
@@ -137,17 +138,55 @@ def run(target: Target, workdir: Path, sandbox: Path) -> tuple[int, int, list[tu
     return killed, len(survivors), sorted(survivors)
 
 
+def recheck(session: Path, target: Target) -> tuple[int, list[str]]:
+    """Run a finished session's survivors again against today's tests (after tests were added to
+    kill them): (how many are killed now, the ones that still survive)."""
+    from cosmic_ray.mutating import mutate_and_test
+
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        survivors = [item for item, result in db.completed_work_items
+                     if result.worker_outcome == WorkerOutcome.NORMAL and result.test_outcome == TestOutcome.SURVIVED]
+    killed, alive = 0, []
+    with tempfile.TemporaryDirectory(prefix="memory3-recheck-") as tmp:
+        sandbox = make_sandbox(Path(tmp))
+        command = f"env PYTHONPATH={sandbox / '.mutpath'} {PYTEST} {target.tests}"
+        here = os.getcwd()
+        os.chdir(sandbox)
+        try:
+            for item in survivors:
+                result = mutate_and_test(item.mutations, command, 300)
+                mutation = item.mutations[0]
+                if result.test_outcome == TestOutcome.KILLED:
+                    killed += 1
+                else:
+                    alive.append(f"{target.module}:{mutation.start_pos[0]} {mutation.operator_name}")
+        finally:
+            os.chdir(here)
+    return killed, alive
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("targets", nargs="*", help=f"some of: {', '.join(t.name for t in TARGETS)}")
     parser.add_argument("--write", action="store_true", help="record the results in docs/mutation.md")
+    parser.add_argument("--recheck", type=Path, help="a finished session's .sqlite: run its survivors again "
+                                                     "(with one target named)")
     args = parser.parse_args(argv)
+    if args.recheck:
+        [target] = [t for t in TARGETS if t.name in args.targets] or sys.exit("--recheck needs one target name")
+        killed, alive = recheck(args.recheck, target)
+        print(f"{target.name}: of the survivors, {killed} are killed now, {len(alive)} survive")
+        for line in alive:
+            print(f"  still surviving {line}")
+        return
     chosen = [t for t in TARGETS if not args.targets or t.name in args.targets]
     rows = []
+    sessions = ROOT / "runs" / "mutation"  # kept (git-ignored) for --recheck
+    sessions.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="memory3-mutation-") as tmp:
         sandbox = make_sandbox(Path(tmp))
         for target in chosen:
-            killed, survived, survivors = run(target, Path(tmp), sandbox)
+            killed, survived, survivors = run(target, sessions, sandbox)
             rows.append((target, killed, survived, survivors))
             print(f"{target.name}: killed {killed}, survived {survived}", flush=True)
             for line, operator, diff in survivors:

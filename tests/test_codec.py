@@ -552,6 +552,10 @@ PQ_PARAMS = bytes([4]) + b"d" * 8  # bytes per vector 4 (= head dim 4), 8-byte d
     (_blob(scheme=7), "unknown scheme id 7"),
     (_blob(cb_version=3), "takes no parameters or codebook"),
     (_blob()[:-5] + _blob()[-4:], "truncated: header says 17 payload bytes, got 16"),
+    (_blob()[:46] + _blob()[-4:], "truncated: header says 17 payload bytes, got 0"),
+    (_blob(fp=b"", body=b""), "uncompressed body is 0 bytes, shape implies 17"),  # exactly the 34-byte minimum
+    (_blob(flags=0x02, pos_bytes=2, body=bytes(19)), "uncompressed body is 19 bytes, shape implies 18"),
+    (_blob(flags=0x01, body=b"\x00" * 17), "zstd body has no valid frame header"),
 ])
 def test_each_header_check_refuses_with_its_reason(blob, message):
     with pytest.raises(CodecError) as info:

@@ -125,6 +125,12 @@ def run(target: Target, workdir: Path, sandbox: Path) -> tuple[int, int, list[tu
         pending = db.num_work_items - db.num_results
     print(f"{target.name}: {pending} mutants to run", flush=True)
     subprocess.run([*cosmic, "exec", str(config), str(session)], cwd=sandbox, check=True)
+    killed, survived, survivors = summarize(session)
+    return killed, survived, survivors
+
+
+def summarize(session: Path) -> tuple[int, int, list[tuple[int, str, str]]]:
+    """(killed, survived, survivors as (line, operator, diff)) of a finished session."""
     killed, survivors = 0, []
     with use_db(str(session), WorkDB.Mode.open) as db:
         for item, result in db.completed_work_items:
@@ -169,9 +175,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("targets", nargs="*", help=f"some of: {', '.join(t.name for t in TARGETS)}")
     parser.add_argument("--write", action="store_true", help="record the results in docs/mutation.md")
+    parser.add_argument("--report", type=Path, help="a folder of finished sessions: print (and --write) their table")
     parser.add_argument("--recheck", type=Path, help="a finished session's .sqlite: run its survivors again "
                                                      "(with one target named)")
     args = parser.parse_args(argv)
+    chosen = [t for t in TARGETS if not args.targets or t.name in args.targets]
+    if args.report:  # the table of finished sessions in a folder, without running anything
+        rows = []
+        for target in chosen:
+            session = args.report / f"{target.name}.sqlite"
+            if session.exists():
+                rows.append((target, *summarize(session)))
+        return write_report(rows, args.write)
     if args.recheck:
         [target] = [t for t in TARGETS if t.name in args.targets] or sys.exit("--recheck needs one target name")
         killed, alive = recheck(args.recheck, target)
@@ -179,7 +194,6 @@ def main(argv=None) -> None:
         for line in alive:
             print(f"  still surviving {line}")
         return
-    chosen = [t for t in TARGETS if not args.targets or t.name in args.targets]
     rows = []
     sessions = ROOT / "runs" / "mutation"  # kept (git-ignored) for --recheck
     sessions.mkdir(parents=True, exist_ok=True)
@@ -191,6 +205,10 @@ def main(argv=None) -> None:
             print(f"{target.name}: killed {killed}, survived {survived}", flush=True)
             for line, operator, diff in survivors:
                 print(f"  survivor {target.module}:{line} {operator}", flush=True)
+    write_report(rows, args.write)
+
+
+def write_report(rows, write: bool) -> None:
     lines = ["| target | module | scope | killed | survived | score |", "|---|---|---|---:|---:|---:|"]
     for target, killed, survived, _ in rows:
         total = killed + survived
@@ -204,7 +222,7 @@ def main(argv=None) -> None:
                 c[1:].strip() for c in changed))
     report = "\n".join(lines + ["", "Survivors:", ""] + (details or ["(none)"]))
     print(report)
-    if args.write:
+    if write:
         (ROOT / "docs" / "mutation.md").write_text(
             "# Mutation testing\n\n`python scripts/mutation.py --write` (cosmic-ray; scope and operators in the "
             "script). A survivor is a change to promise-carrying code that no test notices.\n\n" + report + "\n")

@@ -8,23 +8,29 @@ STAMP := $(VENV)/.memory3-installed
 
 .PHONY: install serve test test-fast bench protos clean
 
-$(STAMP): pyproject.toml tests/node/package-lock.json
+NODE_STAMP := tests/node/node_modules/.memory3-installed
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error  # the Node.js client test (Node 20+)
 	touch $(STAMP)
+
+# The tests' Node.js packages (the second-language client, buf): Node 20+ and npm.
+$(NODE_STAMP): tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 install: $(STAMP)
 
 serve: install
 	$(VENV)/bin/memory3 serve
 
-test: install
+test: install $(NODE_STAMP)
 	$(PY) -m pytest -q
 
-test-fast: install
+test-fast: install $(NODE_STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install

@@ -20,7 +20,7 @@ def test_a_node_client_built_from_the_protos_runs_the_scenario(server):
     node = shutil.which("node")
     assert node, "Node.js is part of the test set-up (README): install node 20+"
     assert (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").exists(), (
-        "run `npm ci --prefix tests/node` (make install does)")
+        "run `npm ci --prefix tests/node` (make test does)")
     result = subprocess.run([node, str(NODE_DIR / "smoke.mjs")], env={"TARGET": server.target, "ADMIN_KEY": ADMIN_KEY,
                             "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -282,7 +282,7 @@ def test_the_contract_lints_clean_and_breaks_nothing_since_the_last_release():
     (WIRE_JSON) against the last release's contract, kept as a buf image in proto/releases/ (built
     from its git tag: `buf build .git#tag=vX,subdir=proto -o proto/releases/vX.binpb`)."""
     buf = ROOT / "tests" / "node" / "node_modules" / ".bin" / "buf"
-    assert buf.exists(), "run `npm ci --prefix tests/node` (make install does)"
+    assert buf.exists(), "run `npm ci --prefix tests/node` (make test does)"
     lint = subprocess.run([str(buf), "lint"], cwd=ROOT / "proto", capture_output=True, text=True, timeout=120)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     releases = sorted((ROOT / "proto" / "releases").glob("v*.binpb"))

@@ -548,6 +548,8 @@ PQ_PARAMS = bytes([4]) + b"d" * 8  # bytes per vector 4 (= head dim 4), 8-byte d
     (_blob(fp="é".encode() * 4), "fingerprint is not ASCII"),
     (_blob(body=bytes(18)), "uncompressed body is 18 bytes, shape implies 17"),  # 1 position + K, V of 4 halves
     (_blob(raw=16), "raw size 16 does not match 17"),
+    (_blob(raw=18), "raw size 18 does not match 17"),
+    (_blob() + b"xyz", "3 trailing bytes after the checksum"),
     (_blob(flags=0x04), "unknown flags 0x04"),
     (_blob(scheme=7), "unknown scheme id 7"),
     (_blob(cb_version=3), "takes no parameters or codebook"),
@@ -571,3 +573,18 @@ def test_each_header_check_refuses_with_its_reason(blob, message):
 def test_blobs_at_the_edges_of_the_header_checks_are_accepted(blob):
     header = read_header(blob)
     assert header.checksum == zlib.crc32(blob[:-4]) == payload_checksum(blob)
+
+
+def test_payload_checksum_is_zero_below_the_minimum_size():
+    smallest = _blob(fp=b"", body=b"")  # 34 bytes: the minimum
+    assert payload_checksum(smallest) == zlib.crc32(smallest[:-4]) != 0
+    assert payload_checksum(smallest[:-1]) == 0 and payload_checksum(b"") == 0
+
+
+@pytest.mark.parametrize("asked", [2, 4])
+def test_a_pq_memory_read_with_another_codebook_version_is_refused(asked):
+    blob = _blob(scheme=3, params=PQ_PARAMS, pq_m=4, cb_version=3)
+    spec = MemorySpec((0,), 1, 4, 1, 16, "pq")
+    assert validate_payload(blob, spec, codebook_version=3).codebook_version == 3
+    with pytest.raises(CodecError, match=f"pq memory needs codebook version 3, got {asked}"):
+        validate_payload(blob, spec, codebook_version=asked)

@@ -406,3 +406,35 @@ def test_the_embedded_database_keeps_its_directories_closed(tmp_path):
         database.stop()
     with pytest.raises(EmbeddedDatabaseError, match="too long a path"):
         EmbeddedPostgres(tmp_path / ("d" * 100))
+
+
+def test_admin_key_strength_at_its_bounds():
+    from memory3.service.auth import check_admin_key_strength
+
+    check_admin_key_strength("abcdefghij" + "k" * 22)  # 32 characters: the minimum
+    with pytest.raises(ValueError, match="at least 32 characters"):
+        check_admin_key_strength("abcdefghij" + "k" * 21)  # 31
+
+
+def test_admin_key_needs_ten_distinct_characters():
+    from memory3.service.auth import check_admin_key_strength
+
+    check_admin_key_strength("abcdefghi" + "j" * 23)  # exactly 10 distinct
+    with pytest.raises(ValueError, match="10 distinct"):
+        check_admin_key_strength("abcdefgh" + "i" * 24)  # 9
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ((("authorization", "Basic dXNlcjpwYXNz"),), "must be 'Bearer <key>'"),
+    ((("authorization", "Zzz m3_0123456789abcdef_" + "x" * 43),), "must be 'Bearer <key>'"),
+    ((("authorization", "Bearer "),), "must be 'Bearer <key>'"),
+    ((("a-header", "Bearer m3_0123456789abcdef_" + "x" * 43),), "missing API key"),
+    ((), "missing API key"),
+])
+def test_the_authorization_metadata_is_read_exactly(metadata, message):
+    from memory3.service.auth import presented_key
+    from memory3.service.errors import Unauthenticated
+
+    with pytest.raises(Unauthenticated, match=message):
+        presented_key(metadata)
+    assert presented_key((("x-other", "v"), ("authorization", "bearer  m3_key "))) == "m3_key"

@@ -47,7 +47,8 @@ TARGETS = [
            "tests/test_codec.py tests/test_hostile_inputs.py -k 'not fuzz and (reject or truncat or trailing or "
            "spec or fingerprint or zstd or header or checksum or crc)'"),
     Target("auth", "service/auth.py", ("presented_key", "Authenticator", "check_admin_key_strength"),
-           "tests/test_isolation.py tests/test_hostile_inputs.py -k 'key or admin or bearer or tenant'"),
+           "tests/test_isolation.py tests/test_hostile_inputs.py tests/test_hostile_clients.py "
+           "-k 'key or admin or bearer or tenant or authorization'"),
     Target("tenant-store", "service/tenant_store.py", ("TenantStore", "_hash_secret"), "tests/test_isolation.py"),
     Target("call-guard", "service/guard.py", ("AdminAttempts", "CallGuard"),
            "tests/test_hostile_clients.py -k 'keyless or idle or concurrency or revok or admin or slow_reader'"),

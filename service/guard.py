@@ -154,3 +154,4 @@ class CallGuard:
                         f"the client took no response message for {self.settings.stream_idle_seconds:g} s "
                         "(setting stream_idle_seconds)"
                     ) from None
+                await asyncio.sleep(0)  # a write that did not wait still lets other calls run between messages

@@ -30,7 +30,7 @@ from .trajectories import check_fingerprint
 log = logging.getLogger(__name__)
 
 
-SAFETENSORS_MAX_HEADER = 16 * 1024 * 1024
+SAFETENSORS_MAX_HEADER = 1024 * 1024  # a proxy's header lists tens of tensors (a few KiB); JSON parsing holds the GIL
 UPLOAD_PIECE_BYTES = 4 * 1024 * 1024
 
 

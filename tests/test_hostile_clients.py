@@ -356,8 +356,9 @@ def test_hidden_state_bombs_are_refused_before_allocating():
         unpack_hidden_states(bomb, max_bytes=2**20)
 
 
-def test_a_huge_safetensors_header_is_parsed_off_the_event_loop(tight, admin_client):
-    """Finding 3: Publish parsed a JSON header of up to 512 MiB on the event loop."""
+def test_a_large_safetensors_header_is_parsed_off_the_event_loop_and_a_huge_one_refused(tight, admin_client):
+    """Finding 3: Publish parsed a JSON header of up to 512 MiB on the event loop. Now the header is
+    parsed on a worker and may be at most 1 MiB; a larger one is refused from its 8-byte length."""
     import hashlib
     import json as json_module
 
@@ -365,7 +366,7 @@ def test_a_huge_safetensors_header_is_parsed_off_the_event_loop(tight, admin_cli
 
     _, key = _tenant(admin_client, "hostile-header")
     header = json_module.dumps({f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
-                                for i in range(180_000)}).encode()  # ~12 MiB of JSON
+                                for i in range(14_000)}).encode()  # ~0.9 MiB of JSON
     weights = len(header).to_bytes(8, "little") + header + b"\0" * 4
     info = proxies_pb2.ProxyInfo(name="p", model_fingerprint="f" * 16, weights_size=len(weights),
                                  weights_sha256=hashlib.sha256(weights).digest())
@@ -382,6 +383,9 @@ def test_a_huge_safetensors_header_is_parsed_off_the_event_loop(tight, admin_cli
             answers.append(_health(tight.target))
         assert future.result().version == 1
     assert answers and set(answers) == {health_pb2.HealthCheckResponse.SERVING}
+    huge = (20 * 2**20).to_bytes(8, "little") + b"{" + b" " * 100
+    with Client(tight.target, key) as client, expect_status(grpc.StatusCode.INVALID_ARGUMENT, "exceeds 1048576"):
+        client.publish_proxy("p", huge, "f" * 16)
 
 
 def test_the_embedded_database_keeps_its_directories_closed(tmp_path):

@@ -57,7 +57,7 @@ class ProxiesServicer:
     def Publish(self, request_iterator, context):
         """Client stream: the info first, then the weights in chunks. The weights are hashed as they
         arrive and staged in the database a few MiB at a time (never held whole by the server); the
-        safetensors header may be at most 16 MiB. RESOURCE_EXHAUSTED "quota 'stored_bytes'" when the
+        safetensors header may be at most 1 MiB. RESOURCE_EXHAUSTED "quota 'stored_bytes'" when the
         announced weights_size would pass the tenant's quota. Statuses common to every RPC: see the
         Memories service.
         """

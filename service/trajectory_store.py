@@ -55,7 +55,9 @@ class EpisodeRow:
         """The episode as the SDK and the export table know it."""
         return Episode(
             self.prompt_ids, self.response_ids, decisions_from_columns(self.decisions), self.model_fingerprint,
-            self.proxy_version, self.bank, dict(self.rewards), self.episode_id, self.hidden_states,
+            # jsonb writes a whole-valued double as an integer (1e19 -> 10000000000000000000): floats again
+            self.proxy_version, self.bank, {k: float(v) for k, v in self.rewards.items()}, self.episode_id,
+            self.hidden_states,
         )
 
     def approximate_bytes(self) -> int:

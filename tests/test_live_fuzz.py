@@ -354,9 +354,9 @@ def test_every_field_of_every_request_aimed_at_storage(live, service_name, metho
         code, details = _call(srv.target, service_name, method, requests, key)
         calls += 1
         shown = repr(value)[:60]
+        assert not handler.records, f"{method.name} {where}={shown}: " + handler.format(handler.records[0])
         assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), f"{method.name} {where}={shown}: {code}"
         assert code == grpc.StatusCode.OK or details, f"{method.name} {where}={shown}: {code} without a message"
-        assert not handler.records, f"{method.name} {where}={shown}: " + handler.format(handler.records[0])
     assert calls >= len(STRINGS)  # the sweep ran
     if service_name.endswith(".Tenants"):
         with Client(srv.target, ADMIN_KEY) as admin:

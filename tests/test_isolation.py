@@ -209,3 +209,30 @@ def test_page_tokens_and_cursors_are_opaque_and_bound_to_their_tenant(server, ne
             for token, auth in (("%%%garbage", auth_a), ("k1", auth_a), (first.next_page_token, auth_b)):
                 with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "page_token"):
                     stub.ListBanks(banks_pb2.ListBanksRequest(page_size=1, page_token=token), metadata=auth, timeout=10)
+
+
+def test_a_key_revoked_elsewhere_is_refused_once_the_key_cache_expires(database_url, embedder):
+    """A key revoked by another replica (here: straight in the database) keeps working on this one
+    only while its cache entry lives (key_cache_seconds), then is refused — running streams too."""
+    import time
+
+    import psycopg
+
+    from conftest import ServerThread, make_settings
+    from memory3.service.embedded_pg import libpq_url
+
+    srv = ServerThread(make_settings(database_url, key_cache_seconds=0.5), embedder)
+    try:
+        with Client(srv.target, ADMIN_KEY) as admin:
+            admin.create_tenant("revoked-elsewhere")
+            key_id, key = admin.issue_key("revoked-elsewhere")
+        with Client(srv.target, key) as client:
+            assert client.list_banks() == []  # verified and cached now
+            with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+                conn.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = %s", (key_id,))
+            assert client.list_banks() == []  # still within the cache's lifetime on this replica
+            time.sleep(0.6)
+            with expect_status(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked"):
+                client.list_banks()
+    finally:
+        srv.stop()

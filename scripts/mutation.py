@@ -126,8 +126,7 @@ def run(target: Target, workdir: Path, sandbox: Path) -> tuple[int, int, list[tu
         pending = db.num_work_items - db.num_results
     print(f"{target.name}: {pending} mutants to run", flush=True)
     subprocess.run([*cosmic, "exec", str(config), str(session)], cwd=sandbox, check=True)
-    killed, survived, survivors = summarize(session)
-    return killed, survived, survivors
+    return summarize(session)
 
 
 def summarize(session: Path) -> tuple[int, int, list[tuple[int, str, str]]]:

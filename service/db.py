@@ -83,6 +83,15 @@ async def purge_stale_staging(engine: AsyncEngine, older_than_seconds: float, ev
         await asyncio.sleep(every_seconds)
 
 
+async def discard_quietly(discard, stream: str) -> None:
+    """Await a failed stream's removal of what it staged; if that fails too, the purge above
+    removes the rows later, by age, so only a warning is logged."""
+    try:
+        await discard
+    except Exception as err:
+        log.warning("staged data of a failed %s stream not removed now: %s", stream, err)
+
+
 def autocommit(engine: AsyncEngine) -> AsyncEngine:
     """The same pool without BEGIN/ROLLBACK around each read: single statements need no transaction."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -20,6 +20,7 @@ from .auth import Authenticator
 from .bank_store import Bank, BankStore, CodebookStore
 from .config import Settings
 from .convert import vector_from_values
+from .db import discard_quietly
 from .errors import InvalidArgument, NotFound, ResourceExhausted, rpc
 from .offload import CpuPool
 from .quotas import QuotaStore
@@ -36,19 +37,6 @@ OVERLAP_MAX_WORDS = 1024  # max_overlap compares the first 1024 words of query a
 class _PendingReference:
     record: memories_pb2.ReferenceRecord
     memory: bytearray = field(default_factory=bytearray)
-
-
-def _groups(items: list, sizes: list[int], budget: int):
-    """Consecutive items in groups of at most ``budget`` bytes (an item larger than that alone)."""
-    group, total = [], 0
-    for item, size in zip(items, sizes):
-        if group and total + size > budget:
-            yield group
-            group, total = [], 0
-        group.append(item)
-        total += size
-    if group:
-        yield group
 
 
 class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
@@ -184,18 +172,12 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             counts = await writer.commit()
         except BaseException:
             if writer is not None and writer.staged_bytes:
-                await asyncio.shield(self._discard(writer))
+                await asyncio.shield(discard_quietly(writer.discard(), "Write"))
             raise
         return memories_pb2.WriteSummary(
             inserted=counts.inserted, updated=counts.updated, unchanged=counts.unchanged,
             memory_bytes=counts.memory_bytes,
         )
-
-    async def _discard(self, writer) -> None:
-        try:
-            await writer.discard()
-        except Exception as err:  # the janitor removes it later, by age
-            log.warning("staged rows of a failed Write not removed now: %s", err)
 
     # --- Reads -----------------------------------------------------------------------------
 
@@ -274,7 +256,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         """Messages for the rows with their memories, read a group of about ``read_batch_bytes`` at a
         time (so a call's memory stays bounded whatever it asks for), each row as it is now; a row
         deleted meanwhile is left out."""
-        for group in _groups(rows, [row.memory_size for row in rows], self.settings.read_batch_bytes):
+        for group in size_batches(rows, self.settings.read_batch_bytes, size_of=lambda row: row.memory_size):
             current = await self.refs.load(bank, [r.external_id for r in group], True)
             fresh = []
             for old in group:
@@ -306,8 +288,12 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             shown = ", ".join(repr(i) for i in missing[:10])
             raise NotFound(f"{len(missing)} reference(s) not found in bank {bank.name!r}: {shown}")
         present = [i for i in wanted if i in sizes]
-        weights = [sizes[i][0] + (sizes[i][1] if request.include_memory else 0) for i in present]
-        for group in _groups(present, weights, self.settings.read_batch_bytes):
+
+        def weight(external_id: str) -> int:
+            text_bytes, memory_bytes = sizes[external_id]
+            return text_bytes + (memory_bytes if request.include_memory else 0)
+
+        for group in size_batches(present, self.settings.read_batch_bytes, size_of=weight):
             current = await self.refs.load(bank, group, request.include_memory)
             rows = [current[i] for i in group if i in current]
             for message in self._packed(self._all_frames(rows, True, request.include_memory, ranked=False)):

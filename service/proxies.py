@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import math
 import uuid
 
@@ -20,6 +19,7 @@ from .auth import Authenticator
 from .bank_store import check_bank_name
 from .config import Settings
 from .convert import timestamp
+from .db import discard_quietly
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, rpc
 from .offload import CpuPool
 from .proxy_store import ProxyRecord, ProxyStore
@@ -27,7 +27,6 @@ from .quotas import QuotaStore
 from .tokens import Tokens
 from .trajectories import check_fingerprint
 
-log = logging.getLogger(__name__)
 
 
 SAFETENSORS_MAX_HEADER = 1024 * 1024  # a proxy's header lists tens of tensors (a few KiB); JSON parsing holds the GIL
@@ -158,15 +157,9 @@ class ProxiesServicer(proxies_pb2_grpc.ProxiesServicer):
             stored, _ = await self.store.publish(tenant_id, record, upload_id)
         except BaseException:
             if pieces:
-                await asyncio.shield(self._discard(upload_id))
+                await asyncio.shield(discard_quietly(self.store.discard_upload(upload_id), "Publish"))
             raise
         return info_to_proto(stored)
-
-    async def _discard(self, upload_id) -> None:
-        try:
-            await self.store.discard_upload(upload_id)
-        except Exception as err:  # the janitor removes it later, by age
-            log.warning("staged weights of a failed Publish not removed now: %s", err)
 
     @rpc
     async def Get(self, request, context):

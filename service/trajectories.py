@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import math
 import re
 from datetime import timezone
@@ -23,6 +22,7 @@ from .auth import Authenticator
 from .bank_store import check_bank_name
 from .config import Settings
 from .convert import timestamp
+from .db import discard_quietly
 from .errors import InvalidArgument, ResourceExhausted, rpc
 from .offload import CpuPool
 from .quotas import QuotaStore
@@ -35,7 +35,6 @@ from .trajectory_store import (
     encode_cursor,
 )
 
-log = logging.getLogger(__name__)
 
 EPISODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")  # patterns here fullmatch
 REWARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
@@ -228,17 +227,11 @@ class TrajectoriesServicer(trajectories_pb2_grpc.TrajectoriesServicer):
             counts = await writer.commit()
         except BaseException:
             if writer.staged_bytes:
-                await asyncio.shield(self._discard(writer))
+                await asyncio.shield(discard_quietly(writer.discard(), "Log"))
             raise
         return trajectories_pb2.LogSummary(
             logged=counts.logged, duplicates=counts.duplicates, decisions=counts.decisions
         )
-
-    async def _discard(self, writer) -> None:
-        try:
-            await writer.discard()
-        except Exception as err:  # the janitor removes it later, by age
-            log.warning("staged episodes of a failed Log not removed now: %s", err)
 
     @rpc
     async def AttachReward(self, request, context):

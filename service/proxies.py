@@ -28,7 +28,6 @@ from .tokens import Tokens
 from .trajectories import check_fingerprint
 
 
-
 SAFETENSORS_MAX_HEADER = 1024 * 1024  # a proxy's header lists tens of tensors (a few KiB); JSON parsing holds the GIL
 UPLOAD_PIECE_BYTES = 4 * 1024 * 1024
 

@@ -30,7 +30,7 @@ from memory3.sdk.memory.codec import decode_memory, encode_memory
 from memory3.sdk.memory.pq import train_codebook
 from memory3.sdk.memory.synthetic import SyntheticKV
 from memory3.sdk.memory.tensors import ExplicitMemory
-from memory3.sdk.model.rope import Rotary
+from memory3.sdk.model.positions import probe_geometry
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PQ_SETTINGS = {"pq14": 14, "pq13": 13, "pq9": 9}
@@ -172,7 +172,7 @@ def model_memories(model_dir: str, texts_file: str | None, n: int):
             pass
     throughput = encoder_throughput(enc, [t for t, _ in encoded])
     mems = [m for _, m in encoded[:n]]
-    return mems, spec.dense_kv_bytes(model.config.num_hidden_layers), spec, Rotary.from_model(model), throughput
+    return mems, spec.dense_kv_bytes(model.config.num_hidden_layers), spec, probe_geometry(model).codebook_angles(spec.memory_layers), throughput
 
 
 def encoder_throughput(enc, usable: list[str], batch_size: int = 16, repeats: int = 3) -> str:

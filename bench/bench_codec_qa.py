@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from memory3.sdk.memory.codec import decode_memory, encode_memory
 from memory3.sdk.memory.pq import train_codebook
-from memory3.sdk.model.rope import Rotary
+from memory3.sdk.model.positions import probe_geometry
 from memory3.trainer.corpus import HELDOUT, TRAIN, format_qa
 from memory3.trainer.evaluate import RunUnderTest, encode_memory_bank, evaluate_qa
 from memory3.trainer.memory_stage import answer_loss
@@ -77,7 +77,7 @@ def main() -> None:
 
     dim = spec.head_dim
     paper, beyond = round(PAPER_BITS * dim), round(BEYOND_BITS * dim)
-    rotary = Rotary.from_model(model)
+    rotary = probe_geometry(model).codebook_angles(spec.memory_layers)
     settings = [("fp16", "fp16", None, None, None), ("int8", "int8", None, None, None),
                 ("int4", "int4", None, None, None),
                 (f"pq{paper} (paper's setting, {8 * paper / dim:.2f} bits/dim)", "pq", paper, rotary, "product"),

@@ -64,25 +64,6 @@ class MemorySpec:
         except ValueError:
             return None
 
-    @classmethod
-    def for_model_config(
-        cls,
-        config,
-        memory_layers: tuple[int, ...] | None = None,
-        tokens_per_head: int = 8,
-        reference_length: int = 128,
-        codec: str = "int8",
-    ) -> "MemorySpec":
-        """Spec for a Hugging Face config; by default the first half of the layers (the paper)."""
-        n_layers = config.num_hidden_layers
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if memory_layers is None:
-            memory_layers = tuple(range(max(1, n_layers // 2)))
-        if max(memory_layers) >= n_layers:
-            raise ValueError(f"memory layer {max(memory_layers)} does not exist in a {n_layers}-layer model")
-        return cls(tuple(memory_layers), kv_heads, head_dim, tokens_per_head, reference_length, codec)
-
     def to_dict(self) -> dict:
         data = asdict(self)
         data["memory_layers"] = list(self.memory_layers)

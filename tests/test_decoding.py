@@ -8,7 +8,7 @@ import pytest
 import torch
 from decoding_helpers import generate_flat, option_groups
 
-from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.model.positions import memory_spec_for
 from memory3.sdk.client import BankInfo
 from memory3.sdk.generation import stream
 from memory3.sdk.memory.encoder import MemoryEncoder
@@ -35,7 +35,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def spec(model):
-    return MemorySpec.for_model_config(model.config, (0, 1), tokens_per_head=4, reference_length=96)
+    return memory_spec_for(model, (0, 1), tokens_per_head=4, reference_length=96)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memory3.core.memory_spec import REFERENCE_MARKER, MemorySpec
+from memory3.core.memory_spec import REFERENCE_MARKER
 from memory3.sdk.memory.encoder import MemoryEncoder, ReferenceTooShortError
 from memory3.sdk.model.fingerprint import model_fingerprint
-from memory3.sdk.model.rope import Rotary, memory_key_shift
+from memory3.sdk.model.positions import memory_key_shift, memory_spec_for, probe_geometry
 from tiny_models import byte_tokenizer, tiny_llama
 
 TEXTS = [
@@ -38,7 +38,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def spec(model):
-    return MemorySpec.for_model_config(model.config, memory_layers=(0, 2), tokens_per_head=5, reference_length=64)
+    return memory_spec_for(model, memory_layers=(0, 2), tokens_per_head=5, reference_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,9 @@ def test_kept_keys_carry_reference_positions(model, spec, encoder):
     finally:
         for hook in hooks:
             hook.remove()
-    rotary = Rotary.from_model(model)
-    back = rotary.rotate(memory.keys, -memory.positions)
+    rotations = probe_geometry(model).rotations
+    back = torch.stack([rotations[layer].rotate(memory.keys[slot], -memory.positions[slot])
+                        for slot, layer in enumerate(spec.memory_layers)])
     for slot, layer in enumerate(spec.memory_layers):
         pre = captured[layer][0].view(len(ids), spec.kv_heads, spec.head_dim).transpose(0, 1)  # (heads, seq, dim)
         for g in range(spec.kv_heads):
@@ -212,7 +213,7 @@ def test_logsumexp_survives_huge_logits(tokenizer):
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(40.0)
-    spec = MemorySpec.for_model_config(model.config, memory_layers=(1,), tokens_per_head=4, reference_length=48)
+    spec = memory_spec_for(model, memory_layers=(1,), tokens_per_head=4, reference_length=48)
     encoder = MemoryEncoder(model, tokenizer, spec)
     memory = encoder.encode([TEXTS[0]])[0]
     assert torch.isfinite(memory.kv).all()

@@ -13,11 +13,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from memory3.core.memory_spec import MemorySpec
 from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.memory.injection import MemoryInjector
 from memory3.sdk.memory.tensors import ExplicitMemory
-from memory3.sdk.model.rope import Rotary
+from memory3.sdk.model.positions import memory_spec_for, probe_geometry
 from tiny_models import byte_tokenizer, tiny_llama
 
 REFERENCES = [
@@ -41,7 +40,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def spec(model):
-    return MemorySpec.for_model_config(model.config, memory_layers=(1, 2), tokens_per_head=4, reference_length=64)
+    return memory_spec_for(model, memory_layers=(1, 2), tokens_per_head=4, reference_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +148,7 @@ def test_zero_memories_is_the_plain_model_bit_for_bit(impl, tokenizer, spec, mem
 
 def test_memories_act_only_through_memory_layers(model, tokenizer, memories):
     """Hidden states before the first memory layer are untouched bit-for-bit; after it they move."""
-    spec = MemorySpec.for_model_config(model.config, memory_layers=(2, 3), tokens_per_head=4, reference_length=64)
+    spec = memory_spec_for(model, memory_layers=(2, 3), tokens_per_head=4, reference_length=64)
     encoded = MemoryEncoder(model, tokenizer, spec).encode(REFERENCES[:2])
     batch = left_padded(tokenizer, PROMPTS[:2])
     with torch.no_grad():
@@ -164,7 +163,7 @@ def test_memories_act_only_through_memory_layers(model, tokenizer, memories):
 
 def test_non_memory_layer_of_a_memory_is_ignored(model, tokenizer, spec, memories):
     """A memory is read only at the spec's layers: other layers never see any memory K/V."""
-    wide = MemorySpec.for_model_config(model.config, memory_layers=(0, 1, 2, 3), tokens_per_head=4, reference_length=64)
+    wide = memory_spec_for(model, memory_layers=(0, 1, 2, 3), tokens_per_head=4, reference_length=64)
     wide_memory = MemoryEncoder(model, tokenizer, wide).encode(REFERENCES[:1])[0]
     # The narrow memory = the wide one restricted to spec's layers (1, 2); layers 0 and 3 of the
     # wide one are garbage to prove they are not read.
@@ -257,8 +256,8 @@ def test_eager_and_sdpa_agree(tokenizer, spec, memories):
 def test_parallel_positions_rotation_equals_context_shift(model):
     """R(-offset) on a key == +offset on the query: attention scores agree — with the rotation the
     model itself applies (its rotary module's cos/sin through HF's apply_rotary_pos_emb), so the
-    SDK's Rotary must have the model's frequencies and layout, not just be some rotation."""
-    rotary = Rotary.from_model(model)
+    measured rotation must have the model's frequencies and layout, not just be some rotation."""
+    rotary = probe_geometry(model).rotations[1]
     torch.manual_seed(0)
     dim = model.config.head_dim
     x = torch.randn(1, 1, 9, dim)

@@ -6,7 +6,7 @@ import secrets
 import pytest
 import torch
 
-from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.model.positions import memory_spec_for
 from memory3.sdk.client import BankInfo, Reference
 from memory3.sdk.memory.codec import decode_memory
 from memory3.sdk.memory.encoder import MemoryEncoder
@@ -31,7 +31,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def spec(model):
-    return MemorySpec.for_model_config(model.config, (1, 2), tokens_per_head=4, reference_length=96)
+    return memory_spec_for(model, (1, 2), tokens_per_head=4, reference_length=96)
 
 
 @pytest.fixture

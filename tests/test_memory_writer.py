@@ -7,6 +7,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
+from memory3.sdk.model.positions import memory_spec_for
 from memory3.core.blob import CodecError, read_header
 from memory3.core.memory_spec import MemorySpec
 from memory3.sdk.client import BankInfo, Reference
@@ -32,7 +33,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def spec(model):
-    return MemorySpec.for_model_config(model.config, (0, 2), tokens_per_head=4, reference_length=96)
+    return memory_spec_for(model, (0, 2), tokens_per_head=4, reference_length=96)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import assert_decisions_explain_tokens
-from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.model.positions import memory_spec_for
 from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.memory.injection import MemoryInjector
 from memory3.sdk.model.sampling import SamplingConfig, logit_rank, nucleus_distribution, sample_nucleus
@@ -95,7 +95,7 @@ def test_logged_decisions_match_a_replay(model, prompts):
 
 def test_works_with_memory_injection(model, prompts):
     tok = byte_tokenizer()
-    spec = MemorySpec.for_model_config(model.config, memory_layers=(1, 2), tokens_per_head=4, reference_length=64)
+    spec = memory_spec_for(model, memory_layers=(1, 2), tokens_per_head=4, reference_length=64)
     memories = MemoryEncoder(model, tok, spec).encode(["The capital of France is Paris.", "Llamas are camelids."])
     config = SamplingConfig(max_new_tokens=12, top_p=0.9)
     proxy = ProxyPolicy.for_model(model, width=8, seed=0)

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from memory3.core.memory_spec import MemorySpec
+from memory3.sdk.model.positions import memory_spec_for
 
 from .tokenizer import load_tokenizer, save_tokenizer
 
@@ -86,7 +87,7 @@ def default_memory_spec(model: LlamaForCausalLM, memory_layers: tuple[int, ...] 
                         tokens_per_head: int = 8, reference_length: int = 128,
                         codec: str = "int8") -> MemorySpec:
     """The memory spec for a model: by default its first half of layers (the paper's choice)."""
-    return MemorySpec.for_model_config(model.config, memory_layers, tokens_per_head, reference_length, codec)
+    return memory_spec_for(model, memory_layers, tokens_per_head, reference_length, codec)
 
 
 def save_reference_model(model: LlamaForCausalLM, tokenizer, spec: MemorySpec, directory: str | Path) -> Path:

@@ -118,7 +118,7 @@ class MemoryHooks:
         prepend each chunk's memory K/V (the SDK's injection path).
     position_offset: first position id of the context: ``spec.context_position_offset`` when
         the context is placed after the memories' shared interval, or 0 when the injection path
-        realises parallel positions by rotating the memory keys instead (memory3.sdk.model.rope).
+        realises parallel positions by rotating the memory keys instead (memory3.sdk.model.positions).
     stream: the stage's own training data (anything with ``batch(step, batch_size) -> Batch``),
         or None for the run's stream. Why: learning to *read* memory needs text whose tokens are
         predictable only from the retrieved reference, which the stage-1 stream lacks (its facts

@@ -20,7 +20,7 @@ import torch
 from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.memory.pq import PQCodebook, train_codebook
 from memory3.sdk.memory.tensors import ExplicitMemory
-from memory3.sdk.model.rope import Rotary
+from memory3.sdk.model.positions import probe_geometry
 
 from .corpus import World, build_world
 
@@ -62,7 +62,7 @@ class CodebookRoundTrip:
         self.quantizer = quantizer
         self.refresh = refresh
         self.kmeans_iters = kmeans_iters
-        self.key_rope = Rotary.from_model(encoder.model)
+        self.key_rope = probe_geometry(encoder.model).codebook_angles(encoder.spec.memory_layers)
         self.codebook: PQCodebook | None = None
         self.steps_since_training = 0
 

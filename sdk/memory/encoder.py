@@ -2,7 +2,7 @@
 
 Memory3 (arXiv 2407.01178) keeps of each reference only the tokens that receive the most attention.
 :class:`MemoryEncoder` runs the model's own forward on each reference alone (marker prefix, positions
-from :func:`memory3.sdk.model.rope.reference_position_ids`), captures each memory layer's keys and values
+from :func:`memory3.sdk.model.positions.reference_position_ids`), captures each memory layer's keys and values
 through :func:`memory3.sdk.model.attention.attention_hook`, scores every token per KV head by the
 attention it receives with RoPE undone, and keeps the top ``spec.tokens_per_head`` (ties within
 :data:`TIE_TOLERANCE` go to the earlier token, :func:`rank_with_ties`). A reference too short to fill
@@ -19,10 +19,12 @@ from collections.abc import Sequence
 import torch
 
 from memory3.core.memory_spec import REFERENCE_MARKER, MemorySpec
+from memory3.sdk.memory.self_check import require_exact_reading
 from memory3.sdk.memory.tensors import ExplicitMemory
 from memory3.sdk.model.attention import attention_hook
 from memory3.sdk.model.fingerprint import model_fingerprint
-from memory3.sdk.model.rope import Rotary, reference_position_ids
+from memory3.sdk.model.positions import probe_geometry, reference_position_ids
+from memory3.sdk.model.precision import float32_compute
 
 TIE_TOLERANCE = 1e-4
 """Log scores closer than this (relative 1e-4 in attention received) are treated as equal."""
@@ -54,25 +56,24 @@ class _StopForward(Exception):
 
 
 class MemoryEncoder:
-    """Encodes references into :class:`ExplicitMemory` objects with a model and its tokenizer."""
+    """Encodes references into :class:`ExplicitMemory` objects with a model and its tokenizer.
 
-    def __init__(self, model: torch.nn.Module, tokenizer, spec: MemorySpec, batch_size: int = 16):
-        config = model.config
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        if (spec.kv_heads, spec.head_dim) != (kv_heads, head_dim):
-            raise ValueError(
-                f"spec has {spec.kv_heads} kv heads of dim {spec.head_dim}, model has {kv_heads} of dim {head_dim}"
-            )
-        if max(spec.memory_layers) >= config.num_hidden_layers:
-            raise ValueError(f"memory layer {max(spec.memory_layers)} does not exist in a {config.num_hidden_layers}-layer model")
+    Without a tokenizer only :meth:`encode_ids` works (token ids the caller made, no marker).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: MemorySpec, batch_size: int = 16,
+                 self_check: bool = True):
+        geometry = probe_geometry(model)
+        geometry.check_spec(spec)
+        if self_check:
+            require_exact_reading(model)
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.batch_size = batch_size
-        self.rotary = Rotary.from_model(model)
+        self.rotations = {layer: geometry.rotations[layer] for layer in spec.memory_layers}
         bos = getattr(tokenizer, "bos_token_id", None)
-        marker = tokenizer(REFERENCE_MARKER, add_special_tokens=False)["input_ids"]
+        marker = tokenizer(REFERENCE_MARKER, add_special_tokens=False)["input_ids"] if tokenizer is not None else []
         self.prefix_ids: list[int] = ([bos] if bos is not None else []) + list(marker)
         if len(self.prefix_ids) + spec.tokens_per_head > spec.reference_length:
             raise ValueError(
@@ -89,6 +90,8 @@ class MemoryEncoder:
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each reference: prefix (BOS + marker) + text, truncated to the spec."""
+        if self.tokenizer is None:
+            raise ValueError("this encoder has no tokenizer: pass token ids to encode_ids")
         budget = self.spec.reference_length - len(self.prefix_ids)
         bodies = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
         return [self.prefix_ids + list(body[:budget]) for body in bodies]
@@ -168,7 +171,7 @@ class MemoryEncoder:
         self.model.eval()
         try:
             grad_mode = torch.enable_grad() if self._differentiable else torch.inference_mode()
-            with grad_mode, attention_hook(self.model, self._capture):
+            with grad_mode, float32_compute(self.model), attention_hook(self.model, self._capture):
                 try:
                     self.model(
                         input_ids=input_ids,
@@ -196,13 +199,13 @@ class MemoryEncoder:
         if slot is not None:
             scaling = kwargs.get("scaling")
             scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-            self._kept[slot] = self.select(query, key, value, scaling)
+            self._kept[slot] = self.select(query, key, value, scaling, layer)
             if layer == max(self.spec.memory_layers):
                 raise _StopForward
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
     def select(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, layer: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k tokens per KV head by attention received; returns kept (keys, values, positions).
 
@@ -212,8 +215,9 @@ class MemoryEncoder:
         batch, heads, length, dim = query.shape
         kv_heads = key.shape[1]
         positions = reference_position_ids(length, query.device)[0]
-        q = self.rotary.unrotate(query, positions).view(batch, kv_heads, heads // kv_heads, length, dim)
-        k = self.rotary.unrotate(key, positions)
+        rotation = self.rotations[layer]
+        q = rotation.unrotate(query, positions).view(batch, kv_heads, heads // kv_heads, length, dim)
+        k = rotation.unrotate(key, positions)
         logits = torch.einsum("bhgid,bhjd->bhgij", q, k) * scaling  # (batch, kv heads, group, i, j)
         query_valid = self._query_valid[:, None, None, :, None]
         logits = logits.masked_fill(~query_valid, float("-inf"))

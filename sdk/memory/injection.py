@@ -6,7 +6,7 @@ front of the context's K/V with mask columns so every query sees every real memo
 ``visible``, the slots it may see); padded slots are masked and other layers are untouched. The KV
 cache only ever holds the context, so memories can be swapped every 64 tokens without touching it.
 Memory keys are rotated once, at :meth:`MemoryInjector.set_memories`, to the parallel positions of
-:func:`memory3.sdk.model.rope.memory_key_shift`; a left-padded direct forward must pass
+:func:`memory3.sdk.model.positions.memory_key_shift`; a left-padded direct forward must pass
 ``position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)``. An opt-in retrieval prior adds
 ``retrieval_bias * (score - best score)`` to each memory's logits. Details: docs/design.md.
 """
@@ -22,8 +22,9 @@ import torch
 from memory3.core.memory_spec import MemorySpec
 from memory3.sdk.memory.tensors import ExplicitMemory
 from memory3.sdk.model.attention import attention_hook
+from memory3.sdk.memory.self_check import require_exact_reading
 from memory3.sdk.model.fingerprint import model_fingerprint
-from memory3.sdk.model.rope import Rotary, memory_key_shift
+from memory3.sdk.model.positions import memory_key_shift, probe_geometry
 
 
 def _sdpa_would_be_causal(base_name: str, module: torch.nn.Module, q_len: int, kwargs: dict) -> bool:
@@ -36,15 +37,16 @@ def _sdpa_would_be_causal(base_name: str, module: torch.nn.Module, q_len: int, k
 def _context_mask(attention_mask, base_name, module, query, kv_len, kwargs) -> torch.Tensor:
     """The context part of the mask as a 4D tensor, materialised where the model passed None.
 
-    None means: eager — attend everywhere; sdpa — causal (lower-right aligned) when there is more
-    than one query and the layer is causal, else attend everywhere.
+    None means: eager — attend everywhere; sdpa — causal when there is more than one query and the
+    layer is causal, else attend everywhere. The causal mask is what torch's ``is_causal`` applies:
+    aligned top-left (query i sees keys 0..i), which matters when a static cache makes the keys
+    longer than the queries at prefill.
     """
     if attention_mask is not None:
         return attention_mask
     q_len, device = query.shape[2], query.device
     if _sdpa_would_be_causal(base_name, module, q_len, kwargs):
-        rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
-        allowed = torch.arange(kv_len, device=device)[None, :] <= rows
+        allowed = torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None]
     else:
         allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
     allowed = allowed.view(1, 1, q_len, kv_len)
@@ -101,23 +103,24 @@ class MemoryInjector:
     ...     out = model.generate(**batch)
 
     Memories may be replaced or cleared between calls; with none set (or all rows empty) the model
-    computes exactly what it computes without the injector. A single memory list is broadcast to
-    every batch row (beam search, ``num_return_sequences``). ``verify_fingerprint`` refuses
+    computes exactly what it computes without the injector. When the batch has ``n`` times the rows
+    memories were set for (beam search, ``num_return_sequences``), row ``b``'s memories serve rows
+    ``b*n .. b*n+n-1``, as ``generate`` lays them out. ``verify_fingerprint`` refuses
     memories encoded by a different model (config or weights). ``retrieval_bias`` > 0 turns on the
     retrieval prior (module docstring) for memories set with their ``scores``.
     """
 
     def __init__(self, model: torch.nn.Module, spec: MemorySpec, verify_fingerprint: bool = True,
-                 retrieval_bias: float = 0.0):
+                 retrieval_bias: float = 0.0, self_check: bool = True):
         if not 0 <= retrieval_bias < float("inf"):
             raise ValueError(f"retrieval_bias must be finite and >= 0, got {retrieval_bias}")
-        config = model.config
-        n_layers = config.num_hidden_layers
-        if max(spec.memory_layers) >= n_layers:
-            raise ValueError(f"memory layer {max(spec.memory_layers)} does not exist in a {n_layers}-layer model")
+        geometry = probe_geometry(model)
+        geometry.check_spec(spec)
+        if self_check:
+            require_exact_reading(model)
         self.model = model
         self.spec = spec
-        self.rotary = Rotary.from_model(model)
+        self.rotations = [geometry.rotations[layer] for layer in spec.memory_layers]
         self.verify_fingerprint = verify_fingerprint
         self.retrieval_bias = float(retrieval_bias)
         self._context: contextlib.AbstractContextManager | None = None
@@ -220,7 +223,8 @@ class MemoryInjector:
             keys[:, b, :, : len(row) * tokens] = kv[:, :, 0].permute(1, 2, 0, 3, 4).reshape(n_layers, kv_heads, -1, head_dim)
             values[:, b, :, : len(row) * tokens] = kv[:, :, 1].permute(1, 2, 0, 3, 4).reshape(n_layers, kv_heads, -1, head_dim)
             valid[b, : len(row) * tokens] = True
-        keys = self.rotary.rotate(keys, memory_key_shift(self.spec))
+        shift = memory_key_shift(self.spec)
+        keys = torch.stack([rotation.rotate(layer_keys, shift) for rotation, layer_keys in zip(self.rotations, keys)])
         if visible is not None:  # memory-level -> slot-level, per query position
             valid = valid[:, None, :] & visible.to(device).repeat_interleave(tokens, dim=2)
         self._keys, self._values, self._valid = keys.to(dtype), values.to(dtype), valid
@@ -242,13 +246,14 @@ class MemoryInjector:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
         mem_k, mem_v, valid, bias = self._keys[slot], self._values[slot], self._valid, self._bias
         batch = query.shape[0]
-        if mem_k.shape[0] != batch:
-            if mem_k.shape[0] != 1:
-                raise ValueError(f"memories were set for {mem_k.shape[0]} rows but the batch has {batch}")
-            mem_k = mem_k.expand(batch, -1, -1, -1)
-            mem_v = mem_v.expand(batch, -1, -1, -1)
-            valid = valid.expand(batch, *valid.shape[1:])
-            bias = bias.expand(batch, -1) if bias is not None else None
+        rows = mem_k.shape[0]
+        if rows != batch:  # beams / return sequences: generate repeats each row in place
+            if batch % rows:
+                raise ValueError(f"memories were set for {rows} rows but the batch has {batch}, not a multiple")
+            copies = batch // rows
+            mem_k, mem_v = mem_k.repeat_interleave(copies, 0), mem_v.repeat_interleave(copies, 0)
+            valid = valid.repeat_interleave(copies, 0)
+            bias = bias.repeat_interleave(copies, 0) if bias is not None else None
         if valid.dim() == 3 and valid.shape[1] != query.shape[2]:
             raise ValueError(f"memory visibility covers {valid.shape[1]} queries, the forward has {query.shape[2]}")
         # All memory layers of one forward get the same mask object: extend it once per forward.

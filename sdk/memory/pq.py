@@ -34,7 +34,7 @@ from memory3.core.codebook_format import (
     with_checksum,
 )
 from memory3.sdk.memory.tensors import ExplicitMemory
-from memory3.sdk.model.rope import Rotary, rotate_halves
+from memory3.sdk.model.positions import rotate_halves
 
 
 def subvector_sizes(head_dim: int, subvectors: int) -> tuple[int, ...]:
@@ -181,9 +181,9 @@ class PQCodebook:
     def _move_keys(self, kv: torch.Tensor, positions: torch.Tensor | None, sign: int) -> torch.Tensor:
         """Keys rotated by ``sign * positions`` (to position 0 and back) when the codebook codes
         keys without their position, in place on ``kv`` (a float32 tensor the caller owns); ``kv``
-        unchanged otherwise. The rotation is :func:`~memory3.sdk.model.rope.rotate_halves` (the model's),
+        unchanged otherwise. The rotation is :func:`~memory3.sdk.model.positions.rotate_halves`,
         from a cached table of cos/sin per position (computing the angles per call, as
-        :meth:`~memory3.sdk.model.rope.Rotary.rotate` does, slows PQ decoding markedly)."""
+        :meth:`~memory3.sdk.model.positions.LayerRotation.rotate` does, slows PQ decoding markedly)."""
         if self.key_rope is None:
             return kv
         if positions is None:
@@ -383,7 +383,7 @@ def train_codebook(
     kmeans_iters: int = 10,
     opq_iters: int = 0,
     seed: int = 0,
-    key_rope: Rotary | torch.Tensor | None = None,
+    key_rope: torch.Tensor | None = None,
     quantizer: str = "product",
 ) -> PQCodebook:
     """Train an OPQ codebook on a sample of a bank's memories.
@@ -393,7 +393,7 @@ def train_codebook(
     All memories must share one fingerprint and one shape. Aim for at least ~10 training vectors
     per centroid in each group (with ``share="layer"``: ``len(memories) * heads * tokens >= 2560``);
     fewer still trains, with centroids repeated, but fidelity on unseen memories drops.
-    ``key_rope`` (the model's :class:`~memory3.sdk.model.rope.Rotary`, or its ``inv_freq``): code keys
+    ``key_rope`` (the memory layers' RoPE angles, :meth:`~memory3.sdk.model.positions.ModelGeometry.codebook_angles`): code keys
     without their position (step 4 of the module docstring); recommended for RoPE models.
     ``quantizer``: ``"product"`` (the paper's) or ``"residual"`` (step 5: closer at the same bytes,
     wants a larger sample -- hundreds of memories, not tens); ``opq_iters`` applies to product only.
@@ -414,7 +414,7 @@ def train_codebook(
     layers, _, heads, _, dim = shape
     sizes = subvector_sizes(dim, bytes_per_vector)
     gen = torch.Generator().manual_seed(seed)
-    rope = key_rope.inv_freq if isinstance(key_rope, Rotary) else key_rope
+    rope = key_rope
     with torch.inference_mode():
         groups = layers * 2 if share == "layer" else 2
         stages = bytes_per_vector if quantizer == "residual" else 1

@@ -6,7 +6,7 @@ import secrets
 
 import pytest
 import torch
-from decoding_helpers import generate_flat, option_groups
+from decoding_helpers import generate_flat, option_groups, replay
 
 from memory3.sdk.model.positions import memory_spec_for
 from memory3.sdk.client import BankInfo
@@ -113,27 +113,10 @@ def test_what_generate_computed_is_what_the_recorded_memories_give_when_replayed
     set on an injector of our own, and the segment's tokens fed to the model with the cache of the
     segments before; every generated token's logits must equal what ``generate`` returned. A
     memory switch that is recorded but not read (or read at the wrong positions) fails here."""
-    from transformers import DynamicCache
-
-    from memory3.sdk.memory.codec import decode_memory
-    from memory3.sdk.memory.injection import MemoryInjector
-
-    bank = chunk_bank
-    [result] = _generate(model, tokenizer, supply, bank, [PROMPT], top_k=2, output_scores=True)
+    [result] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], top_k=2, output_scores=True)
     assert len({tuple(s.reference_ids) for s in result.segments}) > 2  # memories switch along the way
-    ids = torch.tensor([result.prompt_ids + result.token_ids])
-    stored = {r.external_id: decode_memory(r.memory)
-              for r in blocking.fetch(bank, sorted(result.reference_ids), include_memory=True)}
-    logits, cache = [], DynamicCache()
-    with torch.no_grad(), MemoryInjector(model, spec) as injector:
-        for segment in result.segments:
-            injector.set_memories([[stored[i] for i in segment.reference_ids]])
-            out = model(input_ids=ids[:, segment.start:segment.end], cache=cache, use_cache=True)
-            logits.append(out.logits[0].float())
-    replayed = torch.cat(logits)
-    n = len(result.prompt_ids)
-    assert replayed.shape[0] == n + len(result.token_ids) - 1  # every fed position, the last token never fed
-    torch.testing.assert_close(replayed[n - 1:], result.scores, atol=1e-4, rtol=1e-4)
+    replayed = replay(model, spec, blocking, chunk_bank, result)
+    torch.testing.assert_close(replayed, result.scores, atol=1e-4, rtol=1e-4)
 
 
 def test_zero_memories_is_plain_generation(model, tokenizer, supply, blocking, spec):

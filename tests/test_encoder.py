@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import copy
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -292,3 +294,20 @@ def test_ties_go_to_the_earlier_token():
     scores = torch.tensor([[1.0, 2.0 + 3e-7, 2.0, 0.5, inf, 2.0 - 2e-7, inf]])
     assert rank_with_ties(scores).tolist() == [[1, 2, 5, 0, 3, 4, 6]]
     assert rank_with_ties(torch.tensor([3.0, 1.0, 2.0])).tolist() == [0, 2, 1]
+
+
+def test_half_precision_model_selects_and_encodes_in_float32(model, tokenizer, spec):
+    """A bfloat16 model encodes what its exact float32 upcast encodes (same kept tokens, same K/V
+    bit for bit), and comes back from encoding unchanged: dtype, values and fingerprint."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    upcast = copy.deepcopy(half).to(torch.float32)
+    weights = {name: tensor.clone() for name, tensor in half.state_dict().items()}
+    fingerprint = model_fingerprint(half)
+    got = MemoryEncoder(half, tokenizer, spec).encode(TEXTS)
+    want = MemoryEncoder(upcast, tokenizer, spec).encode(TEXTS)
+    for g, w in zip(got, want):
+        assert torch.equal(g.positions, w.positions) and g.kv.dtype == torch.float32 and torch.equal(g.kv, w.kv)
+        assert g.fingerprint == fingerprint != w.fingerprint  # pinned to the model as loaded
+    state = half.state_dict()
+    assert all(state[name].dtype == tensor.dtype and torch.equal(state[name], tensor) for name, tensor in weights.items())
+    assert model_fingerprint(half) == fingerprint

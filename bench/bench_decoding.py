@@ -119,7 +119,8 @@ class InjectionOnly:
         future = concurrent.futures.Future()
         future.timing = StepTiming(rows=len(queries))
         self.timings.append(future.timing)
-        rows = [Retrieved(q, [], self.memories[:top_k], self.ids[:top_k]) if q else Retrieved(q) for q in queries]
+        scores = [0.0] * len(self.memories[:top_k])
+        rows = [Retrieved(q, [], self.memories[:top_k], self.ids[:top_k], scores) if q else Retrieved(q) for q in queries]
         future.set_result(rows)
         return future
 

@@ -299,6 +299,8 @@ def test_retrieval_prior_weighs_memories_by_their_scores(impl, tokenizer, spec, 
     with MemoryInjector(model, spec) as injector:  # retrieval_bias 0: scores are ignored
         injector.set_memories(rows, [[0.9, -1e4], [-1e4, 0.2], [0.5]])
         assert torch.equal(logits(model, batch), unbiased)
+        injector.set_memories(rows, [[], [], []])  # a memory source without scores (bench_decoding's)
+        assert torch.equal(logits(model, batch), unbiased)
 
 
 def test_retrieval_prior_refuses_bad_scores(model, spec, memories):

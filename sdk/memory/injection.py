@@ -171,7 +171,8 @@ class MemoryInjector:
         Rows with fewer memories get masked slots. Keys are rotated to parallel positions here,
         once, and everything is moved to the model's dtype and device. ``scores`` (one per memory,
         higher = more relevant, as retrieval returns them) feed the retrieval prior when
-        ``retrieval_bias`` > 0; without them, or at 0, every memory is read alike.
+        ``retrieval_bias`` > 0 (and are not looked at otherwise); without them, or at 0, every
+        memory is read alike.
 
         ``visible`` (bool, (batch, queries, max memories per row)) restricts which memories each
         query position reads: query ``q`` of row ``b`` sees memory ``i`` only where
@@ -185,7 +186,7 @@ class MemoryInjector:
             if visible.dtype != torch.bool or visible.dim() != 3 or (visible.shape[0], visible.shape[2]) != want:
                 raise ValueError(f"visible must be a bool tensor (batch, queries, memories) = ({want[0]}, q, {want[1]}), "
                                  f"got {visible.dtype} {tuple(visible.shape)}")
-        if scores is not None:
+        if scores is not None and self.retrieval_bias > 0:  # read only by the prior
             if [len(row) for row in scores] != counts:
                 raise ValueError(f"scores per row {[len(row) for row in scores]} do not match memories per row {counts}")
             for b, row in enumerate(scores):

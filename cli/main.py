@@ -1,4 +1,5 @@
-"""The ``memory3`` command: serve, manage tenants/keys and banks, ingest JSONL, query, train.
+"""The ``memory3`` command: serve, manage tenants/keys and banks, ingest JSONL, query, train,
+export trajectories to Parquet (``trajectories export``: written whole or not at all, progress on stderr).
 
 A user's mistake gets one line on stderr — what, where, how to fix — and exit status 2; a server
 refusal gets its status and message (exit 1); never a traceback, never a secret (passwords in
@@ -239,6 +240,57 @@ def cmd_generate(args) -> None:
     )
 
 
+def _iso_time(option: str, value: str | None):
+    """An ISO 8601 time from the command line, as an aware datetime (no zone given: UTC)."""
+    from datetime import datetime, timezone
+
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(f"{option} {value!r} is not an ISO 8601 time: write e.g. 2025-05-01, 2025-05-01T12:00:00Z "
+                       "or 2025-05-01T12:00:00+02:00 (no zone: UTC)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def cmd_trajectories(args) -> None:
+    """``trajectories export``: the Export RPC's Arrow stream into one Parquet file (all or nothing)."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory: name a file, e.g. --out {out / 'episodes.parquet'}")
+    if not out.absolute().parent.is_dir():
+        raise CliError(f"--out {out}: the directory {out.absolute().parent} does not exist; create it or choose "
+                       "another path")
+    since, until = _iso_time("--since", args.since), _iso_time("--until", args.until)
+    if since is not None and until is not None and since >= until:
+        raise CliError(f"--since {args.since} is not before --until {args.until}: no episode could match; "
+                       "--since is inclusive, --until exclusive")
+    negative = [v for v in args.proxy_versions or () if v < 0]
+    if negative:
+        raise CliError(f"--proxy-version {negative[0]}: proxy versions are 0 (the initial proxy) or more")
+    from memory3.service.trajectories import REWARD_NAME
+
+    if args.reward_key is not None and not REWARD_NAME.fullmatch(args.reward_key):
+        raise CliError(f"--reward-key {args.reward_key!r} is not a reward name: 1-64 letters, digits, '_', '.', ':', "
+                       "'/', '-', starting with a letter or digit (as the rewards were logged)")
+    if not 0 < args.timeout < float("inf"):
+        raise CliError(f"--timeout {args.timeout}: give the export's deadline in seconds, more than 0")
+    filters = {"bank": args.bank, "logged_after": since, "logged_before": until,
+               "episode_ids": args.episode_ids, "proxy_versions": args.proxy_versions}
+    with _client(args) as client:
+        total, _ = client.count_episodes(**filters)
+        with tqdm(total=total, unit="episode", desc=f"export {out.name}", file=sys.stderr) as bar:
+            rows = client.export_parquet(out, reward_key=args.reward_key, timeout=args.timeout, progress=bar,
+                                         **filters)
+    if args.json:
+        print(json.dumps({"path": str(out), "episodes": rows, "bytes": out.stat().st_size}))
+    else:
+        print(f"wrote {rows} episodes to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memory3", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,6 +364,31 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--retrieval-bias", type=float, default=0.0,
                           help="memory mode: weigh memories by retrieval score (0: off; 20 for small models)")
     generate.set_defaults(func=cmd_generate)
+
+    trajectories = client_command("trajectories", "export logged proxy trajectories to Parquet")
+    trajectories_sub = trajectories.add_subparsers(dest="action", required=True)
+    export = trajectories_sub.add_parser(
+        "export", help="the episodes a filter selects, as one Parquet file (datasets, pandas, polars, TRL columns)",
+        description="Stream the episodes the filters select (all of them without one) through the Export RPC "
+                    "into one Parquet file, written whole or not at all. Columns: docs/design.md, "
+                    "'Trajectory export'.")
+    for flag, text in (("--target", "server address (default MEMORY3_TARGET or MEMORY3_HOST:MEMORY3_PORT)"),
+                       ("--api-key", "the tenant's key (default MEMORY3_API_KEY)"),
+                       ("--ca-file", "CA certificate (PEM) of a TLS server (default MEMORY3_CA_FILE)")):
+        export.add_argument(flag, default=argparse.SUPPRESS, help=text)  # SUPPRESS: one given before `export` stays
+    export.add_argument("--out", required=True, metavar="FILE.parquet", help="the Parquet file to write (replaced)")
+    export.add_argument("--since", metavar="ISO8601", help="logged at or after this time (no zone: UTC)")
+    export.add_argument("--until", metavar="ISO8601", help="logged before this time (no zone: UTC)")
+    export.add_argument("--episode", dest="episode_ids", nargs="+", action="extend", metavar="ID",
+                        help="only these episode ids (repeatable; at most 10,000)")
+    export.add_argument("--proxy-version", dest="proxy_versions", nargs="+", action="extend", type=int, metavar="N",
+                        help="only episodes logged under these proxy versions (repeatable)")
+    export.add_argument("--bank", help="only episodes that read this bank")
+    export.add_argument("--reward-key", metavar="K",
+                        help="the `reward` column is rewards[K] (null where absent); default: the sum of the rewards")
+    export.add_argument("--timeout", type=float, default=3600.0, help="deadline of the export in seconds (3600)")
+    export.add_argument("--json", action="store_true", help="print {path, episodes, bytes} as JSON")
+    trajectories.set_defaults(func=cmd_trajectories)
 
     health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for health checks)")
     health.add_argument("--target")

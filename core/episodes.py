@@ -8,6 +8,10 @@ their types, and the Decision attribute — used by every conversion.
 
 Hidden states are not part of an episode by default: the trainer recomputes them with the frozen
 LLM. ``hidden_states`` (compressed bytes) is only for trainers that cannot run the LLM.
+
+``prompt_text`` / ``response_text`` are the ids decoded by the model's tokenizer where the episode
+was made (``make_episodes`` with a tokenizer; the decoding loop always has one), logged with the
+episode so an export carries text beside the ids without a tokenizer at hand. None: not logged.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class Episode:
     rewards: dict[str, float] = field(default_factory=dict)
     episode_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     hidden_states: bytes | None = None
+    prompt_text: str | None = None      # the prompt ids decoded (skip_special_tokens); None: not logged
+    response_text: str | None = None    # the response ids decoded likewise
 
 
 @dataclass(frozen=True)

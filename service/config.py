@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     max_episode_tokens: int = Field(default=65_536, description="Most prompt + response tokens of one logged episode")
     max_episode_decisions: int = Field(default=65_536, description="Most proxy decisions of one logged episode")
     max_hidden_state_bytes: int = Field(default=4 * MiB, description="Largest compressed hidden states of one episode")
+    max_episode_text_bytes: int = Field(
+        default=1 * MiB, description="Largest prompt or response text of one logged episode (UTF-8 bytes)")
     read_page_episodes: int = Field(default=256, description="Episodes per Read page when the caller does not say")
     max_read_page_episodes: int = Field(default=4096, description="Largest Read page a caller may ask for")
     max_proxy_bytes: int = Field(default=512 * MiB, description="Largest proxy weights file Publish accepts")

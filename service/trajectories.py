@@ -1,9 +1,11 @@
 """The Trajectories service: Log (client stream, deduplicated by episode id), AttachReward,
-Read (filtered, paged, resumable by cursor) and Count — each scoped to the caller's tenant.
+Read (filtered, paged, resumable by cursor), Count and Export (the episodes as one Arrow IPC
+stream in the columns of core/episode_table.py) — each scoped to the caller's tenant.
 
 An episode's bank is recorded as the name the generation read from; it need not still exist
 (a bank can be deleted while its trajectories stay useful for training), so Log checks its
-spelling, not its existence."""
+spelling, not its existence. Its prompt and response texts, when logged, are checked only for
+size and NUL (the server has no tokenizer to compare them with the ids)."""
 
 from __future__ import annotations
 
@@ -96,6 +98,15 @@ def row_from_record(record: trajectories_pb2.EpisodeRecord, settings: Settings) 
         raise InvalidArgument(f"episode {eid!r}: decision arrays must have equal lengths ({shown})")
     if len(record.hidden_states) > settings.max_hidden_state_bytes:
         raise ResourceExhausted(f"episode {eid!r}: hidden_states exceed {settings.max_hidden_state_bytes} bytes")
+    texts = [record.prompt_text if record.HasField("prompt_text") else None,
+             record.response_text if record.HasField("response_text") else None]
+    for what, value in zip(("prompt_text", "response_text"), texts):
+        if value is None:
+            continue
+        if "\x00" in value:
+            raise InvalidArgument(f"episode {eid!r}: {what} contains a NUL character")
+        if len(value.encode()) > settings.max_episode_text_bytes:
+            raise ResourceExhausted(f"episode {eid!r}: {what} exceeds {settings.max_episode_text_bytes} bytes")
     rewards = dict(record.rewards)
     for name, value in rewards.items():
         check_reward(eid, name, value)
@@ -111,7 +122,7 @@ def row_from_record(record: trajectories_pb2.EpisodeRecord, settings: Settings) 
     return EpisodeRow(
         eid, record.bank, record.model_fingerprint, record.proxy_version,
         _non_negative(record.prompt_ids, "prompt_ids", eid), _non_negative(record.response_ids, "response_ids", eid),
-        decisions, rewards, record.hidden_states or None,
+        decisions, rewards, record.hidden_states or None, prompt_text=texts[0], response_text=texts[1],
     )
 
 
@@ -123,6 +134,10 @@ def record_from_row(row: EpisodeRow) -> trajectories_pb2.EpisodeRecord:
     )
     for column, values in zip(DECISION_COLUMNS, row.decisions):
         getattr(record, column).extend(values)
+    if row.prompt_text is not None:
+        record.prompt_text = row.prompt_text
+    if row.response_text is not None:
+        record.response_text = row.response_text
     return record
 
 
@@ -144,9 +159,12 @@ def filter_from_proto(message: trajectories_pb2.EpisodeFilter, max_ids: int) -> 
         logged_after=_when(message, "logged_after"),
         logged_before=_when(message, "logged_before"),
         episode_ids=list(message.episode_ids),
+        proxy_versions=list(message.proxy_versions),
     )
     if len(flt.episode_ids) > max_ids:
         raise InvalidArgument(f"at most {max_ids} episode_ids per filter, got {len(flt.episode_ids)}")
+    if len(flt.proxy_versions) > max_ids:
+        raise InvalidArgument(f"at most {max_ids} proxy_versions per filter, got {len(flt.proxy_versions)}")
     return flt
 
 

@@ -1,7 +1,11 @@
 """Trajectories of the proxy policy: one row per episode, decisions as parallel arrays (see
 migration 0002 for why). Log streams stage episodes with binary COPY into a temporary table and
 insert them at commit with ``ON CONFLICT DO NOTHING`` on (tenant, episode id): a retried or
-replayed episode is counted as a duplicate, never stored twice, and a stream is all or nothing."""
+replayed episode is counted as a duplicate, never stored twice, and a stream is all or nothing.
+
+The episode's prompt and response texts (migration 0005; NULL when not logged) travel in the same
+row, so Read and Export hand them out without a tokenizer. A filter's ``proxy_versions`` is an
+``= ANY`` over the (tenant, proxy_version, seq) index."""
 
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ _DECISION_TYPES = [f.sql_type for f in DECISION_FIELDS]
 # Columns a Log stream stages, in COPY order (stream_seq keeps the client's order for seqs).
 _STAGED = (
     "stream_seq", "episode_id", "bank", "model_fingerprint", "proxy_version", "prompt_ids", "response_ids",
-    "n_decisions", *DECISION_COLUMNS, "rewards", "hidden_states",
+    "n_decisions", *DECISION_COLUMNS, "rewards", "hidden_states", "prompt_text", "response_text",
 )
-_STAGED_TYPES = ["int8", "text", "text", "text", "int8", "int4[]", "int4[]", "int4", *_DECISION_TYPES, "jsonb", "bytea"]
+_STAGED_TYPES = ["int8", "text", "text", "text", "int8", "int4[]", "int4[]", "int4", *_DECISION_TYPES, "jsonb", "bytea",
+                 "text", "text"]
 _STAGED_DEFINITION = ", ".join(f"{column} {kind}" for column, kind in zip(_STAGED, _STAGED_TYPES))
 
 CURSOR = re.compile(r"c1\.(\d{1,19})")  # fullmatch
@@ -46,6 +51,8 @@ class EpisodeRow:
     hidden_states: bytes | None = None
     logged_at: datetime | None = None
     seq: int = 0
+    prompt_text: str | None = None
+    response_text: str | None = None
 
     @property
     def n_decisions(self) -> int:
@@ -57,13 +64,14 @@ class EpisodeRow:
             self.prompt_ids, self.response_ids, decisions_from_columns(self.decisions), self.model_fingerprint,
             # jsonb writes a whole-valued double as an integer (1e19 -> 10000000000000000000): floats again
             self.proxy_version, self.bank, {k: float(v) for k, v in self.rewards.items()}, self.episode_id,
-            self.hidden_states,
+            self.hidden_states, self.prompt_text, self.response_text,
         )
 
     def approximate_bytes(self) -> int:
         """About what the episode takes in memory and on the wire (4 bytes per token and decision field)."""
         return (4 * (len(self.prompt_ids) + len(self.response_ids)) + 4 * len(self.decisions) * self.n_decisions
-                + len(self.hidden_states or b"") + 32 * len(self.rewards) + 256)
+                + len(self.hidden_states or b"") + 32 * len(self.rewards) + 256
+                + sum(len(t.encode()) for t in (self.prompt_text, self.response_text) if t))
 
 
 @dataclass
@@ -74,6 +82,7 @@ class EpisodeFilter:
     logged_after: datetime | None = None
     logged_before: datetime | None = None
     episode_ids: list[str] = field(default_factory=list)
+    proxy_versions: list[int] = field(default_factory=list)
 
     def where(self, tenant_id: int) -> tuple[str, dict]:
         """SQL condition and parameters; only fixed column names, user values are parameters."""
@@ -93,6 +102,9 @@ class EpisodeFilter:
         if self.episode_ids:
             clauses.append("episode_id = ANY(:ids)")
             params["ids"] = list(self.episode_ids)
+        if self.proxy_versions:
+            clauses.append("proxy_version = ANY(:versions)")
+            params["versions"] = list(self.proxy_versions)
         return " AND ".join(clauses), params
 
 
@@ -145,7 +157,7 @@ class EpisodeWriter:
                             (
                                 self.stream_id, self._received, row.episode_id, row.bank, row.model_fingerprint,
                                 row.proxy_version, row.prompt_ids, row.response_ids, row.n_decisions, *row.decisions,
-                                Jsonb(row.rewards), row.hidden_states,
+                                Jsonb(row.rewards), row.hidden_states, row.prompt_text, row.response_text,
                             )
                         )
                         self.staged_bytes += row.approximate_bytes()
@@ -199,7 +211,8 @@ class EpisodeWriter:
 
 
 _READ_COLUMNS = (
-    "seq, episode_id, bank, model_fingerprint, proxy_version, logged_at, prompt_ids, response_ids, rewards"
+    "seq, episode_id, bank, model_fingerprint, proxy_version, logged_at, prompt_ids, response_ids, rewards,"
+    " prompt_text, response_text"
 )
 
 
@@ -237,7 +250,7 @@ class TrajectoryStore:
                 row = EpisodeRow(
                     r.episode_id, r.bank, r.model_fingerprint, r.proxy_version, r.prompt_ids, r.response_ids,
                     tuple(getattr(r, c) for c in DECISION_COLUMNS) if with_decisions else empty,
-                    r.rewards, r.hidden_states, r.logged_at, r.seq,
+                    r.rewards, r.hidden_states, r.logged_at, r.seq, r.prompt_text, r.response_text,
                 )
                 size += row.approximate_bytes()
                 if rows and size > budget:

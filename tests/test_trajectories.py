@@ -48,6 +48,7 @@ def as_stored(episode: Episode) -> Episode:
     return Episode(
         list(episode.prompt_ids), list(episode.response_ids), decisions, episode.model_fingerprint,
         episode.proxy_version, episode.bank, dict(episode.rewards), episode.episode_id, episode.hidden_states,
+        episode.prompt_text, episode.response_text,
     )
 
 
@@ -137,19 +138,23 @@ def test_parquet_export_readable(client, tmp_path):
     rows = export_parquet(client, path)  # through the Export RPC's Arrow stream
     assert rows == 9
     table = pq.read_table(path)
-    for column in ("prompt_ids", "response_ids", "action_mask", "behaviour_logprobs", "logprobs", "rewards",
-                   "reward", "model_version", "proxy_version", "episode_id", "decision_p_accept"):
+    for column in ("prompt", "completion", "prompt_ids", "response_ids", "proxy_action_mask", "proxy_decision_logprobs",
+                   "proxy_logprobs", "rewards", "reward", "model_version", "proxy_version", "episode_id",
+                   "decision_p_accept"):
         assert column in table.column_names
+    assert "logprobs" not in table.column_names and "action_mask" not in table.column_names  # the LLM's, in TRL
     first = episodes[0]
     row = table.slice(0, 1).to_pylist()[0]
     assert row["episode_id"] == first.episode_id and row["model_version"] == FINGERPRINT
     assert row["prompt_ids"] == first.prompt_ids and row["response_ids"] == first.response_ids
-    assert row["action_mask"] == [1] * len(first.response_ids)  # make_episode accepts every response token
+    assert row["proxy_action_mask"] == [1] * len(first.response_ids)  # make_episode accepts every response token
     expected = [math.log(f32(d.p_accept)) if d.accepted else math.log1p(-f32(d.p_accept)) for d in first.decisions]
-    np.testing.assert_allclose(row["behaviour_logprobs"], expected, rtol=1e-5)
+    np.testing.assert_allclose(row["proxy_decision_logprobs"], expected, rtol=1e-5)
     per_token = [sum(lp for d, lp in zip(first.decisions, expected) if d.position == t) for t in range(12)]
-    np.testing.assert_allclose(row["logprobs"], per_token, rtol=1e-5)
-    assert dict(row["rewards"]) == {"rule": first.rewards["rule"], "human": 2.0}
+    np.testing.assert_allclose(row["proxy_logprobs"], per_token, rtol=1e-5)
+    assert row["rewards"] == sorted([{"name": "rule", "value": first.rewards["rule"]}, {"name": "human", "value": 2.0}],
+                                    key=lambda r: r["name"])
+    assert row["prompt"] is None and row["completion"] is None  # make_episode logs no texts
     assert row["reward"] == pytest.approx(first.rewards["rule"] + 2.0)
     df = table.to_pandas()  # pandas is a test dependency: this always runs
     assert list(df.episode_id) == [e.episode_id for e in episodes]

@@ -7,6 +7,10 @@ store, so ``llm_prob`` / ``p_accept`` come back rounded to float32.
 
 Log is idempotent by episode id (the server deduplicates), so a failed Log stream is simply
 re-sent whole; the other calls are retried on UNAVAILABLE by gRPC's retry policy (transport.py).
+
+Export lands in Parquet all or nothing: the stream is written to a hidden file beside the target
+and renamed over it only once the stream has ended cleanly, so a failed or interrupted export
+never leaves a file that looks complete.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import queue
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,6 +97,10 @@ def episode_to_record(episode: Episode, include_hidden_states: bool = True) -> t
     )
     for column, values in zip(DECISION_COLUMNS, decision_columns(episode.decisions)):
         getattr(record, column).extend(values)
+    if episode.prompt_text is not None:
+        record.prompt_text = episode.prompt_text
+    if episode.response_text is not None:
+        record.response_text = episode.response_text
     return record
 
 
@@ -105,6 +115,8 @@ def episode_from_record(record: trajectories_pb2.EpisodeRecord) -> Episode:
         rewards=dict(record.rewards),
         episode_id=record.episode_id,
         hidden_states=record.hidden_states or None,
+        prompt_text=record.prompt_text if record.HasField("prompt_text") else None,
+        response_text=record.response_text if record.HasField("response_text") else None,
     )
 
 
@@ -130,8 +142,10 @@ def episode_filter(
     logged_after: datetime | None = None,
     logged_before: datetime | None = None,
     episode_ids: Sequence[str] | None = None,
+    proxy_versions: Sequence[int] | None = None,
 ) -> trajectories_pb2.EpisodeFilter:
-    flt = trajectories_pb2.EpisodeFilter(episode_ids=list(episode_ids or ()))
+    flt = trajectories_pb2.EpisodeFilter(episode_ids=list(episode_ids or ()),
+                                         proxy_versions=list(proxy_versions or ()))
     if bank is not None:
         flt.bank = bank
     if proxy_version is not None:
@@ -232,15 +246,22 @@ class TrajectoryMethods:
 
     async def export_parquet(
         self, path: str | Path, *, reward_key: str | None = None, include_hidden_states: bool = False,
-        timeout: float = 3600.0, **filter_args,
+        timeout: float = 3600.0, progress=None, **filter_args,
     ) -> int:
         """The episodes the filter selects, through the Export RPC's Arrow stream, into one Parquet
-        file at ``path`` (a row group per page, bounded memory); returns the rows written."""
+        file at ``path`` (a row group per page, bounded memory); returns the rows written.
+
+        All or nothing: written beside ``path`` under a hidden name and renamed onto it once the
+        stream has ended cleanly; on any error (the call's status, its ``timeout`` in seconds, a
+        full disk) that file is removed and ``path`` is left as it was. ``progress``, if given,
+        gets ``update(rows)`` after each record batch (a tqdm bar, say)."""
         request = trajectories_pb2.ExportRequest(
             filter=episode_filter(**filter_args), reward_key=reward_key or "", include_hidden_states=include_hidden_states,
         )
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
         pieces: queue.Queue = queue.Queue(maxsize=16)  # chunks on their way to the Parquet writer's thread
-        writing = asyncio.ensure_future(asyncio.to_thread(_arrow_stream_to_parquet, pieces, Path(path)))
+        writing = asyncio.ensure_future(asyncio.to_thread(_arrow_stream_to_parquet, pieces, partial, progress))
 
         async def hand_over(item) -> bool:
             """Queue ``item`` without blocking the event loop; False once the writer has stopped."""
@@ -256,10 +277,20 @@ class TrajectoryMethods:
         try:
             async for chunk in self.trajectories.Export(request, **self._call(timeout=timeout)):
                 if not await hand_over(chunk.data):
-                    break
-        finally:
-            await hand_over(None)
-        return await writing
+                    break  # the writer stopped: its error is raised below
+        except BaseException:
+            await hand_over(_ABORT)
+            await asyncio.gather(writing, return_exceptions=True)
+            partial.unlink(missing_ok=True)
+            raise
+        await hand_over(None)
+        try:
+            rows = await writing
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, path)
+        return rows
 
     # proxies
 
@@ -307,8 +338,15 @@ class TrajectoryMethods:
                 return found
 
 
+_ABORT = object()  # on the chunk queue: the call failed, the stream will not be completed
+
+
+class _Aborted(Exception):
+    """The Export call failed before its stream ended."""
+
+
 class _Chunks(io.RawIOBase):
-    """A readable file over byte chunks arriving on a queue (None: the end)."""
+    """A readable file over byte chunks arriving on a queue (None: the end; _ABORT: failed)."""
 
     def __init__(self, pieces: queue.Queue) -> None:
         self.pieces, self.buffer, self.ended = pieces, b"", False
@@ -321,6 +359,8 @@ class _Chunks(io.RawIOBase):
             piece = self.pieces.get(timeout=3600)
             if piece is None:
                 self.ended = True
+            elif piece is _ABORT:
+                raise _Aborted("the Export call failed")
             else:
                 self.buffer = piece
         n = min(len(target), len(self.buffer))
@@ -329,7 +369,7 @@ class _Chunks(io.RawIOBase):
         return n
 
 
-def _arrow_stream_to_parquet(pieces: queue.Queue, path: Path) -> int:
+def _arrow_stream_to_parquet(pieces: queue.Queue, path: Path, progress=None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -339,5 +379,7 @@ def _arrow_stream_to_parquet(pieces: queue.Queue, path: Path) -> int:
             for batch in reader:
                 writer.write_batch(batch)
                 rows += batch.num_rows
+                if progress is not None:
+                    progress.update(batch.num_rows)
     return rows
 

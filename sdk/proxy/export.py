@@ -1,13 +1,15 @@
-"""Trajectories to Parquet, in the shape RLHF libraries (TRL, OpenRLHF) expect, and back.
+"""Trajectories to Parquet that Hugging Face ``datasets``, pandas and polars load as is, and back.
 
-One row per episode: ``prompt_ids``, ``response_ids``, ``action_mask`` (1 where the proxy accepted the
-response token), ``logprobs`` (per token, the behaviour proxy's summed log-probability of its decisions
-there), ``behaviour_logprobs`` (per decision, log p_accept or log(1 - p_accept), what off-policy
-corrections divide by), ``rewards`` and ``reward`` (``rewards[reward_key]``, else their sum),
-``model_version``, ``proxy_version``, ``episode_id``, ``bank``, plus the decision columns, from which
-:func:`episodes_from_parquet` rebuilds the episodes exactly.
+One row per episode in the columns of :data:`~memory3.core.episode_table.SCHEMA` (defined there
+once, shared with the service's Export stream): ``prompt`` / ``completion`` (the logged texts),
+``prompt_ids``, ``response_ids``, ``reward`` (``rewards[reward_key]``, else their sum) and
+``rewards`` (a list of ``{name, value}``), the proxy's own columns named ``proxy_*`` so they are
+not mistaken for the LLM's log-probs or action mask of TRL / OpenRLHF, plus the decision columns,
+from which :func:`episodes_from_parquet` rebuilds the episodes exactly. The service's export is
+:func:`export_parquet` (the Export RPC; ``memory3 trajectories export`` on the command line);
+:func:`write_parquet` writes a list of episodes without the service.
 
-Details: docs/design.md ("Trajectory path", "Episodes and decisions").
+Details: docs/design.md ("Trajectory export", "Episodes and decisions").
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memory3.core.episode_table import LOG_EPS, SCHEMA, behaviour_logprob, episode_row
-from memory3.core.episodes import DECISION_COLUMNS, Episode, decisions_from_columns
+from memory3.core.episode_table import LOG_EPS, SCHEMA, behaviour_logprob, episode_from_row, episode_row
+from memory3.core.episodes import Episode
 
 __all__ = ["LOG_EPS", "SCHEMA", "behaviour_logprob", "episodes_from_parquet", "export_parquet", "write_parquet"]
 
@@ -65,24 +67,18 @@ def export_parquet(
     client, path: str | Path, *, reward_key: str | None = None, include_hidden_states: bool = False,
     **filter_args,
 ) -> int:
-    """Export the episodes matching ``filter_args`` (bank, proxy_version, model_fingerprint,
-    logged_after, logged_before, episode_ids) from the service to Parquet through its Export RPC
-    (any gRPC client can pull the same Arrow stream); returns rows."""
+    """Export the episodes matching ``filter_args`` (bank, proxy_version, proxy_versions,
+    model_fingerprint, logged_after, logged_before, episode_ids) from the service to Parquet through
+    its Export RPC (any gRPC client can pull the same Arrow stream); returns rows. ``timeout`` and
+    ``progress`` go to :meth:`~memory3.sdk.client.client.AsyncClient.export_parquet`."""
     return client.export_parquet(path, reward_key=reward_key, include_hidden_states=include_hidden_states,
                                  **filter_args)
 
 
 def episodes_from_parquet(path: str | Path) -> list[Episode]:
-    """The episodes of a file written by :func:`write_parquet` (for trainers reading offline)."""
+    """The episodes of a file written by :func:`write_parquet` or :func:`export_parquet` (for
+    trainers reading offline)."""
     episodes = []
     for batch in pq.ParquetFile(str(path)).iter_batches():
-        for row in batch.to_pylist():
-            episodes.append(
-                Episode(
-                    prompt_ids=row["prompt_ids"], response_ids=row["response_ids"],
-                    decisions=decisions_from_columns(row[column] for column in DECISION_COLUMNS),
-                    model_fingerprint=row["model_version"], proxy_version=row["proxy_version"], bank=row["bank"],
-                    rewards=dict(row["rewards"]), episode_id=row["episode_id"], hidden_states=row["hidden_states"],
-                )
-            )
+        episodes.extend(episode_from_row(row) for row in batch.to_pylist())
     return episodes

@@ -6,7 +6,8 @@ an fsync'd JSONL spool in ``spool_dir``, replayed when it answers again (and at 
 deduplicates by episode id, so a replay never counts twice. Episodes refused for good go to
 ``rejected-*.jsonl``. Hidden states are dropped unless ``log_hidden_states=True``
 (:func:`pack_hidden_states`, :func:`unpack_hidden_states`). Processes may share a spool: a segment is
-replayed by whoever holds its ``flock``.
+replayed by whoever holds its ``flock``. Spool lines carry the episode's texts when it has them
+(lines written before texts existed still replay, without them).
 
 Details: docs/design.md ("Trajectory path").
 """
@@ -87,6 +88,7 @@ def episode_to_json(episode: Episode) -> str:
             "response_ids": episode.response_ids, "rewards": episode.rewards,
             "decisions": {f.attribute: values for f, values in zip(DECISION_FIELDS, decision_columns(episode.decisions))},
             "hidden_states": base64.b64encode(episode.hidden_states).decode() if episode.hidden_states else None,
+            "prompt_text": episode.prompt_text, "response_text": episode.response_text,
         },
         separators=(",", ":"),
     )
@@ -100,6 +102,7 @@ def episode_from_json(line: str) -> Episode:
         model_fingerprint=d["model_fingerprint"],
         proxy_version=d["proxy_version"], bank=d["bank"], rewards=d["rewards"], episode_id=d["episode_id"],
         hidden_states=base64.b64decode(d["hidden_states"]) if d["hidden_states"] else None,
+        prompt_text=d.get("prompt_text"), response_text=d.get("response_text"),
     )
 
 

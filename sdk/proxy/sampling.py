@@ -6,7 +6,9 @@ one is taken, so the answer never leaves the nucleus. Every verdict becomes a
 :class:`~memory3.core.episodes.Decision` holding what the trainer's importance ratios need. Candidates
 and accept coins use separate generators, so an always-accept proxy reproduces plain nucleus sampling
 token for token. :class:`ProxyChooser` and :func:`make_episodes` are the whole procedure, so
-:func:`memory3.sdk.generation.generate` runs it unchanged under its memory schedule.
+:func:`memory3.sdk.generation.generate` runs it unchanged under its memory schedule. Given the
+tokenizer, :func:`make_episodes` also keeps each episode's prompt and response decoded (what the
+Parquet export's ``prompt`` / ``completion`` columns carry).
 
 Details: docs/design.md ("Stable proxy sampling", "Episodes and decisions").
 """
@@ -123,13 +125,21 @@ def make_proxy_chooser(model, proxy: ProxyPolicy, config: SamplingConfig, batch:
 
 def make_episodes(model, proxy: ProxyPolicy, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                   decisions: Sequence[list[Decision]], bank: str = "", reward=None, tokenizer=None) -> list[Episode]:
-    """One :class:`Episode` per row (what the sampler leaves behind), scored by ``reward`` if given."""
+    """One :class:`Episode` per row (what the sampler leaves behind), scored by ``reward`` if given;
+    with ``tokenizer``, each keeps its prompt and response decoded (``skip_special_tokens``)."""
     fingerprint = model_fingerprint(model)
     episodes = [
         Episode(prompt_ids=list(map(int, p)), response_ids=list(r), decisions=d, model_fingerprint=fingerprint,
                 proxy_version=proxy.version, bank=bank)
         for p, r, d in zip(prompts, responses, decisions)
     ]
+    if tokenizer is not None and episodes:
+        prompt_texts = tokenizer.batch_decode([e.prompt_ids for e in episodes], skip_special_tokens=True)
+        response_texts = tokenizer.batch_decode([e.response_ids for e in episodes], skip_special_tokens=True)
+        for episode, prompt_text, response_text in zip(episodes, prompt_texts, response_texts):
+            # the service stores text (no NUL): a decoded NUL byte becomes U+FFFD rather than cost the episode
+            episode.prompt_text = prompt_text.replace("\x00", "\ufffd")
+            episode.response_text = response_text.replace("\x00", "\ufffd")
     if reward is not None:
         from memory3.sdk.proxy.reward import score_episodes
 

@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EpisodeRecord(_message.Message):
-    __slots__ = ("episode_id", "bank", "model_fingerprint", "proxy_version", "prompt_ids", "response_ids", "decision_position", "decision_token", "decision_llm_prob", "decision_rank", "decision_p_accept", "decision_accepted", "decision_rejections", "rewards", "hidden_states", "logged_at")
+    __slots__ = ("episode_id", "bank", "model_fingerprint", "proxy_version", "prompt_ids", "response_ids", "decision_position", "decision_token", "decision_llm_prob", "decision_rank", "decision_p_accept", "decision_accepted", "decision_rejections", "rewards", "hidden_states", "logged_at", "prompt_text", "response_text")
     class RewardsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,8 @@ class EpisodeRecord(_message.Message):
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     LOGGED_AT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
     episode_id: str
     bank: str
     model_fingerprint: str
@@ -50,7 +52,9 @@ class EpisodeRecord(_message.Message):
     rewards: _containers.ScalarMap[str, float]
     hidden_states: bytes
     logged_at: _timestamp_pb2.Timestamp
-    def __init__(self, episode_id: _Optional[str] = ..., bank: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., proxy_version: _Optional[int] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response_ids: _Optional[_Iterable[int]] = ..., decision_position: _Optional[_Iterable[int]] = ..., decision_token: _Optional[_Iterable[int]] = ..., decision_llm_prob: _Optional[_Iterable[float]] = ..., decision_rank: _Optional[_Iterable[int]] = ..., decision_p_accept: _Optional[_Iterable[float]] = ..., decision_accepted: _Optional[_Iterable[bool]] = ..., decision_rejections: _Optional[_Iterable[int]] = ..., rewards: _Optional[_Mapping[str, float]] = ..., hidden_states: _Optional[bytes] = ..., logged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    prompt_text: str
+    response_text: str
+    def __init__(self, episode_id: _Optional[str] = ..., bank: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., proxy_version: _Optional[int] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., response_ids: _Optional[_Iterable[int]] = ..., decision_position: _Optional[_Iterable[int]] = ..., decision_token: _Optional[_Iterable[int]] = ..., decision_llm_prob: _Optional[_Iterable[float]] = ..., decision_rank: _Optional[_Iterable[int]] = ..., decision_p_accept: _Optional[_Iterable[float]] = ..., decision_accepted: _Optional[_Iterable[bool]] = ..., decision_rejections: _Optional[_Iterable[int]] = ..., rewards: _Optional[_Mapping[str, float]] = ..., hidden_states: _Optional[bytes] = ..., logged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., prompt_text: _Optional[str] = ..., response_text: _Optional[str] = ...) -> None: ...
 
 class LogRequest(_message.Message):
     __slots__ = ("episodes",)
@@ -94,20 +98,22 @@ class AttachRewardResponse(_message.Message):
     def __init__(self, changed: _Optional[bool] = ..., rewards: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class EpisodeFilter(_message.Message):
-    __slots__ = ("bank", "proxy_version", "model_fingerprint", "logged_after", "logged_before", "episode_ids")
+    __slots__ = ("bank", "proxy_version", "model_fingerprint", "logged_after", "logged_before", "episode_ids", "proxy_versions")
     BANK_FIELD_NUMBER: _ClassVar[int]
     PROXY_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     LOGGED_AFTER_FIELD_NUMBER: _ClassVar[int]
     LOGGED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     EPISODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROXY_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     bank: str
     proxy_version: int
     model_fingerprint: str
     logged_after: _timestamp_pb2.Timestamp
     logged_before: _timestamp_pb2.Timestamp
     episode_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, bank: _Optional[str] = ..., proxy_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., logged_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., logged_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., episode_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    proxy_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, bank: _Optional[str] = ..., proxy_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., logged_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., logged_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., episode_ids: _Optional[_Iterable[str]] = ..., proxy_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
     __slots__ = ("filter", "cursor", "page_size", "limit", "omit_decisions", "include_hidden_states")

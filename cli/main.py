@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 from memory3.service.auth import ADMIN_KEY_FILE
@@ -206,8 +207,22 @@ def cmd_health(args) -> None:
             Path(ca_file).read_bytes() if ca_file else None))
     else:
         channel = grpc.insecure_channel(target)
+    deadline = time.monotonic() + args.wait
     with channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:  # with --wait: until SERVING (a server still starting refuses or answers NOT_SERVING)
+            left = deadline - time.monotonic()
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=max(left, args.timeout)
+                                   if args.wait else args.timeout, wait_for_ready=args.wait > 0)
+            except grpc.RpcError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     if status != "SERVING":
@@ -392,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = sub.add_parser("health", help="exit 0 when the server reports SERVING (for health checks)")
     health.add_argument("--target")
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds one check may take")
+    health.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="keep checking until SERVING or SECONDS have passed (a server still starting)")
     health.add_argument("--ca-file", help="CA certificate (PEM) of a TLS server (default MEMORY3_CA_FILE)")
     health.set_defaults(func=cmd_health)
 

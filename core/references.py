@@ -4,29 +4,30 @@ Write stream did, a bank's size. Plain dataclasses, no protobuf; the service bui
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 
 
 @dataclass
 class Reference:
-    """A reference to write: its text, optional vector (else the bank's built-in embedder embeds
-    the text) and optional encoded memory (else it is encoded on first retrieval)."""
+    """A reference to write: its text, metadata (a JSON object: strings, numbers, booleans, null,
+    lists, objects; see memory3.core.metadata), optional vector (else the bank's built-in embedder
+    embeds the text) and optional encoded memory (else it is encoded on first retrieval)."""
 
     external_id: str
     text: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
     embedding: Sequence[float] | None = None
     memory: bytes | None = None
 
 
 @dataclass
 class StoredReference:
-    """A reference as Retrieve (with score and rank) or Fetch returns it."""
+    """A reference as Retrieve (with score and rank), Fetch or Scroll returns it."""
 
     external_id: str
     text: str
-    metadata: dict[str, str]
+    metadata: dict[str, Any]
     memory_size: int
     memory_crc32: int
     memory: bytes | None = None

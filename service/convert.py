@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -9,10 +11,13 @@ from memory3.core.banks import CODEC_ENUMS, METRIC_ENUMS, named
 from memory3.core.blob import SCHEMES
 from memory3.core.embedder import BUILTIN_DIMENSION, BUILTIN_EMBEDDER, BUILTIN_METRIC
 from memory3.core.memory_spec import MemorySpec
-from memory3.v1 import banks_pb2
+from memory3.core.metadata import (
+    MAX_CONDITIONS, Condition, MetadataError, check_condition, metadata_from_json, parse_json,
+)
+from memory3.v1 import banks_pb2, memories_pb2
 
 from .bank_store import METRICS, Bank
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ResourceExhausted
 
 
 def timestamp(value) -> Timestamp:
@@ -68,3 +73,58 @@ def vector_from_values(values, bank: Bank, what: str) -> np.ndarray:
     if bank.metric == "cosine" and not np.any(vector):
         raise InvalidArgument(f"{what} is all zeros: cosine distance is undefined")
     return vector
+
+
+# The wire's operators (memories.proto, FilterOp) by number.
+FILTER_OPS = {
+    memories_pb2.FILTER_OP_EQ: "eq", memories_pb2.FILTER_OP_IN: "in", memories_pb2.FILTER_OP_GT: "gt",
+    memories_pb2.FILTER_OP_GTE: "gte", memories_pb2.FILTER_OP_LT: "lt", memories_pb2.FILTER_OP_LTE: "lte",
+    memories_pb2.FILTER_OP_EXISTS: "exists",
+}
+
+
+def metadata_from_record(record: memories_pb2.ReferenceRecord, max_bytes: int) -> dict:
+    """A written reference's metadata: the string map, or the JSON object of ``metadata_json``."""
+    where = f"reference {record.external_id!r}"
+    if not record.metadata_json:
+        if len(json.dumps(dict(record.metadata))) > max_bytes:
+            raise ResourceExhausted(f"{where}: metadata exceeds {max_bytes} bytes")
+        if any("\x00" in s for s in (*record.metadata.keys(), *record.metadata.values())):
+            raise InvalidArgument(f"{where}: metadata may not contain NUL")
+        return dict(record.metadata)
+    if record.metadata:
+        raise InvalidArgument(f"{where}: set metadata (string values) or metadata_json, not both")
+    if len(record.metadata_json.encode()) > max_bytes:
+        raise ResourceExhausted(f"{where}: metadata_json exceeds {max_bytes} bytes")
+    try:
+        return metadata_from_json(record.metadata_json, f"{where}: metadata_json")
+    except MetadataError as err:
+        raise InvalidArgument(str(err)) from None
+
+
+def conditions_from_proto(field: str, where: memories_pb2.MetadataFilter, max_bytes: int,
+                          equal: dict[str, str] | None = None) -> list[Condition]:
+    """The conditions of a request: each entry of the old string map ``equal`` is an eq condition,
+    then those of ``where`` (named ``field`` in errors); INVALID_ARGUMENT naming the bad one."""
+    conditions = []
+    try:
+        for key, value in (equal or {}).items():
+            if len(key.encode()) > max_bytes or len(value.encode()) > max_bytes:
+                raise MetadataError(f"filter: keys and values may each be at most {max_bytes} bytes")
+            conditions.append(check_condition(key, "eq", value, f"filter[{key[:40]!r}]"))
+        if len(where.conditions) > MAX_CONDITIONS:
+            raise MetadataError(f"{field}.conditions has {len(where.conditions)} conditions; at most {MAX_CONDITIONS}")
+        for index, condition in enumerate(where.conditions):
+            named = f"{field}.conditions[{index}]"
+            op = FILTER_OPS.get(condition.op)
+            if op is None:
+                raise MetadataError(f"{named}.op must be one of {', '.join(memories_pb2.FilterOp.keys()[1:])}")
+            if len(condition.key.encode()) > max_bytes or len(condition.value_json.encode()) > max_bytes:
+                raise MetadataError(f"{named}: key and value_json may each be at most {max_bytes} bytes")
+            if not condition.value_json:
+                raise MetadataError(f"{named}.value_json is required (the operand as JSON, e.g. 2020 or \"en\")")
+            value = parse_json(condition.value_json, f"{named}.value_json")
+            conditions.append(check_condition(condition.key, op, value, named))
+    except MetadataError as err:
+        raise InvalidArgument(str(err)) from None
+    return conditions

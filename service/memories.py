@@ -1,8 +1,9 @@
-"""The Memories service: Write, Retrieve, Fetch, Delete, Stats — each scoped to the caller's tenant."""
+"""The Memories service: Write, Retrieve, Fetch, Delete, Stats, Scroll — each scoped to the caller's tenant."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ import numpy as np
 from memory3.core.batching import size_batches
 from memory3.core.blob import CodecError, validate_payload
 from memory3.core.embedder import BUILTIN_EMBEDDER, BuiltinEmbedder
+from memory3.core.metadata import Condition, metadata_to_json
 from memory3.core.overlap import overlapping
 from memory3.core.references import StoredReference
 from memory3.v1 import memories_pb2, memories_pb2_grpc
@@ -19,23 +21,27 @@ from memory3.v1 import memories_pb2, memories_pb2_grpc
 from .auth import Authenticator
 from .bank_store import Bank, BankStore, CodebookStore
 from .config import Settings
-from .convert import vector_from_values
+from .convert import conditions_from_proto, metadata_from_record, vector_from_values
 from .db import discard_quietly
 from .errors import InvalidArgument, NotFound, ResourceExhausted, rpc
 from .offload import CpuPool
 from .quotas import QuotaStore
 from .reference_store import ReferenceRow, ReferenceStore
+from .tokens import Tokens
 
 log = logging.getLogger(__name__)
 
 MAX_EXTERNAL_ID = 256
 DEFAULT_TOP_K = 5
 OVERLAP_MAX_WORDS = 1024  # max_overlap compares the first 1024 words of query and reference (bounded cost)
+DEFAULT_SCROLL_PAGE = 100
+MAX_SCROLL_PAGE = 1000
 
 
 @dataclass
 class _PendingReference:
     record: memories_pb2.ReferenceRecord
+    metadata: dict
     memory: bytearray = field(default_factory=bytearray)
 
 
@@ -50,7 +56,9 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         embedder: BuiltinEmbedder,
         quotas: QuotaStore,
         cpu: CpuPool,
+        tokens: Tokens,
     ) -> None:
+        self.tokens = tokens
         self.settings = settings
         self.quotas = quotas
         self.cpu = cpu
@@ -62,7 +70,8 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
 
     # --- Write -----------------------------------------------------------------------------
 
-    def _check_record(self, bank: Bank, record: memories_pb2.ReferenceRecord) -> None:
+    def _check_record(self, bank: Bank, record: memories_pb2.ReferenceRecord) -> dict:
+        """Refuse a reference that breaks a rule; its metadata otherwise."""
         if not record.external_id or len(record.external_id) > MAX_EXTERNAL_ID:
             raise InvalidArgument(f"reference external_id must be 1-{MAX_EXTERNAL_ID} characters")
         if "\x00" in record.external_id:
@@ -71,12 +80,9 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             raise ResourceExhausted(
                 f"reference {record.external_id!r}: text exceeds {self.settings.max_text_bytes} bytes"
             )
-        if len(json.dumps(dict(record.metadata))) > self.settings.max_metadata_bytes:
-            raise ResourceExhausted(
-                f"reference {record.external_id!r}: metadata exceeds {self.settings.max_metadata_bytes} bytes"
-            )
-        if any("\x00" in s for s in (record.text, *record.metadata.keys(), *record.metadata.values())):
-            raise InvalidArgument(f"reference {record.external_id!r}: text and metadata may not contain NUL")
+        if "\x00" in record.text:
+            raise InvalidArgument(f"reference {record.external_id!r}: text may not contain NUL")
+        metadata = metadata_from_record(record, self.settings.max_metadata_bytes)
         if record.memory_size > self.settings.max_memory_bytes:
             raise ResourceExhausted(
                 f"reference {record.external_id!r}: memory of {record.memory_size} bytes exceeds the limit of "
@@ -89,6 +95,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             )
         if not record.embedding and not record.text.strip():
             raise InvalidArgument(f"reference {record.external_id!r} has neither text nor embedding")
+        return metadata
 
     async def _finish(self, bank: Bank, pending: _PendingReference) -> ReferenceRow:
         record = pending.record
@@ -115,7 +122,7 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             if record.embedding
             else None
         )
-        return ReferenceRow(record.external_id, record.text, dict(record.metadata), embedding, memory)
+        return ReferenceRow(record.external_id, record.text, pending.metadata, embedding, memory)
 
     async def _stage(self, writer, rows: list[ReferenceRow]) -> None:
         missing = [row for row in rows if row.embedding is None]
@@ -147,8 +154,8 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
                 if kind == "reference":
                     if current is not None:
                         batch.append(await self._finish(bank, current))
-                    self._check_record(bank, message.reference)
-                    current = _PendingReference(message.reference, bytearray(message.reference.memory_chunk))
+                    metadata = self._check_record(bank, message.reference)
+                    current = _PendingReference(message.reference, metadata, bytearray(message.reference.memory_chunk))
                     batch_bytes += message.ByteSize()
                 elif kind == "memory_chunk":
                     if current is None:
@@ -187,9 +194,10 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         memory = row.memory if with_memory and row.memory else b""
         yield memories_pb2.ReferenceFrame(
             reference=memories_pb2.StoredReference(
-                external_id=row.external_id, text=row.text if with_text else "", metadata=row.metadata,
-                score=row.score, memory_size=row.memory_size, memory_crc32=row.memory_crc32,
-                rank=rank if rank is not None else 0,
+                external_id=row.external_id, text=row.text if with_text else "",
+                metadata={key: value for key, value in row.metadata.items() if isinstance(value, str)},
+                metadata_json=metadata_to_json(row.metadata), score=row.score, memory_size=row.memory_size,
+                memory_crc32=row.memory_crc32, rank=rank if rank is not None else 0,
             ),
             memory_chunk=memory[:chunk],
         )
@@ -227,13 +235,13 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             raise InvalidArgument(f"max_overlap must be a fraction in [0, 1], got {request.max_overlap}")
         if request.max_overlap > 0 and request.WhichOneof("query") != "text":
             raise InvalidArgument("max_overlap compares with the query text: query by text to use it")
+        conditions = conditions_from_proto("where", request.where, self.settings.max_metadata_bytes,
+                                           dict(request.filter))
         bank = await self.banks.get(tenant_id, request.bank)
         vector = await self._query_vector(bank, request)
         excluding = request.max_overlap > 0
         limit = min(top_k * 4 + 16, self.settings.max_top_k) if excluding else top_k
-        if any("\x00" in s for s in (*request.filter.keys(), *request.filter.values())):
-            raise InvalidArgument("filter keys and values may not contain NUL")
-        rows = await self.refs.search(bank, vector, limit, dict(request.filter))
+        rows = await self.refs.search(bank, vector, limit, conditions)
         if excluding:
             dropped = await self.cpu.run(overlapping, request.text, [r.text for r in rows], request.max_overlap,
                                          max_words=OVERLAP_MAX_WORDS)
@@ -312,3 +320,42 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         tenant_id = await self.auth.tenant(context)
         bank = await self.banks.get(tenant_id, request.bank)
         return memories_pb2.StatsResponse(**await self.refs.stats(bank))
+
+    # --- Scroll ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _listing(bank: Bank, conditions: list[Condition]) -> str:
+        """What a scroll token is bound to besides the tenant: the bank (its id: a bank dropped and
+        made again is another listing) and the filter."""
+        digest = hashlib.sha256(json.dumps([c.to_json() for c in conditions], sort_keys=True).encode()).hexdigest()
+        return f"scroll.{bank.id}.{digest[:32]}"
+
+    @rpc
+    async def Scroll(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        if not 0 <= request.page_size <= MAX_SCROLL_PAGE:
+            raise InvalidArgument(f"page_size must be between 1 and {MAX_SCROLL_PAGE} (0: {DEFAULT_SCROLL_PAGE}), "
+                                  f"got {request.page_size}")
+        page_size = request.page_size or DEFAULT_SCROLL_PAGE
+        conditions = conditions_from_proto("where", request.where, self.settings.max_metadata_bytes)
+        bank = await self.banks.get(tenant_id, request.bank)
+        listing = self._listing(bank, conditions)
+        after = self.tokens.open(tenant_id, listing, request.page_token, "page_token")
+        page = await self.refs.page(bank, after, page_size + 1, conditions)
+        more = len(page) > page_size
+        page = page[:page_size]
+
+        def weight(entry) -> int:
+            _, text_bytes, memory_bytes = entry
+            return text_bytes + (memory_bytes if request.include_memory else 0)
+
+        for group in size_batches(page, self.settings.read_batch_bytes, size_of=weight):
+            ids = [external_id for external_id, _, _ in group]
+            current = await self.refs.load(bank, ids, request.include_memory, conditions)
+            rows = [current[i] for i in ids if i in current]  # a reference deleted or changed meanwhile: left out
+            frames = self._all_frames(rows, request.include_text, request.include_memory, ranked=False)
+            for batch in size_batches(frames, self.settings.chunk_bytes):
+                yield memories_pb2.ScrollResponse(frames=batch)
+            current = rows = None  # let this group go before the next one is read
+        last = page[-1][0] if more else ""
+        yield memories_pb2.ScrollResponse(next_page_token=self.tokens.seal(tenant_id, listing, last))

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from memory3.core.blob import payload_checksum
+from memory3.core.metadata import RANGES, Condition, metadata_to_json
 from memory3.core.references import StoredReference, WriteSummary
 
 from .bank_store import METRICS, Bank
@@ -30,7 +31,7 @@ from .errors import NotFound
 class ReferenceRow:
     external_id: str
     text: str
-    metadata: dict[str, str]
+    metadata: dict
     embedding: np.ndarray | None
     memory: bytes | None
 
@@ -61,6 +62,34 @@ _STAGING_COLUMNS = (
     "stream_id, seq, external_id, text, metadata, embedding, memory, memory_size, memory_crc32, content_hash"
 )
 _STAGING_TYPES = ["uuid", "int8", "text", "text", "jsonb", "vector", "bytea", "int8", "int8", "bytea"]
+
+
+def filter_sql(conditions: list[Condition], params: dict) -> str:
+    """The conditions as one SQL boolean expression on ``metadata`` ("TRUE" for none), every key
+    and value a parameter added to ``params``. eq and in are jsonb containment (``@>``, which the
+    bank's GIN index on ``metadata jsonb_path_ops`` answers): {key: v} or {key: [v]}, so a list
+    matches by an element. Ranges test the type first, so a value of another type is no match
+    rather than jsonb's cross-type order; strings compare by code point (COLLATE "C")."""
+    clauses = []
+    for index, condition in enumerate(conditions):
+        key, value = f"k{index}", f"v{index}"
+        params[key] = condition.key
+        if condition.op in ("eq", "in"):
+            operands = (condition.value,) if condition.op == "eq" else condition.value
+            params[value] = [Jsonb({condition.key: x}) for x in operands] + [
+                Jsonb({condition.key: [x]}) for x in operands]
+            clauses.append(f"metadata @> ANY(%({value})s::jsonb[])")
+        elif condition.op == "exists":
+            clauses.append(f"{'' if condition.value else 'NOT '}(metadata ? %({key})s)")
+        elif isinstance(condition.value, str):
+            params[value] = condition.value
+            clauses.append(f"(jsonb_typeof(metadata -> %({key})s) = 'string' AND"
+                           f" (metadata ->> %({key})s) COLLATE \"C\" {RANGES[condition.op]} %({value})s COLLATE \"C\")")
+        else:
+            params[value] = Jsonb(condition.value)
+            clauses.append(f"(jsonb_typeof(metadata -> %({key})s) = 'number' AND"
+                           f" (metadata -> %({key})s) {RANGES[condition.op]} %({value})s::jsonb)")
+    return " AND ".join(clauses) or "TRUE"
 
 
 @contextlib.asynccontextmanager
@@ -100,7 +129,7 @@ class BankWriter:
                         self._seq += 1
                         await copy.write_row(
                             (
-                                self.stream_id, self._seq, row.external_id, row.text, Jsonb(row.metadata),
+                                self.stream_id, self._seq, row.external_id, row.text, Jsonb(row.metadata, dumps=metadata_to_json),
                                 np.asarray(row.embedding, dtype=np.float32), row.memory, row.memory_size,
                                 row.memory_crc32, row.content_hash(),
                             )
@@ -160,7 +189,7 @@ class ReferenceStore:
         return BankWriter(bank, self.engine)
 
     async def search(
-        self, bank: Bank, vector: np.ndarray, limit: int, metadata_filter: dict[str, str]
+        self, bank: Bank, vector: np.ndarray, limit: int, conditions: list[Condition] = ()
     ) -> list[StoredReference]:
         """Nearest references by the bank's HNSW index (approximate), nearest first, without their
         memories (:meth:`load` reads those, a bounded group at a time).
@@ -171,12 +200,12 @@ class ReferenceStore:
         operator, _, score_sql = METRICS[bank.metric]
         dim = int(bank.embedder_dim)
         distance = f"(embedding::vector({dim}) {operator} %(q)s::vector({dim}))"
-        where = "WHERE metadata @> %(filter)s::jsonb" if metadata_filter else ""
+        params = {"q": vector, "limit": limit}
+        where = f"WHERE {filter_sql(conditions, params)}" if conditions else ""
         sql = (
             f"SELECT external_id, text, metadata, memory_size, memory_crc32, NULL::bytea,"
             f" {score_sql.format(d=distance)} FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s"
         )
-        params = {"q": vector, "limit": limit, "filter": json.dumps(metadata_filter)}
         connection = self.engine.begin() if limit > self.ef_search else self.reads.connect()
         async with _bank_partition(bank), connection as conn:
             if limit > self.ef_search:  # the connection's default ef_search would cap the results
@@ -185,7 +214,7 @@ class ReferenceStore:
             driver = (await conn.get_raw_connection()).driver_connection
             rows = await (await driver.execute(sql, params)).fetchall()
             found = [StoredReference(*row[:5], row[5], float(row[6])) for row in rows]
-        if metadata_filter or limit > HNSW_EF_SEARCH_MAX:  # relaxed_order may return slightly out of order
+        if conditions or limit > HNSW_EF_SEARCH_MAX:  # relaxed_order may return slightly out of order
             found.sort(key=lambda row: -row.score)
         return found
 
@@ -201,19 +230,41 @@ class ReferenceStore:
             )
             return {r.external_id: (int(r.size), int(r.memory_size)) for r in rows}
 
-    async def load(self, bank: Bank, external_ids: list[str], with_memory: bool) -> dict[str, StoredReference]:
-        """The references among the ids as they are now, by id (the caller keeps groups bounded).
-        Binary results: a memory arrives as its bytes, not as hex text twice its size."""
+    async def load(
+        self, bank: Bank, external_ids: list[str], with_memory: bool, conditions: list[Condition] = ()
+    ) -> dict[str, StoredReference]:
+        """The references among the ids as they are now (and passing the conditions), by id (the
+        caller keeps groups bounded). Binary results: a memory arrives as its bytes, not as hex
+        text twice its size."""
         memory_column = "memory" if with_memory else "NULL::bytea"
+        params = {"ids": list(external_ids)}
+        where = f" AND {filter_sql(conditions, params)}" if conditions else ""
         sql = (
             f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column}"
-            f" FROM {bank.partition} WHERE external_id = ANY(%(ids)s)"
+            f" FROM {bank.partition} WHERE external_id = ANY(%(ids)s){where}"
         )
         async with _bank_partition(bank), self.reads.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             async with driver.cursor(binary=True) as cursor:
-                await cursor.execute(sql, {"ids": list(external_ids)})
+                await cursor.execute(sql, params)
                 return {row[0]: StoredReference(*row[:5], row[5]) async for row in cursor}
+
+    async def page(
+        self, bank: Bank, after: str, limit: int, conditions: list[Condition] = ()
+    ) -> list[tuple[str, int, int]]:
+        """(external id, text + metadata bytes, memory bytes) of up to ``limit`` references after
+        ``after`` in external_id order that pass the conditions: one page of a Scroll, by key (the
+        primary key's order, so the index walks it), sizes only — :meth:`load` reads the rest."""
+        params = {"bank": bank.id, "after": after, "limit": limit}
+        sql = (  # bank_id = constant: the primary key (bank_id, external_id) then gives external_id's order
+            "SELECT external_id, octet_length(text) + octet_length(metadata::text), memory_size"
+            f" FROM {bank.partition} WHERE bank_id = %(bank)s AND external_id > %(after)s"
+            f" AND {filter_sql(conditions, params)} ORDER BY external_id LIMIT %(limit)s"
+        )
+        async with _bank_partition(bank), self.reads.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            rows = await (await driver.execute(sql, params)).fetchall()
+        return [(row[0], int(row[1]), int(row[2])) for row in rows]
 
     async def delete(self, bank: Bank, external_ids: list[str]) -> int:
         async with _bank_partition(bank), self.engine.begin() as conn:

@@ -176,7 +176,7 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     codebooks = CodebookStore(engine)
     banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings, quotas, cpu, tokens), server)
     memories_pb2_grpc.add_MemoriesServicer_to_server(
-        MemoriesServicer(settings, auth, banks, refs, codebooks, embedder, quotas, cpu), server
+        MemoriesServicer(settings, auth, banks, refs, codebooks, embedder, quotas, cpu, tokens), server
     )
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants, quotas), server)
     trajectories_pb2_grpc.add_TrajectoriesServicer_to_server(

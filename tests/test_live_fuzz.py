@@ -36,6 +36,12 @@ TARGETED = {  # field name -> values aimed at it
     "episode_ids": ["e0", "nope"], "model_fingerprint": [FINGERPRINT, "f" * 129], "key_id": ["0123456789abcdef"],
     "text": ["text 0", "w1 w2 w3 w4"], "cursor": ["", "c1.0", "c1.99999999999999999999", "garbage"],
     "page_token": ["", "1:p", "%%%garbage"],
+    "metadata_json": ['{"k": "v", "n": 1, "l": [1, "v", null]}', '{"k": NaN}', '{"k": 1e999}', '{"k": "\\u0000"}',
+                      '{"k": "\\ud800"}', '{"k": ' + "[" * 9 + "]" * 9 + "}", "[" * 5000, '{"k": ' + "1" * 5000 + "}",
+                      "[]", "null", '{"k": "v"} x'],
+    "value_json": ['"v"', "1", '["v", 1]', "true", "null", "{}", "[[1]]", "NaN", "-Infinity", "1e999", '"\\u0000"',
+                   '"\\ud800"', "[" * 5000, "1" * 5000, "[]", '"2024-01-01T00:00:00Z"'],
+    "key": ["k", "n", "", "\x00"],
 }
 NUMBERS = {
     F.TYPE_INT32: st.sampled_from(BOUNDARY_INTS) | st.integers(-(2**31), 2**31 - 1),
@@ -104,6 +110,13 @@ def _templates() -> dict[str, list]:
     memory = memory_payload(seed=3)
     record = memories_pb2.ReferenceRecord(external_id="new", text="t", metadata={"k": "v"}, embedding=[1, 0, 0, 1],
                                           memory_size=len(memory), memory_chunk=memory)
+    json_record = memories_pb2.ReferenceRecord(external_id="new-json", text="t", embedding=[1, 0, 0, 1],
+                                               metadata_json='{"k": "v", "n": 2, "l": ["v", 1.5, true, null]}')
+    where = memories_pb2.MetadataFilter(conditions=[
+        memories_pb2.MetadataCondition(key="k", op=memories_pb2.FILTER_OP_IN, value_json='["v", 1]'),
+        memories_pb2.MetadataCondition(key="n", op=memories_pb2.FILTER_OP_LT, value_json="10"),
+        memories_pb2.MetadataCondition(key="k", op=memories_pb2.FILTER_OP_EXISTS, value_json="true"),
+    ])
     episode = trajectories_pb2.EpisodeRecord(episode_id="e-new", bank="live", model_fingerprint=FINGERPRINT,
                                              prompt_ids=[1, 2], response_ids=[3], decision_position=[0],
                                              decision_token=[3], decision_llm_prob=[0.5], decision_rank=[0],
@@ -120,9 +133,13 @@ def _templates() -> dict[str, list]:
         "DeleteBank": [banks_pb2.DeleteBankRequest(name="missing")],
         "PutCodebook": [banks_pb2.PutCodebookRequest(bank="live", chunk=b"M3PQ" + b"\x00" * 60)],
         "GetCodebook": [banks_pb2.GetCodebookRequest(bank="live", version=1)],
-        "Write": [memories_pb2.WriteRequest(bank="live"), memories_pb2.WriteRequest(reference=record)],
+        "Write": [memories_pb2.WriteRequest(bank="live"), memories_pb2.WriteRequest(reference=record),
+                  memories_pb2.WriteRequest(reference=json_record)],
         "Retrieve": [memories_pb2.RetrieveRequest(bank="live", vector=memories_pb2.Vector(values=[1, 0, 0, 1]),
-                                                  top_k=5, filter={"k": "v"}, include_memory=True, include_text=True)],
+                                                  top_k=5, filter={"k": "v"}, include_memory=True, include_text=True,
+                                                  where=where)],
+        "Scroll": [memories_pb2.ScrollRequest(bank="live", where=where, page_size=1, include_text=True,
+                                              include_memory=True)],
         "Fetch": [memories_pb2.FetchRequest(bank="live", external_ids=["r0", "r1"], include_memory=True)],
         "Delete": [memories_pb2.DeleteRequest(bank="live", external_ids=["nope"])],
         "Stats": [memories_pb2.StatsRequest(bank="live")],

@@ -8,12 +8,13 @@ batches with a bounded number in flight (back-pressure: a slow server slows the 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterable, Iterable, Sequence
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 from memory3.core.banks import BankInfo, bank_from_proto, bank_to_proto
 from memory3.core.loop_thread import LoopThread
+from memory3.core.metadata import conditions_from_filter
 from memory3.core.references import BankStats, Reference, StoredReference, WriteSummary
-from memory3.sdk.client.conversions import FrameAssembler, write_requests
+from memory3.sdk.client.conversions import FrameAssembler, filter_to_proto, retrieve_filter, write_requests
 from memory3.sdk.client.trajectories import TrajectoryMethods
 from memory3.sdk.client.transport import Transport
 from memory3.v1 import banks_pb2, memories_pb2, tenants_pb2
@@ -122,14 +123,18 @@ class AsyncClient(Transport, TrajectoryMethods):
         text: str | None = None,
         vector: Sequence[float] | None = None,
         top_k: int = 5,
-        filter: dict[str, str] | None = None,
+        filter: Mapping[str, Any] | None = None,
         max_overlap: float = 0.0,
         include_memory: bool = False,
         include_text: bool = True,
     ) -> list[StoredReference]:
-        """Nearest references to a text (bank's built-in embedder) or a vector, nearest first."""
+        """Nearest references to a text (bank's built-in embedder) or a vector, nearest first.
+        ``filter``: conditions on metadata, all of which must hold, e.g. ``{"lang": "en", "year":
+        {"gte": 2020}, "tags": {"in": ["a", "b"]}}`` (operators eq, in, gt, gte, lt, lte, exists:
+        memory3.core.metadata); a malformed one raises MetadataError (a ValueError) before sending."""
+        equal, where = retrieve_filter(filter)
         request = memories_pb2.RetrieveRequest(
-            bank=bank, top_k=top_k, filter=filter or {}, max_overlap=max_overlap,
+            bank=bank, top_k=top_k, filter=equal, where=where, max_overlap=max_overlap,
             include_memory=include_memory, include_text=include_text,
         )
         if vector is not None:
@@ -151,6 +156,37 @@ class AsyncClient(Transport, TrajectoryMethods):
         async for message in self.memories.Fetch(request, **self._call()):
             assembler.feed_all(message.frames)
         return assembler.finish()
+
+    async def scroll_page(
+        self,
+        bank: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        page_size: int = 100,
+        page_token: str = "",
+        include_text: bool = True,
+        include_memory: bool = False,
+    ) -> tuple[list[StoredReference], str]:
+        """One page of the bank's references in external_id order (``filter`` as for
+        :meth:`retrieve`), and the token of the next page ("" after the last)."""
+        request = memories_pb2.ScrollRequest(
+            bank=bank, where=filter_to_proto(conditions_from_filter(filter)), page_size=page_size,
+            page_token=page_token, include_text=include_text, include_memory=include_memory,
+        )
+        assembler, token = FrameAssembler(include_memory), ""
+        async for message in self.memories.Scroll(request, **self._call()):
+            assembler.feed_all(message.frames)
+            token = message.next_page_token or token
+        return assembler.finish(), token
+
+    async def scroll(self, bank: str, **options) -> AsyncIterator[StoredReference]:
+        """Every reference of the bank (passing ``filter``), page after page: see :meth:`scroll_page`
+        for the options, and ScrollRequest in memories.proto for what a scroll sees of concurrent writes."""
+        token = None
+        while token != "":
+            page, token = await self.scroll_page(bank, page_token=token or "", **options)
+            for reference in page:
+                yield reference
 
     async def delete(self, bank: str, external_ids: Sequence[str]) -> int:
         reply = await self.memories.Delete(
@@ -208,6 +244,13 @@ class Client:
         if not asyncio.iscoroutinefunction(method):
             return method
         return lambda *args, **kwargs: self._run(method(*args, **kwargs))
+
+    def scroll(self, bank: str, **options) -> Iterator[StoredReference]:
+        """Every reference of the bank, page after page (:meth:`AsyncClient.scroll`)."""
+        token = None
+        while token != "":
+            page, token = self.scroll_page(bank, page_token=token or "", **options)
+            yield from page
 
     def close(self) -> None:
         self._run(self._async.close())

@@ -1,10 +1,13 @@
-"""SDK types to and from wire messages: Write streams out, memory frames back in (bank definitions: memory3.core.banks)."""
+"""SDK types to and from wire messages: Write streams out, memory frames back in, metadata and
+filters both ways (bank definitions: memory3.core.banks)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import json
+from typing import Any, Iterable, Iterator, Mapping
 
 from memory3.core.blob import payload_checksum, trailer_checksum
+from memory3.core.metadata import Condition, conditions_from_filter, metadata_to_json
 from memory3.core.references import Reference, StoredReference
 from memory3.sdk.client.transport import DEFAULT_CHUNK_BYTES
 from memory3.v1 import memories_pb2
@@ -12,6 +15,47 @@ from memory3.v1 import memories_pb2
 
 class CorruptPayload(Exception):
     """A memory arrived with a checksum that does not match what the service stored."""
+
+
+FILTER_OPS = {
+    "eq": memories_pb2.FILTER_OP_EQ, "in": memories_pb2.FILTER_OP_IN, "gt": memories_pb2.FILTER_OP_GT,
+    "gte": memories_pb2.FILTER_OP_GTE, "lt": memories_pb2.FILTER_OP_LT, "lte": memories_pb2.FILTER_OP_LTE,
+    "exists": memories_pb2.FILTER_OP_EXISTS,
+}
+
+
+def metadata_fields(metadata: Mapping[str, Any]) -> dict:
+    """A reference's metadata as ReferenceRecord fields: string values travel in the old map (so
+    servers before metadata_json read them too), anything else as metadata_json."""
+    if all(isinstance(value, str) for value in metadata.values()):
+        return {"metadata": dict(metadata)}
+    return {"metadata_json": metadata_to_json(metadata)}
+
+
+def metadata_of(reference: memories_pb2.StoredReference) -> dict[str, Any]:
+    """The whole metadata of a stored reference (the string map from servers before metadata_json)."""
+    return json.loads(reference.metadata_json) if reference.metadata_json else dict(reference.metadata)
+
+
+def filter_to_proto(conditions: list[Condition]) -> memories_pb2.MetadataFilter:
+    """Conditions (memory3.core.metadata) as the wire's MetadataFilter."""
+    return memories_pb2.MetadataFilter(conditions=[
+        memories_pb2.MetadataCondition(
+            key=c.key, op=FILTER_OPS[c.op], value_json=json.dumps(list(c.value) if c.op == "in" else c.value))
+        for c in conditions
+    ])
+
+
+def retrieve_filter(spec: Mapping[str, Any] | None) -> tuple[dict[str, str], memories_pb2.MetadataFilter | None]:
+    """A filter in the JSON syntax (memory3.core.metadata) as RetrieveRequest fields: plain string
+    equalities in the old ``filter`` map (which servers before ``where`` read too), the rest as
+    ``where``; MetadataError (a ValueError) for a condition that breaks the rules."""
+    if spec is not None and not isinstance(spec, Mapping):
+        conditions_from_filter(spec)  # raises, saying what a filter looks like
+    spec = dict(spec or {})
+    equal = {key: test for key, test in spec.items() if isinstance(test, str)}
+    rest = conditions_from_filter({key: test for key, test in spec.items() if key not in equal})
+    return equal, filter_to_proto(rest) if rest else None
 
 
 def write_requests(
@@ -22,7 +66,7 @@ def write_requests(
     for ref in references:
         memory = ref.memory or b""
         record = memories_pb2.ReferenceRecord(
-            external_id=ref.external_id, text=ref.text, metadata=dict(ref.metadata),
+            external_id=ref.external_id, text=ref.text, **metadata_fields(ref.metadata),
             embedding=list(ref.embedding) if ref.embedding is not None else [],
             memory_size=len(memory), memory_chunk=memory[:chunk_bytes],
         )
@@ -62,7 +106,7 @@ class FrameAssembler:
             self._close()
             r = frame.reference
             self._current = StoredReference(
-                r.external_id, r.text, dict(r.metadata), r.memory_size, r.memory_crc32, None, r.score, r.rank
+                r.external_id, r.text, metadata_of(r), r.memory_size, r.memory_crc32, None, r.score, r.rank
             )
         elif self._current is None:
             raise CorruptPayload("memory chunk before any reference")

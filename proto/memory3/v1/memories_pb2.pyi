@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,8 +7,27 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class FilterOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FILTER_OP_UNSPECIFIED: _ClassVar[FilterOp]
+    FILTER_OP_EQ: _ClassVar[FilterOp]
+    FILTER_OP_IN: _ClassVar[FilterOp]
+    FILTER_OP_GT: _ClassVar[FilterOp]
+    FILTER_OP_GTE: _ClassVar[FilterOp]
+    FILTER_OP_LT: _ClassVar[FilterOp]
+    FILTER_OP_LTE: _ClassVar[FilterOp]
+    FILTER_OP_EXISTS: _ClassVar[FilterOp]
+FILTER_OP_UNSPECIFIED: FilterOp
+FILTER_OP_EQ: FilterOp
+FILTER_OP_IN: FilterOp
+FILTER_OP_GT: FilterOp
+FILTER_OP_GTE: FilterOp
+FILTER_OP_LT: FilterOp
+FILTER_OP_LTE: FilterOp
+FILTER_OP_EXISTS: FilterOp
+
 class ReferenceRecord(_message.Message):
-    __slots__ = ("external_id", "text", "metadata", "embedding", "memory_size", "memory_chunk")
+    __slots__ = ("external_id", "text", "metadata", "embedding", "memory_size", "memory_chunk", "metadata_json")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -21,13 +41,15 @@ class ReferenceRecord(_message.Message):
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     external_id: str
     text: str
     metadata: _containers.ScalarMap[str, str]
     embedding: _containers.RepeatedScalarFieldContainer[float]
     memory_size: int
     memory_chunk: bytes
-    def __init__(self, external_id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., embedding: _Optional[_Iterable[float]] = ..., memory_size: _Optional[int] = ..., memory_chunk: _Optional[bytes] = ...) -> None: ...
+    metadata_json: str
+    def __init__(self, external_id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., embedding: _Optional[_Iterable[float]] = ..., memory_size: _Optional[int] = ..., memory_chunk: _Optional[bytes] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class WriteRequest(_message.Message):
     __slots__ = ("bank", "reference", "memory_chunk")
@@ -58,7 +80,7 @@ class Vector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("bank", "text", "vector", "top_k", "filter", "max_overlap", "include_memory", "include_text")
+    __slots__ = ("bank", "text", "vector", "top_k", "filter", "max_overlap", "include_memory", "include_text", "where")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +96,7 @@ class RetrieveRequest(_message.Message):
     MAX_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     bank: str
     text: str
     vector: Vector
@@ -82,10 +105,27 @@ class RetrieveRequest(_message.Message):
     max_overlap: float
     include_memory: bool
     include_text: bool
-    def __init__(self, bank: _Optional[str] = ..., text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ...) -> None: ...
+    where: MetadataFilter
+    def __init__(self, bank: _Optional[str] = ..., text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ...) -> None: ...
+
+class MetadataCondition(_message.Message):
+    __slots__ = ("key", "op", "value_json")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VALUE_JSON_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    op: FilterOp
+    value_json: str
+    def __init__(self, key: _Optional[str] = ..., op: _Optional[_Union[FilterOp, str]] = ..., value_json: _Optional[str] = ...) -> None: ...
+
+class MetadataFilter(_message.Message):
+    __slots__ = ("conditions",)
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    conditions: _containers.RepeatedCompositeFieldContainer[MetadataCondition]
+    def __init__(self, conditions: _Optional[_Iterable[_Union[MetadataCondition, _Mapping]]] = ...) -> None: ...
 
 class StoredReference(_message.Message):
-    __slots__ = ("external_id", "text", "metadata", "score", "memory_size", "memory_crc32", "rank")
+    __slots__ = ("external_id", "text", "metadata", "score", "memory_size", "memory_crc32", "rank", "metadata_json")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +140,7 @@ class StoredReference(_message.Message):
     MEMORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_CRC32_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     external_id: str
     text: str
     metadata: _containers.ScalarMap[str, str]
@@ -107,7 +148,8 @@ class StoredReference(_message.Message):
     memory_size: int
     memory_crc32: int
     rank: int
-    def __init__(self, external_id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., score: _Optional[float] = ..., memory_size: _Optional[int] = ..., memory_crc32: _Optional[int] = ..., rank: _Optional[int] = ...) -> None: ...
+    metadata_json: str
+    def __init__(self, external_id: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., score: _Optional[float] = ..., memory_size: _Optional[int] = ..., memory_crc32: _Optional[int] = ..., rank: _Optional[int] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class ReferenceFrame(_message.Message):
     __slots__ = ("reference", "memory_chunk")
@@ -166,3 +208,27 @@ class StatsResponse(_message.Message):
     memory_bytes: int
     text_bytes: int
     def __init__(self, references: _Optional[int] = ..., with_memory: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., text_bytes: _Optional[int] = ...) -> None: ...
+
+class ScrollRequest(_message.Message):
+    __slots__ = ("bank", "where", "page_size", "page_token", "include_text", "include_memory")
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    where: MetadataFilter
+    page_size: int
+    page_token: str
+    include_text: bool
+    include_memory: bool
+    def __init__(self, bank: _Optional[str] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_text: _Optional[bool] = ..., include_memory: _Optional[bool] = ...) -> None: ...
+
+class ScrollResponse(_message.Message):
+    __slots__ = ("frames", "next_page_token")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[ReferenceFrame]
+    next_page_token: str
+    def __init__(self, frames: _Optional[_Iterable[_Union[ReferenceFrame, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,11 @@ class MemoriesStub:
                 request_serializer=memory3_dot_v1_dot_memories__pb2.StatsRequest.SerializeToString,
                 response_deserializer=memory3_dot_v1_dot_memories__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Scroll = channel.unary_stream(
+                '/memory3.v1.Memories/Scroll',
+                request_serializer=memory3_dot_v1_dot_memories__pb2.ScrollRequest.SerializeToString,
+                response_deserializer=memory3_dot_v1_dot_memories__pb2.ScrollResponse.FromString,
+                _registered_method=True)
 
 
 class MemoriesServicer:
@@ -132,6 +137,14 @@ class MemoriesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Scroll(self, request, context):
+        """A bank's references page by page in external_id order, optionally filtered by metadata.
+        Read-only; every page is read as it is at that moment (see ScrollRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoriesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +172,11 @@ def add_MemoriesServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=memory3_dot_v1_dot_memories__pb2.StatsRequest.FromString,
                     response_serializer=memory3_dot_v1_dot_memories__pb2.StatsResponse.SerializeToString,
+            ),
+            'Scroll': grpc.unary_stream_rpc_method_handler(
+                    servicer.Scroll,
+                    request_deserializer=memory3_dot_v1_dot_memories__pb2.ScrollRequest.FromString,
+                    response_serializer=memory3_dot_v1_dot_memories__pb2.ScrollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +329,33 @@ class Memories:
             '/memory3.v1.Memories/Stats',
             memory3_dot_v1_dot_memories__pb2.StatsRequest.SerializeToString,
             memory3_dot_v1_dot_memories__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memory3.v1.Memories/Scroll',
+            memory3_dot_v1_dot_memories__pb2.ScrollRequest.SerializeToString,
+            memory3_dot_v1_dot_memories__pb2.ScrollResponse.FromString,
             options,
             channel_credentials,
             insecure,

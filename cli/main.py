@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from memory3.core.metadata import (
+    OPERATORS, MetadataError, check_metadata, conditions_from_filter, metadata_to_json, parse_json,
+)
 from memory3.service.auth import ADMIN_KEY_FILE
 from memory3.service.config import Settings, load_settings
 
@@ -154,8 +157,10 @@ def _reference_from_line(path: Path, number: int, line: str):
     if "id" not in item:
         raise CliError(f"{where}: missing \"id\" (each line needs at least \"id\" and \"text\")")
     metadata = item.get("metadata") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CliError(f"{where}: \"metadata\" must be an object of string values, e.g. {{\"n\": \"7\"}}")
+    try:
+        check_metadata(metadata, '"metadata"')
+    except MetadataError as err:
+        raise CliError(f"{where}: {err} (e.g. {{\"lang\": \"en\", \"year\": 2024, \"tags\": [\"a\"]}})") from None
     embedding = item.get("embedding")
     if embedding is not None and not (isinstance(embedding, list) and all(isinstance(x, (int, float)) for x in embedding)):
         raise CliError(f"{where}: \"embedding\" must be a list of numbers")
@@ -188,11 +193,57 @@ def cmd_ingest(args) -> None:
     print(json.dumps(summary.__dict__))
 
 
+def _filter_option(text: str | None):
+    """--filter's JSON (memory3.core.metadata's syntax), checked here: a mistake is one line."""
+    if text is None:
+        return None
+    try:
+        spec = parse_json(text, "--filter")
+        conditions_from_filter(spec, "--filter")
+    except MetadataError as err:
+        raise CliError(f"{err}; write e.g. --filter '{{\"lang\": \"en\", \"year\": {{\"gte\": 2020}}, "
+                       f"\"tags\": {{\"in\": [\"a\", \"b\"]}}}}' (operators: {', '.join(OPERATORS)})") from None
+    return spec
+
+
+def _reference_json(ref, **extra) -> str:
+    """One reference as a JSON line: the fields `memory3 ingest` reads (id, text, metadata) and more."""
+    return json.dumps({"id": ref.external_id, **extra, "text": ref.text, "metadata": ref.metadata,
+                       "memory_size": ref.memory_size}, ensure_ascii=False)
+
+
 def cmd_query(args) -> None:
+    spec = _filter_option(args.filter)
     with _client(args) as client:
-        hits = client.retrieve(args.bank, text=args.text, top_k=args.top_k, max_overlap=args.max_overlap)
+        hits = client.retrieve(args.bank, text=args.text, top_k=args.top_k, max_overlap=args.max_overlap, filter=spec)
     for hit in hits:
-        print(f"{hit.rank + 1}. {hit.score:.4f} {hit.external_id}: {hit.text}")
+        if args.json:
+            print(_reference_json(hit, rank=hit.rank, score=hit.score))
+        else:
+            print(f"{hit.rank + 1}. {hit.score:.4f} {hit.external_id}: {hit.text}")
+
+
+def cmd_scroll(args) -> None:
+    spec = _filter_option(args.filter)
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit {args.limit}: give at least 1 (leave it out for every reference)")
+    if not 1 <= args.page_size <= 1000:
+        raise CliError(f"--page-size {args.page_size}: give 1 to 1000 references per page")
+    page_size = min(args.page_size, args.limit or args.page_size)
+    shown = 0
+    with _client(args) as client:
+        try:
+            for ref in client.scroll(args.bank, filter=spec, page_size=page_size):
+                line = _reference_json(ref) if args.json else f"{ref.external_id} {metadata_to_json(ref.metadata)} {ref.text}"
+                print(line)
+                shown += 1
+                if shown == args.limit:
+                    break
+            sys.stdout.flush()
+        except BrokenPipeError:  # `memory3 scroll kb | head`: the reader has all it wanted
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def cmd_health(args) -> None:
@@ -365,7 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("text")
     query.add_argument("--top-k", type=int, default=5)
     query.add_argument("--max-overlap", type=float, default=0.0)
+    query.add_argument("--filter", metavar="JSON",
+                       help='metadata conditions, all of which must hold: {"lang": "en", "year": {"gte": 2020}, '
+                            '"tags": {"in": ["a", "b"]}} (operators eq, in, gt, gte, lt, lte, exists)')
+    query.add_argument("--json", action="store_true", help="one JSON object per hit: id, rank, score, text, metadata")
     query.set_defaults(func=cmd_query)
+
+    scroll = client_command("scroll", "list a bank's references in id order, optionally filtered by metadata")
+    scroll.add_argument("bank")
+    scroll.add_argument("--filter", metavar="JSON", help="metadata conditions, as for `memory3 query --filter`")
+    scroll.add_argument("--limit", type=int, help="stop after this many references (default: all)")
+    scroll.add_argument("--page-size", type=int, default=100, help="references per request, 1..1000 (100)")
+    scroll.add_argument("--json", action="store_true",
+                        help="one JSON object per reference: id, text, metadata (what `memory3 ingest` reads), "
+                             "memory_size")
+    scroll.set_defaults(func=cmd_scroll)
 
     generate = client_command("generate", "stream a model's answer to a prompt, reading memories from a bank")
     generate.add_argument("prompt")

@@ -110,3 +110,36 @@ def test_bad_input(client):
     with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "first Publish message"):
         send([proxies_pb2.PublishRequest(weights_chunk=b"x")])
     assert [p.version for p in client.list_proxies("b")] == [1]  # nothing refused was stored
+
+
+def test_train_proxy_init_makes_and_publishes_the_first_version(tmp_path, server, api_key):
+    """`memory3 train-proxy --init`: a proxy for the model, published (version 1) and saved under
+    that version, so the next training's --parent names the version that sampled; the help text
+    explains the loop, and leaving out both --parent and --init is one clear error."""
+    import subprocess
+    import sys
+
+    from memory3.sdk.model.fingerprint import model_fingerprint
+    from memory3.sdk.model.positions import memory_spec_for
+    from memory3.sdk.proxy.policy import ProxyPolicy
+    from memory3.trainer.model import save_reference_model
+    from memory3.trainer.proxy_rl import main as train_proxy_main
+    from tiny_models import byte_tokenizer, tiny_llama
+
+    model, spec_dir = tiny_llama(seed=3), tmp_path / "model"
+    save_reference_model(model, byte_tokenizer(), memory_spec_for(model, (0,), 4, 32), spec_dir)
+    proxy = train_proxy_main(["--init", "--model", str(spec_dir), "--out", str(tmp_path / "first"),
+                              "--target", server.target, "--api-key", api_key, "--publish", "guide"])
+    saved = ProxyPolicy.load(tmp_path / "first")
+    assert proxy.version == saved.version == 1
+    with Client(server.target, api_key) as client:
+        published = client.get_proxy("guide", model_fingerprint(model))
+    assert published.version == 1 and published.parent_version == 0
+    assert saved.config.model_fingerprint == model_fingerprint(model)
+    command = [sys.executable, "-m", "memory3.cli.main", "train-proxy"]
+    help_text = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "--init" in help_text and "the loop, from nothing to a retrained proxy" in help_text
+    missing = subprocess.run([*command, "--model", str(spec_dir), "--out", str(tmp_path / "x"), "--episodes", "e.parquet"],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "give --parent DIR" in missing.stderr

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from memory3.core.episodes import Episode
 from memory3.sdk.model.sampling import SamplingConfig
-from memory3.sdk.proxy.policy import ProxyPolicy, parameter_ratio
+from memory3.sdk.proxy.policy import ProxyPolicy, count_trainable, parameter_ratio
 from memory3.sdk.proxy.reward import Reward, episode_return, score_episodes
 from memory3.sdk.proxy.sampling import sample_with_proxy, step_features
 
@@ -309,7 +309,8 @@ def plot_learning_curve(history: list[dict], metrics: dict, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
     """``memory3 train-proxy``: train a proxy offline from a Parquet export of logged episodes."""
-    parser = argparse.ArgumentParser(prog="memory3 train-proxy", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="memory3 train-proxy", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=LOOP_HELP)
     parser.add_argument("--model", required=True, help="reference model directory (trainer.model.save_reference_model)")
     parser.add_argument("--episodes", help="Parquet file of logged episodes (trajectory export)")
     parser.add_argument("--target", help="read episodes from this memory3 server (host:port) instead "
@@ -318,7 +319,10 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     parser.add_argument("--bank", default="", help="with --target: only this bank's episodes")
     parser.add_argument("--behaviour-version", type=int, default=0, help="with --target: only this proxy version")
     parser.add_argument("--publish", metavar="NAME", help="with --target: publish the new proxy under NAME")
-    parser.add_argument("--parent", required=True, help="directory of the behaviour proxy (proxy.safetensors + proxy.json)")
+    parser.add_argument("--parent", help="directory of the behaviour proxy (proxy.safetensors + proxy.json)")
+    parser.add_argument("--init", action="store_true",
+                        help="make the first proxy (version 0) for --model in --out, and publish it with --publish")
+    parser.add_argument("--width", type=int, help="with --init: hidden width (default: the largest within 1%% of the model)")
     parser.add_argument("--out", required=True, help="directory for the new proxy, metrics and learning curve")
     parser.add_argument("--reward", action="append", help="episode reward name(s) summed into the return (default: all)")
     parser.add_argument("--reward-model", help="NeuralReward directory for held-out evaluation")
@@ -337,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
 
     from .model import load_reference_model
 
+    if args.init:
+        return init_proxy(parser, args)
+    if not args.parent:
+        parser.error("give --parent DIR (the proxy that sampled the episodes), or --init to make the first one")
     model, tokenizer, _ = load_reference_model(args.model)
     parent = ProxyPolicy.load(args.parent)
     eval_prompts = eval_reward = None
@@ -370,6 +378,43 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
             print(f"published {info.name} v{info.version}")
         client.close()
     return result
+
+
+LOOP_HELP = """\
+the loop, from nothing to a retrained proxy:
+  1. memory3 train-proxy --init --model M --out proxies/first --target HOST:PORT --publish NAME
+     the first proxy: sized for the model (<= 1% of its parameters), it starts out accepting most
+     tokens, so it only explores gently; the registry numbers it version 1 (unpublished: 0), and
+     decoding processes following NAME pick it up
+  2. decode with it (memory3.sdk.generation ProxyOptions) and log episodes to the service
+  3. memory3 train-proxy --model M --target HOST:PORT --behaviour-version 1 --parent proxies/first
+        --out proxies/second --publish NAME   (or --episodes FILE.parquet from `memory3 trajectories export`)
+     version 2, trained offline on what version 1 did; repeat from 2 with the newest version
+"""
+
+
+def init_proxy(parser: argparse.ArgumentParser, args) -> ProxyPolicy:
+    """``--init``: the first proxy for the model, published (taking the registry's version) and
+    saved to ``--out``, so ``--parent`` of the next training names the version that sampled."""
+    from .model import load_reference_model
+
+    target = args.target or os.environ.get("MEMORY3_TARGET")
+    if args.publish and not target:
+        parser.error("--publish needs --target HOST:PORT (or MEMORY3_TARGET)")
+    model, _, _ = load_reference_model(args.model)
+    proxy = ProxyPolicy.for_model(model, width=args.width, seed=args.seed)
+    if args.publish:
+        from memory3.sdk.client.client import Client
+
+        with Client(target, args.api_key or os.environ.get("MEMORY3_API_KEY")) as client:
+            info = client.publish_proxy(args.publish, proxy.to_bytes(), proxy.config.model_fingerprint,
+                                        config=asdict(proxy.config))
+        proxy.version = info.version
+        print(f"published {info.name} v{info.version}")
+    out = proxy.save(args.out)
+    print(f"proxy v{proxy.version} for {type(model).__name__} ({count_trainable(proxy)} parameters, "
+          f"{parameter_ratio(proxy, model):.2%} of the model) in {out}")
+    return proxy
 
 
 def publish(client, name: str, result: TrainResult):

@@ -283,7 +283,7 @@ def cmd_health(args) -> None:
 def cmd_train(args) -> None:
     from memory3.trainer.pretrain import main as train_main
 
-    train_main([args.config, *args.rest])
+    train_main(args.rest)
 
 
 def cmd_train_proxy(args) -> None:
@@ -478,9 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--ca-file", help="CA certificate (PEM) of a TLS server (default MEMORY3_CA_FILE)")
     health.set_defaults(func=cmd_health)
 
-    train = sub.add_parser("train", help="two-stage pretraining of the reference model from a config file")
-    train.add_argument("config")
-    train.add_argument("rest", nargs=argparse.REMAINDER)
+    train = sub.add_parser("train", help="two-stage pretraining of the reference model from a config file",
+                           add_help=False)
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="see `memory3 train --help`")
     train.set_defaults(func=cmd_train)
 
     train_proxy = sub.add_parser("train-proxy", help="offline RL of the proxy policy from logged trajectories",
@@ -527,9 +527,11 @@ def _fail(message: str, status: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train-proxy"]:  # every option belongs to the trainer's own parser
-        return cmd_train_proxy(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
+    if argv[:1] in (["train"], ["train-proxy"]):  # every option belongs to the trainer's own parser
+        args = argparse.Namespace(command=argv[0], rest=argv[1:],
+                                  func=cmd_train if argv[0] == "train" else cmd_train_proxy)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         if args.command in ("tenant",) and args.action == "create" and not args.name:
             raise CliError("tenant create needs a name: memory3 tenant create NAME")
@@ -544,8 +546,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"{err.filename}: no such file", 2)
     except OSError as err:
         _fail(redact(f"{getattr(err, 'filename', None) or ''} {err.strerror or err}".strip()), 2)
-    except ValueError as err:  # settings from the environment or a secret file
-        _fail(redact(_settings_error(err)), 2)
+    except ValueError as err:  # settings from the environment or a secret file; a training config
+        _fail(redact(str(err) if args.command.startswith("train") else _settings_error(err)), 2)
     except Exception as err:
         import grpc
 

@@ -104,3 +104,14 @@ def test_serve_help_lists_every_setting():
     for name in Settings.model_fields:
         variable = "DATABASE_URL" if name == "database_url" else f"MEMORY3_{name.upper()}"
         assert variable in result.stdout, variable
+
+
+def test_train_help_lists_the_presets_and_a_bad_config_is_one_line(tmp_path):
+    help_text = memory3("train", "--help").stdout
+    assert "presets (trainer/configs" in help_text and "--set KEY=VALUE" in help_text
+    for preset in ("tiny", "small", "gpu", "tiny-pq"):
+        assert f"  {preset} " in help_text
+    one_line_error(memory3("train", "tinny"), 2, "'tinny'", "no such preset", "tiny")
+    one_line_error(memory3("train", "tiny", "--set", "world"), 2, "not key=value")
+    one_line_error(memory3("train-proxy", "--init", "--model", str(tmp_path), "--out", str(tmp_path / "p")),
+                   2, "has no config.json", "memory3 train")

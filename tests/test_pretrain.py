@@ -123,6 +123,10 @@ def test_presets_and_shipped_configs():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.preset in PRESETS and cfg.total_steps > 0
+        assert any(stage.memory != "none" for stage in cfg.stages), f"{path.name} has no memory stage"
+        assert max(cfg.memory_layers) < PRESETS[cfg.preset].n_layers  # every memory layer exists
+    with pytest.raises(ValueError, match="no such preset; give a YAML path or one of: gpu, small, tiny"):
+        load_config("tinny")
     cfg = load_config("tiny", ["world.n_entities=64", "stages.0.steps=7", "batch_size=4"])
     assert (cfg.world.n_entities, cfg.stages[0].steps, cfg.batch_size) == (64, 7, 4)
     with pytest.raises(ValueError, match="unknown config key"):

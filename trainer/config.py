@@ -206,6 +206,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         path = CONFIG_DIR / path
     if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
         path = CONFIG_DIR / f"{path}.yaml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise ValueError(f"config {str(path)!r}: no such file and no such preset; give a YAML path or one of: {presets}")
     data = yaml.safe_load(path.read_text()) or {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from memory3.core.memory_spec import MemorySpec
+from memory3.core.memory_spec import SPEC_FILENAME, MemorySpec
 from memory3.sdk.model.positions import memory_spec_for
 
 from .tokenizer import load_tokenizer, save_tokenizer
@@ -103,6 +103,10 @@ def save_reference_model(model: LlamaForCausalLM, tokenizer, spec: MemorySpec, d
 def load_reference_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
     """Load ``(model, tokenizer, spec)`` saved by :func:`save_reference_model`; model in eval mode."""
     directory = Path(directory)
+    missing = [name for name in ("config.json", SPEC_FILENAME) if not (directory / name).is_file()]
+    if missing:
+        raise ValueError(f"model directory {str(directory)!r} has no {' or '.join(missing)}: give a directory "
+                         "written by `memory3 train` (RUN_DIR/model) or by save_reference_model")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     if device is not None:

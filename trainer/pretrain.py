@@ -29,7 +29,7 @@ import torch
 
 from memory3.core.memory_spec import MemorySpec
 
-from .config import StageConfig, TrainConfig, load_config
+from .config import CONFIG_DIR, StageConfig, TrainConfig, load_config
 from .corpus import HELDOUT, TRAIN, QAPair, World, build_world, format_reference, normalize_answer
 from .evaluate import generate_answers, prompt_ids
 from .model import build_model, count_parameters, default_memory_spec, save_reference_model
@@ -509,10 +509,21 @@ def _progress(config: TrainConfig, stage: StageConfig, start: int, stop: int):
                 dynamic_ncols=True, leave=True)
 
 
+def presets_help() -> str:
+    """The shipped configs with the first line of each one's header comment."""
+    lines = ["presets (trainer/configs; every key: memory3.trainer.config):"]
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        comment = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#"))
+        lines.append(f"  {path.stem:<8} {comment.split('. ')[0].removesuffix('.')}")
+    lines.append("example: memory3 train tiny --out-dir runs/reference-tiny --set stages.1.steps=1500")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``memory3 train CONFIG.yaml [--out-dir DIR] [--set key=value ...] [--fresh]``."""
-    parser = argparse.ArgumentParser(prog="memory3 train", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("config", help="YAML config: a path, or a name in memory3/trainer/configs (tiny, small, gpu)")
+    parser = argparse.ArgumentParser(prog="memory3 train", description=__doc__.split("\n", 1)[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=presets_help())
+    parser.add_argument("config", help="YAML config: a path, or a preset name (below)")
     parser.add_argument("--out-dir", help="override out_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, dotted (world.n_entities=400, stages.0.steps=50)")

@@ -188,9 +188,33 @@ def cmd_ingest(args) -> None:
 
     path = Path(args.file)
     total = sum(1 for _ in _jsonl_references(path))  # a first pass checks every line: a bad file sends nothing
-    with _client(args) as client, tqdm(total=total, unit="ref", desc=f"ingest {args.bank}") as bar:
-        summary = client.write_many(args.bank, _jsonl_references(path), batch_size=args.batch_size, progress=bar)
+    with _client(args) as client:
+        writer = _memory_writer(client, args.bank, args.model) if args.model else None
+        with tqdm(total=total, unit="ref", desc=f"ingest {args.bank}") as bar:
+            if writer is None:
+                summary = client.write_many(args.bank, _jsonl_references(path), batch_size=args.batch_size, progress=bar)
+            else:
+                summary = client.run(writer.write(client.aio, args.bank, _jsonl_references(path), progress=bar))
     print(json.dumps(summary.__dict__))
+
+
+def _memory_writer(client, bank: str, model_dir: str):
+    """``ingest --model``: a writer that encodes each text's memory with the bank's own model."""
+    from memory3.sdk.memory import MemoryEncoder, MemoryWriter
+    from memory3.sdk.model.fingerprint import model_fingerprint
+    from memory3.trainer.model import load_reference_model
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # stderr keeps to the ingest bar and one-line errors
+    model, tokenizer, spec = load_reference_model(model_dir)
+    info = client.get_bank(bank)
+    fingerprint = model_fingerprint(model)
+    if info.model_fingerprint != fingerprint or info.spec != spec:
+        raise CliError(f"bank {bank!r} is not for the model in {model_dir} (its fingerprint or memory spec differ): "
+                       f"create the bank with `memory3 bank create NAME --model {model_dir}`")
+    if spec.codec == "pq":
+        raise CliError(f"bank {bank!r} stores PQ codes: encode with the SDK's MemoryWriter and the bank's codebook")
+    return MemoryWriter(MemoryEncoder(model, tokenizer, spec), skip_short=True)
 
 
 def _filter_option(text: str | None):
@@ -409,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("bank")
     ingest.add_argument("file")
     ingest.add_argument("--batch-size", type=int, default=64)
+    ingest.add_argument("--model", metavar="DIR", help="encode each text's memory with this model (the bank's, from "
+                        "`memory3 train`); texts too short for the memory spec are stored without one")
     ingest.set_defaults(func=cmd_ingest)
 
     query = client_command("query", "retrieve the references nearest a text")

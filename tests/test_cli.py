@@ -115,3 +115,34 @@ def test_train_help_lists_the_presets_and_a_bad_config_is_one_line(tmp_path):
     one_line_error(memory3("train", "tiny", "--set", "world"), 2, "not key=value")
     one_line_error(memory3("train-proxy", "--init", "--model", str(tmp_path), "--out", str(tmp_path / "p")),
                    2, "has no config.json", "memory3 train")
+
+
+def test_ingest_with_model_stores_the_memories_the_encoder_makes(kb, server, api_key, tmp_path):
+    """`ingest --model DIR`: each text's memory encoded by the bank's model and stored (too short:
+    text only); a bank made for another model is refused in one line before anything is sent."""
+    import torch
+
+    from memory3.sdk.memory import MemoryEncoder, decode_memory
+    from memory3.sdk.model.positions import memory_spec_for
+    from memory3.trainer.model import save_reference_model
+    from tiny_models import byte_tokenizer, tiny_llama
+
+    model, tokenizer = tiny_llama(seed=21), byte_tokenizer()
+    spec = memory_spec_for(model, (0, 1), tokens_per_head=4, reference_length=64)
+    save_reference_model(model, tokenizer, spec, tmp_path / "model")
+    texts = {"long": "The lighthouse keeper counted ships at dawn.", "short": "Hi."}
+    path = tmp_path / "refs.jsonl"
+    path.write_text("".join(f'{{"id": "{i}", "text": "{t}"}}\n' for i, t in texts.items()))
+    connect = ["--target", server.target, "--api-key", api_key]
+    assert memory3("bank", "create", "withmodel", "--model", str(tmp_path / "model"), *connect).returncode == 0
+    result = memory3("ingest", "withmodel", str(path), "--model", str(tmp_path / "model"), *connect)
+    assert result.returncode == 0, result.stderr
+    with Client(server.target, api_key) as client:
+        stored = {r.external_id: r for r in client.fetch("withmodel", list(texts), include_memory=True)}
+    assert not stored["short"].memory
+    [expected] = MemoryEncoder(model, tokenizer, spec).encode([texts["long"]])
+    got = decode_memory(stored["long"].memory)
+    assert torch.equal(got.positions, expected.positions) and got.fingerprint == expected.fingerprint
+    torch.testing.assert_close(got.kv, expected.kv, atol=0.05, rtol=0.05)  # the bank's int8 codec
+    one_line_error(memory3("ingest", "cli", str(path), "--model", str(tmp_path / "model"), *connect),
+                   2, "bank 'cli' is not for the model", "bank create NAME --model")

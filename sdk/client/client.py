@@ -239,6 +239,16 @@ class Client:
     def _run(self, coroutine):
         return self._loop.run(coroutine)
 
+    @property
+    def aio(self) -> AsyncClient:
+        """The :class:`AsyncClient` underneath, for SDK coroutines that take one (run them with :meth:`run`)."""
+        return self._async
+
+    def run(self, coroutine):
+        """Run a coroutine on this client's event loop thread and return its result (e.g.
+        ``client.run(writer.write(client.aio, bank, refs))``)."""
+        return self._run(coroutine)
+
     def __getattr__(self, name):
         method = getattr(self._async, name)
         if not asyncio.iscoroutinefunction(method):

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(default=16, description="HNSW graph degree of each bank's index")
     hnsw_ef_construction: int = Field(default=64, description="HNSW build-time candidate list size")
     hnsw_ef_search: int = Field(default=200, description="HNSW query-time candidate list size (recall@5 0.94 at 100, see bench)")
+    filter_exact_rows: int = Field(
+        default=5000, description="Retrieve ranks exactly, without HNSW, when a filter's eq/in conditions leave at most "
+        "this many references (0: never; bench/bench_filters.py)")
     torch_threads: int = Field(default=0, description="torch threads for the built-in embedder (0: torch's default)")
     query_cache_size: int = Field(default=4096, description="Query texts whose embeddings are kept (LRU; 0: off)")
     embedder_device: str = Field(default="cpu", description="torch device of the built-in text embedder")

@@ -69,7 +69,13 @@ def filter_sql(conditions: list[Condition], params: dict) -> str:
     and value a parameter added to ``params``. eq and in are jsonb containment (``@>``, which the
     bank's GIN index on ``metadata jsonb_path_ops`` answers): {key: v} or {key: [v]}, so a list
     matches by an element. Ranges test the type first, so a value of another type is no match
-    rather than jsonb's cross-type order; strings compare by code point (COLLATE "C")."""
+    rather than jsonb's cross-type order; strings compare by code point (COLLATE "C"). A range is
+    a CASE, not ``typeof = .. AND ..``: PostgreSQL has no statistics for a key's values and would
+    multiply two default selectivities (0.005 x 0.33) into "almost no row passes", then plan
+    Scroll pages as a whole-table scan and sort per page instead of walking the primary key; a
+    CASE gets one moderate default (bench/bench_filters.py, docs/design.md). Statements with
+    conditions run unprepared: a prepared statement's generic plan would not see the values, and
+    whether 40 % or 0.05 % of a bank passes decides between the HNSW scan and the GIN index."""
     clauses = []
     for index, condition in enumerate(conditions):
         key, value = f"k{index}", f"v{index}"
@@ -83,12 +89,12 @@ def filter_sql(conditions: list[Condition], params: dict) -> str:
             clauses.append(f"{'' if condition.value else 'NOT '}(metadata ? %({key})s)")
         elif isinstance(condition.value, str):
             params[value] = condition.value
-            clauses.append(f"(jsonb_typeof(metadata -> %({key})s) = 'string' AND"
-                           f" (metadata ->> %({key})s) COLLATE \"C\" {RANGES[condition.op]} %({value})s COLLATE \"C\")")
+            clauses.append(f"(CASE WHEN jsonb_typeof(metadata -> %({key})s) = 'string' THEN (metadata ->> %({key})s)"
+                           f" COLLATE \"C\" {RANGES[condition.op]} %({value})s COLLATE \"C\" ELSE false END)")
         else:
             params[value] = Jsonb(condition.value)
-            clauses.append(f"(jsonb_typeof(metadata -> %({key})s) = 'number' AND"
-                           f" (metadata -> %({key})s) {RANGES[condition.op]} %({value})s::jsonb)")
+            clauses.append(f"(CASE WHEN jsonb_typeof(metadata -> %({key})s) = 'number' THEN (metadata -> %({key})s)"
+                           f" {RANGES[condition.op]} %({value})s::jsonb ELSE false END)")
     return " AND ".join(clauses) or "TRUE"
 
 
@@ -180,10 +186,11 @@ class BankWriter:
 
 
 class ReferenceStore:
-    def __init__(self, engine: AsyncEngine, ef_search: int = 100) -> None:
+    def __init__(self, engine: AsyncEngine, ef_search: int = 100, exact_rows: int = 5000) -> None:
         self.engine = engine
         self.reads = autocommit(engine)
         self.ef_search = ef_search
+        self.exact_rows = exact_rows  # eq/in conditions leave at most this many references: rank them exactly
 
     def writer(self, bank: Bank) -> BankWriter:
         return BankWriter(bank, self.engine)
@@ -206,17 +213,39 @@ class ReferenceStore:
             f"SELECT external_id, text, metadata, memory_size, memory_crc32, NULL::bytea,"
             f" {score_sql.format(d=distance)} FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s"
         )
-        connection = self.engine.begin() if limit > self.ef_search else self.reads.connect()
+        exact = await self._few_pass(bank, conditions)
+        transaction = exact or limit > self.ef_search
+        connection = self.engine.begin() if transaction else self.reads.connect()
         async with _bank_partition(bank), connection as conn:
-            if limit > self.ef_search:  # the connection's default ef_search would cap the results
+            if exact:  # no HNSW scan: the GIN index's few references, ranked exactly
+                await conn.execute(text("SET LOCAL enable_indexscan = off"))
+            elif limit > self.ef_search:  # the connection's default ef_search would cap the results
                 # pgvector caps ef_search; beyond it the iterative scan (relaxed order) supplies the rest
                 await conn.execute(text(f"SET LOCAL hnsw.ef_search = {min(int(limit), HNSW_EF_SEARCH_MAX)}"))
             driver = (await conn.get_raw_connection()).driver_connection
-            rows = await (await driver.execute(sql, params)).fetchall()
+            rows = await (await driver.execute(sql, params, prepare=False if conditions else None)).fetchall()
             found = [StoredReference(*row[:5], row[5], float(row[6])) for row in rows]
         if conditions or limit > HNSW_EF_SEARCH_MAX:  # relaxed_order may return slightly out of order
             found.sort(key=lambda row: -row.score)
         return found
+
+    async def _few_pass(self, bank: Bank, conditions: list[Condition]) -> bool:
+        """Whether the eq and in conditions (which the GIN index answers) leave at most
+        ``exact_rows`` references: then those are ranked exactly (other conditions applied)
+        instead of through HNSW. PostgreSQL's own choice often takes the HNSW scan with the filter
+        for a filter a few tenths of a percent pass, and pgvector's iterative scan then yields
+        fewer or other than the nearest (bench/bench_filters.py). The count stops at the threshold
+        and reads only what the index finds, so it costs at most that many rows."""
+        indexed = [c for c in conditions if c.op in ("eq", "in")]
+        if not indexed or self.exact_rows <= 0:
+            return False
+        params: dict = {}
+        sql = (f"SELECT count(*) FROM (SELECT 1 FROM {bank.partition} WHERE {filter_sql(indexed, params)}"
+               f" LIMIT {int(self.exact_rows) + 1}) passing")
+        async with _bank_partition(bank), self.reads.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            (count,) = await (await driver.execute(sql, params, prepare=False)).fetchone()
+        return count <= self.exact_rows
 
     async def sizes(self, bank: Bank, external_ids: list[str]) -> dict[str, tuple[int, int]]:
         """(text + metadata bytes, memory bytes) of each existing reference among the ids."""
@@ -246,7 +275,7 @@ class ReferenceStore:
         async with _bank_partition(bank), self.reads.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             async with driver.cursor(binary=True) as cursor:
-                await cursor.execute(sql, params)
+                await cursor.execute(sql, params, prepare=False if conditions else None)
                 return {row[0]: StoredReference(*row[:5], row[5]) async for row in cursor}
 
     async def page(
@@ -263,7 +292,7 @@ class ReferenceStore:
         )
         async with _bank_partition(bank), self.reads.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
-            rows = await (await driver.execute(sql, params)).fetchall()
+            rows = await (await driver.execute(sql, params, prepare=False if conditions else None)).fetchall()
         return [(row[0], int(row[1]), int(row[2])) for row in rows]
 
     async def delete(self, bank: Bank, external_ids: list[str]) -> int:

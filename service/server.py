@@ -159,7 +159,7 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
         log.info("admin key (MEMORY3_ADMIN_KEY unset) is in %s", admin_key_path)
     auth = Authenticator(tenants, admin_key)
     banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction, settings.bank_cache_seconds)
-    refs = ReferenceStore(engine, settings.hnsw_ef_search)
+    refs = ReferenceStore(engine, settings.hnsw_ef_search, settings.filter_exact_rows)
     def count_lookup(hit: bool) -> None:
         CACHE_LOOKUPS.labels("query_embedding", "hit" if hit else "miss").inc()
 

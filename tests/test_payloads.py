@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import ServerThread, make_settings
 from helpers import FINGERPRINT, SPEC, expect_status, memory_payload
 from memory3.core.metadata import MetadataError, conditions_from_filter
 from memory3.sdk.client import BankInfo, Client, Reference
@@ -51,6 +52,15 @@ def kb(server, api_key):
         client.write("payloads", [Reference(f"r{i:03d}", f"text {i}", _metadata(i), _vector(i),
                                             memory_payload(seed=i) if i % 10 == 0 else None) for i in range(N)])
     return server.target, api_key
+
+
+@pytest.fixture(scope="module")
+def hnsw_only(database_url, embedder, kb):
+    """A second replica on the same database that never ranks a filter's references exactly
+    (filter_exact_rows=0): Retrieve with eq/in filters takes the HNSW scan with the filter."""
+    srv = ServerThread(make_settings(database_url, filter_exact_rows=0), embedder)
+    yield srv.target
+    srv.stop()
 
 
 def _holds(condition, metadata: dict) -> bool:
@@ -119,16 +129,23 @@ def _expected(spec: dict) -> set[str]:
 
 
 @pytest.mark.parametrize("spec", FILTERS, ids=[json.dumps(f) for f in FILTERS])
-def test_filters_select_the_same_references_in_scroll_and_retrieve(kb, spec):
+def test_filters_select_the_same_references_in_scroll_and_retrieve(kb, hnsw_only, spec):
     target, key = kb
     expected = _expected(spec)
-    with Client(target, key) as client:
+    with Client(target, key) as client, Client(hnsw_only, key) as through_hnsw:
         scrolled = list(client.scroll("payloads", filter=spec, page_size=7))
         assert [r.external_id for r in scrolled] == sorted(expected)
-        hits = client.retrieve("payloads", vector=_vector(1000), top_k=N, filter=spec)
-        assert {h.external_id for h in hits} == expected
-        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
-        for ref in scrolled + hits:
+        query = _vector(1000)
+        exact = sorted(expected, key=lambda i: -float(np.dot(query, _vector(int(i[1:]))) /
+                                                      np.linalg.norm(_vector(int(i[1:]))) / np.linalg.norm(query)))
+        for retriever in (client, through_hnsw):  # ranked exactly / by the HNSW scan with the filter
+            hits = retriever.retrieve("payloads", vector=query, top_k=N, filter=spec)
+            assert [h.external_id for h in hits] == exact
+            top = retriever.retrieve("payloads", vector=query, top_k=3, filter=spec)
+            assert [h.external_id for h in top] == exact[:3]
+            for ref in hits:
+                assert ref.metadata == _metadata(int(ref.external_id[1:]))
+        for ref in scrolled:
             assert ref.metadata == _metadata(int(ref.external_id[1:]))
 
 

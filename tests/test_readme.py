@@ -11,6 +11,7 @@ run by hand (docs/experiments.md records them).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -55,4 +56,7 @@ def test_quick_tour_and_python_blocks_run_as_written(tmp_path):
     assert f"memory3 listening on 127.0.0.1:{port}" in result.stdout + result.stderr
     assert "SERVING" in tour_out
     assert 0 <= tour_out.index("t1") < tour_out.index("t2")  # the query lists t1 first, as the comment says
+    filtered = [json.loads(line) for line in tour_out.splitlines() if line.startswith('{"id"')]
+    assert [hit["id"] for hit in filtered] == ["t1"]  # query --filter --json: only t1, as a JSON line
+    assert [line.split()[0] for line in tour_out.splitlines() if line.startswith(("t1 {", "t2 {"))] == ["t1"]  # scroll
     assert python_out.strip().splitlines()[-1] == "['0', '1']"

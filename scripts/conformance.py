@@ -57,7 +57,9 @@ def measure(model) -> tuple[float, float]:
     with torch.inference_mode():
         plain = model(input_ids=context).logits.double()
         positions = torch.cat((torch.arange(REFERENCE), torch.arange(CONTEXT) + REFERENCE_LENGTH)).expand(2, -1)
-        prefix = model(input_ids=torch.cat((reference, context), 1), position_ids=positions).logits.double()[:, REFERENCE:]
+        whole = torch.cat((reference, context), 1)  # with a mask, the position jump is not read as packing
+        prefix = model(input_ids=whole, position_ids=positions,
+                       attention_mask=torch.ones_like(whole)).logits.double()[:, REFERENCE:]
         with MemoryInjector(model, spec) as injector:
             injector.set_memories([[m] for m in memories])
             read = model(input_ids=context).logits.double()

@@ -2,7 +2,8 @@
 
 Parametrised over the tiny models of ``model_zoo`` × float32/bfloat16 × sdpa/eager (where the family
 has both). For a family memory3 accepts: a memory of every token of a text, in every attention layer,
-reads like that text as a prefix (logits within a small fraction of the memory's own effect); no
+reads like that text as a prefix at the positions it stands for (its tokens first, the context from
+the end of the reference interval; logits within a small fraction of the memory's own effect); no
 memories give the plain model's logits bit for bit; a batch equals each row alone; the KV cache
 holds only the context and continuing from it equals a full forward; beams and several return
 sequences repeat each row's memories; a static cache generates what a dynamic one does. A refused
@@ -23,7 +24,7 @@ REFUSED = {
 }
 """Families memory3 must refuse, and a phrase of the reason it gives."""
 
-REFERENCE, CONTEXT = 8, 7
+REFERENCE, CONTEXT, REFERENCE_LENGTH = 8, 7, 32  # 8 tokens stand for a reference interval of 32 positions
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25}  # fraction of the memory's effect on the logits
 
 CASES = [(family, dtype, impl) for family in FAMILIES for dtype in (torch.float32, torch.bfloat16)
@@ -53,14 +54,17 @@ def test_family_reads_memories_exactly_or_is_refused(family, dtype, impl):
             MemoryInjector(model, spec)
         return
     layers = probe_geometry(model).attention_layers
-    spec = memory_spec_for(model, layers, tokens_per_head=REFERENCE, reference_length=REFERENCE)
+    spec = memory_spec_for(model, layers, tokens_per_head=REFERENCE, reference_length=REFERENCE_LENGTH)
     tolerance = TOLERANCE[dtype]
     reference, context = _ids(model, 2, REFERENCE, 1), _ids(model, 2, CONTEXT, 2)
     memories = MemoryEncoder(model, None, spec).encode_ids(reference, prefix_length=0)
     assert all(m.positions.tolist() == [[list(range(REFERENCE))] * spec.kv_heads] * len(layers) for m in memories)
 
     plain = _logits(model, context)
-    prefix = _logits(model, torch.cat((reference, context), dim=1))[:, REFERENCE:]
+    # the memory's tokens at 0..7 and the context from the reference interval's end (parallel positions)
+    positions = torch.cat((torch.arange(REFERENCE), torch.arange(CONTEXT) + REFERENCE_LENGTH)).expand(2, -1)
+    whole = torch.cat((reference, context), dim=1)  # a mask given: a position jump is not read as packed sequences
+    prefix = _logits(model, whole, position_ids=positions, attention_mask=torch.ones_like(whole))[:, REFERENCE:]
     with MemoryInjector(model, spec) as injector:
         injector.set_memories([[], []])
         assert torch.equal(_logits(model, context), plain)  # no memories: the plain model, bit for bit

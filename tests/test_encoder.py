@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from memory3.core.memory_spec import REFERENCE_MARKER
 from memory3.sdk.memory.encoder import MemoryEncoder, ReferenceTooShortError
 from memory3.sdk.model.fingerprint import model_fingerprint
-from memory3.sdk.model.positions import memory_key_shift, memory_spec_for, probe_geometry
+from memory3.sdk.model.positions import memory_spec_for, probe_geometry
 from tiny_models import byte_tokenizer, tiny_llama
 
 TEXTS = [
@@ -282,9 +282,6 @@ def test_fingerprint_survives_save_and_load_and_follows_the_config(tmp_path, spe
     loaded.config.rope_theta = 5000.0
     assert model_fingerprint(loaded) != before
 
-
-def test_parallel_position_convention_single_source(spec):
-    assert memory_key_shift(spec) == -spec.context_position_offset == -spec.reference_length
 
 
 def test_ties_go_to_the_earlier_token():

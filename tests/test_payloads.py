@@ -442,3 +442,13 @@ def test_too_many_conditions_and_the_sdk_syntax_are_checked(kb):
                 client.scroll_page("payloads", filter=spec)
             with pytest.raises(MetadataError, match=expected):
                 client.retrieve("payloads", vector=[1, 0, 0, 0], filter=spec)
+
+
+async def test_the_async_client_scrolls_and_filters_too(aclient):
+    await aclient.create_bank(BankInfo("async", FINGERPRINT, SPEC, "client", DIM, "l2"))
+    await aclient.write("async", [Reference(f"a{i}", "t", {"i": i, "odd": i % 2 == 1}, _vector(i)) for i in range(9)])
+    assert [r.external_id async for r in aclient.scroll("async", page_size=2)] == [f"a{i}" for i in range(9)]
+    odd = [r async for r in aclient.scroll("async", filter={"odd": True, "i": {"gt": 2}}, include_text=False)]
+    assert [(r.external_id, r.metadata, r.text) for r in odd] == [(f"a{i}", {"i": i, "odd": True}, "") for i in (3, 5, 7)]
+    hits = await aclient.retrieve("async", vector=_vector(3), top_k=2, filter={"i": {"in": [3, 4]}})
+    assert [h.external_id for h in hits] == ["a3", "a4"]

@@ -7,6 +7,7 @@ grpc and protobuf. Memories travel as encoded blobs (``memory3.sdk.memory.codec`
 from memory3.core.banks import BankInfo
 from memory3.core.episodes import Decision, Episode
 from memory3.core.memory_spec import MemorySpec
+from memory3.core.metadata import MetadataError
 from memory3.core.references import BankStats, Reference, StoredReference, WriteSummary
 
 from .client import AsyncClient, Client
@@ -17,5 +18,6 @@ from .transport import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES
 __all__ = [
     "AsyncClient", "AttachedReward", "BankInfo", "BankStats", "ChecksumMismatch", "Client", "CorruptPayload",
     "DEFAULT_CHUNK_BYTES", "Decision", "Episode", "EpisodePage", "LogSummary", "MAX_MESSAGE_BYTES", "MemorySpec",
+    "MetadataError",
     "ProxyInfo", "Reference", "StoredReference", "WriteSummary",
 ]

@@ -211,19 +211,23 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from memory3.trainer.figures import caption
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for title, rows in results.items():
         xs = [r.bytes for r in rows]
         a1.plot(xs, [1 - r.cos_k for r in rows], "o-", label=f"{title}: 1 - cos K")
         a1.plot(xs, [1 - r.cos_v for r in rows], "s--", label=f"{title}: 1 - cos V")
         a2.plot(xs, [r.attn_err for r in rows], "o-", label=title)
-        for r in rows:
-            a2.annotate(f"{r.scheme} {r.ratio:.0f}x", (r.bytes, r.attn_err), fontsize=7)
+        for k, r in enumerate(rows):  # labels alternate above and below their points: PQ points sit close
+            a2.annotate(f"{r.scheme} {r.ratio:.0f}x", (r.bytes, r.attn_err), fontsize=6,
+                        xytext=(0, 6 if k % 2 else -10), textcoords="offset points", ha="center")
     for ax, ylabel in ((a1, "1 - mean cosine"), (a2, "attention-output relative error")):
         ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("bytes per memory (all counted)")
         ax.set_ylabel(ylabel), ax.grid(alpha=0.3), ax.legend(fontsize=7)
-    fig.suptitle("memory3 codec: storage vs fidelity")
+    fig.suptitle("memory3 codec: bytes per memory vs fidelity, per scheme (" + ", ".join(results) + ")", fontsize=10)
     fig.tight_layout()
+    caption(fig, " / ".join(results))
     fig.savefig(path, dpi=120)
 
 

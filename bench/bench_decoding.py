@@ -296,27 +296,31 @@ def report(rows: list[Row], args, params, spec, hit_rate) -> None:
     text = "\n".join(lines)
     print(text)
     (RESULTS / f"{args.name}.md").write_text(text)
-    plot(rows, args.name)
+    plot(rows, args.name, args.model or f"a random Llama of trainer preset {args.preset}")
 
 
-def plot(rows: list[Row], name: str) -> None:
+def plot(rows: list[Row], name: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from memory3.trainer.figures import caption
 
     modes = list(dict.fromkeys(r.mode for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, batch in zip(axes, (1, 8)):
         values = [next(r.tokens_per_s for r in rows if r.mode == m and r.batch == batch) for m in modes]
         bars = ax.bar(range(len(modes)), values, color=["#777", "#c66", "#69c", "#36a", "#148", "#9b9"][: len(modes)])
-        ax.set_xticks(range(len(modes)), [m.replace("memory ", "memory\n") for m in modes], fontsize=8)
+        ax.set_xticks(range(len(modes)), [m.replace(" ", "\n") for m in modes], fontsize=7)
         ax.set_title(f"batch {batch}")
         ax.set_ylabel("generated tokens / s")
         for bar, v in zip(bars, values):
             ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(f"Decoding speed, {PROMPT_TOKENS} prompt + {NEW_TOKENS} generated tokens, top-{TOP_K} every {CHUNK}")
+    fig.suptitle(f"Decoding speed of {model}: {PROMPT_TOKENS} prompt + {NEW_TOKENS} generated tokens, "
+                 f"top-{TOP_K} memories every {CHUNK}", fontsize=10)
     fig.tight_layout()
+    caption(fig, model)
     fig.savefig(RESULTS / f"{name}.png", dpi=120)
 
 

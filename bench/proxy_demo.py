@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     report = "\n\n".join([summary(runs), *(r["report"] for r in runs)]) + "\n"
     print(report)
     (out_dir / "proxy_demo.md").write_text(report)
-    plot(runs[0]["rows"], runs[0]["result"], out_dir / "proxy_demo.png")
+    plot(runs[0]["rows"], runs[0]["result"], out_dir / "proxy_demo.png", args.model or "a random tiny Llama")
     return runs
 
 
@@ -308,19 +308,21 @@ def run_seed(args, seed: int) -> dict:
             "report": "\n".join(lines)}
 
 
-def plot(rows, result, path: Path) -> None:
+def plot(rows, result, path: Path, model_name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from memory3.trainer.figures import caption
 
     fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4))
     names = [r[0].split(" (")[0] if "deterministic" not in r[0] else "proxy v1 (determ.)" for r in rows]
     ax_bar.barh(names, [r[1] for r in rows], color=["grey", "tab:blue", "tab:green", "tab:olive", "tab:red"])
     ax_bar.set_xlabel("held-out mean reward")
     ax_bar.invert_yaxis()
-    lo = min(r[1] for r in rows)
-    ax_bar.set_xlim(lo - 0.1 * abs(lo) - 0.02, max(r[1] for r in rows) * 1.02 + 0.01)
+    lo, hi = min(0.0, *(r[1] for r in rows)), max(0.0, *(r[1] for r in rows))
+    ax_bar.set_xlim(lo * 1.05, hi * 1.05 + 0.01)  # from zero: the bars compare rewards, gaps stay honest
     points = [(0, result.metrics["eval_reward_before"])] + [(h["epoch"], h["eval_reward"]) for h in result.history if "eval_reward" in h]
     ax_curve.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:green", label="proxy (held-out)")
     ax_curve.axhline(rows[0][1], color="grey", ls="--", label="plain LLM")
@@ -328,7 +330,10 @@ def plot(rows, result, path: Path) -> None:
     ax_curve.set_xlabel("proxy training epoch")
     ax_curve.set_ylabel("held-out mean reward")
     ax_curve.legend()
+    fig.suptitle(f"Proxy RL vs fine-tuning the LLM: held-out mean reward (seed {result.metrics.get('config', {}).get('seed', '?')})",
+                 fontsize=10)
     fig.tight_layout()
+    caption(fig, model_name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,4 +1,4 @@
-"""The Memories service: Write, Retrieve, Fetch, Delete, Stats, Scroll — each scoped to the caller's tenant."""
+"""The Memories service: Write, Retrieve, RetrieveBatch, Fetch, Delete, Stats, Scroll — each scoped to the caller's tenant."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ DEFAULT_TOP_K = 5
 OVERLAP_MAX_WORDS = 1024  # max_overlap compares the first 1024 words of query and reference (bounded cost)
 DEFAULT_SCROLL_PAGE = 100
 MAX_SCROLL_PAGE = 1000
+MAX_BATCH_QUERIES = 256  # RetrieveBatch: queries per call (and queries x top_k <= max_top_k)
 
 
 @dataclass
@@ -255,6 +256,82 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             return
         async for message in self._with_memories(bank, rows, request.include_text, ranked=True):
             yield message
+
+    async def _batch_vectors(self, bank: Bank, request: memories_pb2.RetrieveBatchRequest) -> list[np.ndarray]:
+        """Each query's vector: given, or its text embedded (all texts of the batch together)."""
+        vectors: list[np.ndarray | None] = []
+        texts: dict[int, str] = {}
+        for i, query in enumerate(request.queries):
+            kind = query.WhichOneof("query")
+            if kind == "vector":
+                vectors.append(vector_from_values(query.vector.values, bank, f"queries[{i}].vector"))
+                continue
+            if kind != "text" or not query.text.strip():
+                raise InvalidArgument(f"queries[{i}] needs a query: non-empty text or a vector")
+            if bank.embedder_name != BUILTIN_EMBEDDER:
+                raise InvalidArgument(f"queries[{i}]: bank {bank.name!r} uses the client-side embedder "
+                                      f"{bank.embedder_name!r}: query by vector")
+            if len(query.text.encode()) > self.settings.max_text_bytes:
+                raise ResourceExhausted(f"queries[{i}].text exceeds {self.settings.max_text_bytes} bytes")
+            texts[i] = query.text
+            vectors.append(None)
+        if texts:  # concurrent lookups: the embedder batches them into few model calls
+            embedded = await asyncio.gather(*(self.embedder.embed_query(t, namespace=bank.tenant_id)
+                                              for t in texts.values()))
+            for i, vector in zip(texts, embedded):
+                vectors[i] = vector
+        return vectors  # type: ignore[return-value]
+
+    @rpc
+    async def RetrieveBatch(self, request, context):
+        tenant_id = await self.auth.tenant(context)
+        n = len(request.queries)
+        if not 1 <= n <= MAX_BATCH_QUERIES:
+            raise InvalidArgument(f"queries must hold 1 to {MAX_BATCH_QUERIES} queries, got {n}")
+        top_k = request.top_k or DEFAULT_TOP_K
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be positive, got {top_k}")
+        if top_k > self.settings.max_top_k:
+            raise InvalidArgument(f"top_k {top_k} exceeds the limit of {self.settings.max_top_k}")
+        if n * top_k > self.settings.max_top_k:
+            raise InvalidArgument(f"{n} queries x top_k {top_k} = {n * top_k} references exceeds the limit of "
+                                  f"{self.settings.max_top_k} per call")
+        if not 0.0 <= request.max_overlap <= 1.0:
+            raise InvalidArgument(f"max_overlap must be a fraction in [0, 1], got {request.max_overlap}")
+        excluding = request.max_overlap > 0
+        if excluding and any(q.WhichOneof("query") != "text" for q in request.queries):
+            raise InvalidArgument("max_overlap compares with each query's text: every query must be a text to use it")
+        conditions = conditions_from_proto("where", request.where, self.settings.max_metadata_bytes,
+                                           dict(request.filter))
+        bank = await self.banks.get(tenant_id, request.bank)
+        vectors = await self._batch_vectors(bank, request)
+        # Candidates for the overlap rule as Retrieve takes them, but never more than one
+        # Retrieve's limit for the whole batch.
+        limit = max(top_k, min(top_k * 4 + 16, self.settings.max_top_k // n)) if excluding else top_k
+        found = await self.refs.search_many(bank, vectors, limit, conditions)
+        hits = []
+        for i, rows in enumerate(found):
+            if excluding:
+                dropped = await self.cpu.run(overlapping, request.queries[i].text, [r.text for r in rows],
+                                             request.max_overlap, max_words=OVERLAP_MAX_WORDS)
+                rows = [r for r, drop in zip(rows, dropped) if not drop]
+            for rank, row in enumerate(rows[:top_k]):
+                row.rank = rank
+                hits.append((i, row))
+        messages = (memories_pb2.BatchHit(query=i, reference=next(self._frames(row, row.rank, request.include_text,
+                                                                               False)).reference)
+                    for i, row in hits)
+        for batch in size_batches(messages, self.settings.chunk_bytes):
+            yield memories_pb2.RetrieveBatchResponse(hits=batch)
+        if not request.include_memory:
+            return
+        stored = list({row.external_id: row for _, row in hits if row.memory_size}.values())
+        for group in size_batches(stored, self.settings.read_batch_bytes, size_of=lambda row: row.memory_size):
+            current = await self.refs.load(bank, [r.external_id for r in group], True)
+            rows = [current[r.external_id] for r in group if r.external_id in current and current[r.external_id].memory]
+            for batch in size_batches(self._all_frames(rows, False, True, ranked=False), self.settings.chunk_bytes):
+                yield memories_pb2.RetrieveBatchResponse(frames=batch)
+            current = rows = None  # let this group go before the next one is read
 
     def _all_frames(self, rows, with_text: bool, with_memory: bool, ranked: bool):
         for row in rows:

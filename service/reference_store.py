@@ -98,6 +98,20 @@ def filter_sql(conditions: list[Condition], params: dict) -> str:
     return " AND ".join(clauses) or "TRUE"
 
 
+def search_many_sql(bank: Bank, conditions: list[Condition], params: dict) -> str:
+    """The statement of :meth:`ReferenceStore.search_many` (parameters ``qs``, the query vectors,
+    and ``limit``; the conditions' parameters are added to ``params``)."""
+    operator, _, score_sql = METRICS[bank.metric]
+    dim = int(bank.embedder_dim)
+    distance = f"(embedding::vector({dim}) {operator} q.v)"
+    where = f"WHERE {filter_sql(conditions, params)}" if conditions else ""
+    return (
+        f"SELECT q.i, r.* FROM unnest(%(qs)s::vector({dim})[]) WITH ORDINALITY AS q(v, i) CROSS JOIN LATERAL"
+        f" (SELECT external_id, text, metadata, memory_size, memory_crc32, {score_sql.format(d=distance)}"
+        f" FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s) r"
+    )
+
+
 @contextlib.asynccontextmanager
 async def _bank_partition(bank: Bank):
     """Turn 'relation does not exist' (bank dropped meanwhile, e.g. by another replica) into NOT_FOUND."""
@@ -213,6 +227,32 @@ class ReferenceStore:
             f"SELECT external_id, text, metadata, memory_size, memory_crc32, NULL::bytea,"
             f" {score_sql.format(d=distance)} FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s"
         )
+        async with self._search_connection(bank, limit, conditions) as driver:
+            rows = await (await driver.execute(sql, params, prepare=False if conditions else None)).fetchall()
+            found = [StoredReference(*row[:5], row[5], float(row[6])) for row in rows]
+        if conditions or limit > HNSW_EF_SEARCH_MAX:  # relaxed_order may return slightly out of order
+            found.sort(key=lambda row: -row.score)
+        return found
+
+    async def search_many(
+        self, bank: Bank, vectors: list[np.ndarray], limit: int, conditions: list[Condition] = ()
+    ) -> list[list[StoredReference]]:
+        """:meth:`search` for several vectors in one statement: a LATERAL join over the unnested
+        query vectors, each side walking the bank's HNSW index as a lone search does (the distance
+        to the outer row's vector is the index scan's ordering key). Per vector, nearest first."""
+        params = {"qs": list(vectors), "limit": limit}
+        sql = search_many_sql(bank, conditions, params)
+        found: list[list[StoredReference]] = [[] for _ in vectors]
+        async with self._search_connection(bank, limit, conditions) as driver:
+            for row in await (await driver.execute(sql, params, prepare=False if conditions else None)).fetchall():
+                found[int(row[0]) - 1].append(StoredReference(*row[1:6], None, float(row[6])))
+        for rows in found:  # the join's output order is not promised; relaxed_order may also reorder
+            rows.sort(key=lambda row: -row.score)
+        return found
+
+    @contextlib.asynccontextmanager
+    async def _search_connection(self, bank: Bank, limit: int, conditions: list[Condition]):
+        """The psycopg connection a search runs on, set up for ``limit`` rows and the conditions."""
         exact = await self._few_pass(bank, conditions)
         transaction = exact or limit > self.ef_search
         connection = self.engine.begin() if transaction else self.reads.connect()
@@ -222,12 +262,7 @@ class ReferenceStore:
             elif limit > self.ef_search:  # the connection's default ef_search would cap the results
                 # pgvector caps ef_search; beyond it the iterative scan (relaxed order) supplies the rest
                 await conn.execute(text(f"SET LOCAL hnsw.ef_search = {min(int(limit), HNSW_EF_SEARCH_MAX)}"))
-            driver = (await conn.get_raw_connection()).driver_connection
-            rows = await (await driver.execute(sql, params, prepare=False if conditions else None)).fetchall()
-            found = [StoredReference(*row[:5], row[5], float(row[6])) for row in rows]
-        if conditions or limit > HNSW_EF_SEARCH_MAX:  # relaxed_order may return slightly out of order
-            found.sort(key=lambda row: -row.score)
-        return found
+            yield (await conn.get_raw_connection()).driver_connection
 
     async def _few_pass(self, bank: Bank, conditions: list[Condition]) -> bool:
         """Whether the eq and in conditions (which the GIN index answers) leave at most

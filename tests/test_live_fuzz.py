@@ -138,6 +138,10 @@ def _templates() -> dict[str, list]:
         "Retrieve": [memories_pb2.RetrieveRequest(bank="live", vector=memories_pb2.Vector(values=[1, 0, 0, 1]),
                                                   top_k=5, filter={"k": "v"}, include_memory=True, include_text=True,
                                                   where=where)],
+        "RetrieveBatch": [memories_pb2.RetrieveBatchRequest(
+            bank="live", queries=[memories_pb2.BatchQuery(vector=memories_pb2.Vector(values=[1, 0, 0, 1])),
+                                  memories_pb2.BatchQuery(vector=memories_pb2.Vector(values=[0, 1, 1, 0]))],
+            top_k=5, filter={"k": "v"}, include_memory=True, include_text=True, where=where)],
         "Scroll": [memories_pb2.ScrollRequest(bank="live", where=where, page_size=1, include_text=True,
                                               include_memory=True)],
         "Fetch": [memories_pb2.FetchRequest(bank="live", external_ids=["r0", "r1"], include_memory=True)],

@@ -14,7 +14,9 @@ from memory3.core.banks import BankInfo, bank_from_proto, bank_to_proto
 from memory3.core.loop_thread import LoopThread
 from memory3.core.metadata import conditions_from_filter
 from memory3.core.references import BankStats, Reference, StoredReference, WriteSummary
-from memory3.sdk.client.conversions import FrameAssembler, filter_to_proto, retrieve_filter, write_requests
+from memory3.sdk.client.conversions import (
+    FrameAssembler, filter_to_proto, metadata_of, retrieve_filter, write_requests,
+)
 from memory3.sdk.client.trajectories import TrajectoryMethods
 from memory3.sdk.client.transport import Transport
 from memory3.v1 import banks_pb2, memories_pb2, tenants_pb2
@@ -145,6 +147,51 @@ class AsyncClient(Transport, TrajectoryMethods):
         async for message in self.memories.Retrieve(request, **self._call()):
             assembler.feed_all(message.frames)
         return assembler.finish()
+
+    async def retrieve_batch(
+        self,
+        bank: str,
+        queries: Sequence[str | Sequence[float]],
+        *,
+        top_k: int = 5,
+        filter: Mapping[str, Any] | None = None,
+        max_overlap: float = 0.0,
+        include_memory: bool = False,
+        include_text: bool = True,
+    ) -> list[list[StoredReference]]:
+        """:meth:`retrieve` for several queries (texts or vectors, e.g. a decoding batch's rows) in
+        one round trip: per query its ``top_k`` nearest, nearest first, in query order. With
+        ``include_memory`` each distinct memory travels once; references found by several queries
+        share its bytes. ``filter`` and ``max_overlap`` apply to every query."""
+        equal, where = retrieve_filter(filter)
+        request = memories_pb2.RetrieveBatchRequest(
+            bank=bank, top_k=top_k, filter=equal, where=where, max_overlap=max_overlap,
+            include_memory=include_memory, include_text=include_text,
+        )
+        for query in queries:
+            item = request.queries.add()
+            if isinstance(query, str):
+                item.text = query
+            else:
+                item.vector.values.extend(float(x) for x in query)
+        rows: list[list[StoredReference]] = [[] for _ in request.queries]
+        assembler = FrameAssembler(True)
+        async for message in self.memories.RetrieveBatch(request, **self._call()):
+            for hit in message.hits:
+                if not 0 <= hit.query < len(rows):
+                    raise ValueError(f"RetrieveBatch answered query {hit.query} of {len(rows)}")
+                r = hit.reference
+                rows[hit.query].append(StoredReference(r.external_id, r.text, metadata_of(r), r.memory_size,
+                                                       r.memory_crc32, None, r.score, r.rank))
+            assembler.feed_all(message.frames)
+        if include_memory:
+            stored = {ref.external_id: ref for ref in assembler.finish()}
+            for row in rows:
+                for ref in row:
+                    now = stored.get(ref.external_id)
+                    if now is not None:  # rewritten since the search: the frame's size and checksum
+                        ref.memory, ref.memory_size, ref.memory_crc32 = now.memory, now.memory_size, now.memory_crc32
+        return rows
 
     async def fetch(
         self, bank: str, external_ids: Sequence[str], *, include_memory: bool = True, allow_missing: bool = False

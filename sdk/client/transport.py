@@ -29,7 +29,7 @@ _RETRY_POLICY = {
 }
 _IDEMPOTENT = {
     "memory3.v1.Banks": ["CreateBank", "GetBank", "ListBanks", "GetCodebook"],
-    "memory3.v1.Memories": ["Retrieve", "Fetch", "Delete", "Stats"],
+    "memory3.v1.Memories": ["Retrieve", "RetrieveBatch", "Fetch", "Delete", "Stats"],
     "memory3.v1.Trajectories": ["AttachReward", "Read", "Count"],
     "memory3.v1.Proxies": ["Get", "List"],
 }

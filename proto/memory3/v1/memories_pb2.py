@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memory3/v1/memories.proto\x12\nmemory3.v1\"\xf7\x01\n\x0fReferenceRecord\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).memory3.v1.ReferenceRecord.MetadataEntry\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_chunk\x18\x06 \x01(\x0c\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x0cWriteRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x30\n\treference\x18\x02 \x01(\x0b\x32\x1b.memory3.v1.ReferenceRecordH\x00\x12\x16\n\x0cmemory_chunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04item\"Z\n\x0cWriteSummary\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\x12\x11\n\tunchanged\x18\x03 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xc3\x02\n\x0fRetrieveRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x06vector\x18\x03 \x01(\x0b\x32\x12.memory3.v1.VectorH\x00\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x37\n\x06\x66ilter\x18\x05 \x03(\x0b\x32\'.memory3.v1.RetrieveRequest.FilterEntry\x12\x13\n\x0bmax_overlap\x18\x06 \x01(\x02\x12\x16\n\x0einclude_memory\x18\x07 \x01(\x08\x12\x14\n\x0cinclude_text\x18\x08 \x01(\x08\x12)\n\x05where\x18\t \x01(\x0b\x32\x1a.memory3.v1.MetadataFilter\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05query\"V\n\x11MetadataCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x02op\x18\x02 \x01(\x0e\x32\x14.memory3.v1.FilterOp\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"C\n\x0eMetadataFilter\x12\x31\n\nconditions\x18\x01 \x03(\x0b\x32\x1d.memory3.v1.MetadataCondition\"\x81\x02\n\x0fStoredReference\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).memory3.v1.StoredReference.MetadataEntry\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_crc32\x18\x06 \x01(\r\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x15\n\rmetadata_json\x18\x08 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x0eReferenceFrame\x12.\n\treference\x18\x01 \x01(\x0b\x32\x1b.memory3.v1.StoredReference\x12\x14\n\x0cmemory_chunk\x18\x02 \x01(\x0c\"=\n\x0fReferenceFrames\x12*\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1a.memory3.v1.ReferenceFrame\"a\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x14\n\x0c\x65xternal_ids\x18\x02 \x03(\t\x12\x16\n\x0einclude_memory\x18\x03 \x01(\x08\x12\x15\n\rallow_missing\x18\x04 \x01(\x08\"3\n\rDeleteRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x14\n\x0c\x65xternal_ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"\x1c\n\x0cStatsRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\"b\n\rStatsResponse\x12\x12\n\nreferences\x18\x01 \x01(\x03\x12\x13\n\x0bwith_memory\x18\x02 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x12\n\ntext_bytes\x18\x04 \x01(\x03\"\x9d\x01\n\rScrollRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12)\n\x05where\x18\x02 \x01(\x0b\x32\x1a.memory3.v1.MetadataFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x14\n\x0cinclude_text\x18\x05 \x01(\x08\x12\x16\n\x0einclude_memory\x18\x06 \x01(\x08\"U\n\x0eScrollResponse\x12*\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1a.memory3.v1.ReferenceFrame\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xa9\x01\n\x08\x46ilterOp\x12\x19\n\x15\x46ILTER_OP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ILTER_OP_EQ\x10\x01\x12\x10\n\x0c\x46ILTER_OP_IN\x10\x02\x12\x10\n\x0c\x46ILTER_OP_GT\x10\x03\x12\x11\n\rFILTER_OP_GTE\x10\x04\x12\x10\n\x0c\x46ILTER_OP_LT\x10\x05\x12\x11\n\rFILTER_OP_LTE\x10\x06\x12\x14\n\x10\x46ILTER_OP_EXISTS\x10\x07\x32\x95\x03\n\x08Memories\x12=\n\x05Write\x12\x18.memory3.v1.WriteRequest\x1a\x18.memory3.v1.WriteSummary(\x01\x12\x46\n\x08Retrieve\x12\x1b.memory3.v1.RetrieveRequest\x1a\x1b.memory3.v1.ReferenceFrames0\x01\x12@\n\x05\x46\x65tch\x12\x18.memory3.v1.FetchRequest\x1a\x1b.memory3.v1.ReferenceFrames0\x01\x12?\n\x06\x44\x65lete\x12\x19.memory3.v1.DeleteRequest\x1a\x1a.memory3.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.memory3.v1.StatsRequest\x1a\x19.memory3.v1.StatsResponse\x12\x41\n\x06Scroll\x12\x19.memory3.v1.ScrollRequest\x1a\x1a.memory3.v1.ScrollResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19memory3/v1/memories.proto\x12\nmemory3.v1\"\xf7\x01\n\x0fReferenceRecord\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).memory3.v1.ReferenceRecord.MetadataEntry\x12\x11\n\tembedding\x18\x04 \x03(\x02\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_chunk\x18\x06 \x01(\x0c\x12\x15\n\rmetadata_json\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x0cWriteRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x30\n\treference\x18\x02 \x01(\x0b\x32\x1b.memory3.v1.ReferenceRecordH\x00\x12\x16\n\x0cmemory_chunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04item\"Z\n\x0cWriteSummary\x12\x10\n\x08inserted\x18\x01 \x01(\x03\x12\x0f\n\x07updated\x18\x02 \x01(\x03\x12\x11\n\tunchanged\x18\x03 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xc3\x02\n\x0fRetrieveRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12$\n\x06vector\x18\x03 \x01(\x0b\x32\x12.memory3.v1.VectorH\x00\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x37\n\x06\x66ilter\x18\x05 \x03(\x0b\x32\'.memory3.v1.RetrieveRequest.FilterEntry\x12\x13\n\x0bmax_overlap\x18\x06 \x01(\x02\x12\x16\n\x0einclude_memory\x18\x07 \x01(\x08\x12\x14\n\x0cinclude_text\x18\x08 \x01(\x08\x12)\n\x05where\x18\t \x01(\x0b\x32\x1a.memory3.v1.MetadataFilter\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05query\"K\n\nBatchQuery\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x12.memory3.v1.VectorH\x00\x42\x07\n\x05query\"\xb7\x02\n\x14RetrieveBatchRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\'\n\x07queries\x18\x02 \x03(\x0b\x32\x16.memory3.v1.BatchQuery\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12<\n\x06\x66ilter\x18\x04 \x03(\x0b\x32,.memory3.v1.RetrieveBatchRequest.FilterEntry\x12)\n\x05where\x18\x05 \x01(\x0b\x32\x1a.memory3.v1.MetadataFilter\x12\x13\n\x0bmax_overlap\x18\x06 \x01(\x02\x12\x16\n\x0einclude_memory\x18\x07 \x01(\x08\x12\x14\n\x0cinclude_text\x18\x08 \x01(\x08\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x08\x42\x61tchHit\x12\r\n\x05query\x18\x01 \x01(\x05\x12.\n\treference\x18\x02 \x01(\x0b\x32\x1b.memory3.v1.StoredReference\"g\n\x15RetrieveBatchResponse\x12\"\n\x04hits\x18\x01 \x03(\x0b\x32\x14.memory3.v1.BatchHit\x12*\n\x06\x66rames\x18\x02 \x03(\x0b\x32\x1a.memory3.v1.ReferenceFrame\"V\n\x11MetadataCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x02op\x18\x02 \x01(\x0e\x32\x14.memory3.v1.FilterOp\x12\x12\n\nvalue_json\x18\x03 \x01(\t\"C\n\x0eMetadataFilter\x12\x31\n\nconditions\x18\x01 \x03(\x0b\x32\x1d.memory3.v1.MetadataCondition\"\x81\x02\n\x0fStoredReference\x12\x13\n\x0b\x65xternal_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12;\n\x08metadata\x18\x03 \x03(\x0b\x32).memory3.v1.StoredReference.MetadataEntry\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x13\n\x0bmemory_size\x18\x05 \x01(\x04\x12\x14\n\x0cmemory_crc32\x18\x06 \x01(\r\x12\x0c\n\x04rank\x18\x07 \x01(\x05\x12\x15\n\rmetadata_json\x18\x08 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\x0eReferenceFrame\x12.\n\treference\x18\x01 \x01(\x0b\x32\x1b.memory3.v1.StoredReference\x12\x14\n\x0cmemory_chunk\x18\x02 \x01(\x0c\"=\n\x0fReferenceFrames\x12*\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1a.memory3.v1.ReferenceFrame\"a\n\x0c\x46\x65tchRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x14\n\x0c\x65xternal_ids\x18\x02 \x03(\t\x12\x16\n\x0einclude_memory\x18\x03 \x01(\x08\x12\x15\n\rallow_missing\x18\x04 \x01(\x08\"3\n\rDeleteRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\x14\n\x0c\x65xternal_ids\x18\x02 \x03(\t\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"\x1c\n\x0cStatsRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\"b\n\rStatsResponse\x12\x12\n\nreferences\x18\x01 \x01(\x03\x12\x13\n\x0bwith_memory\x18\x02 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x12\n\ntext_bytes\x18\x04 \x01(\x03\"\x9d\x01\n\rScrollRequest\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12)\n\x05where\x18\x02 \x01(\x0b\x32\x1a.memory3.v1.MetadataFilter\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x14\n\x0cinclude_text\x18\x05 \x01(\x08\x12\x16\n\x0einclude_memory\x18\x06 \x01(\x08\"U\n\x0eScrollResponse\x12*\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x1a.memory3.v1.ReferenceFrame\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xa9\x01\n\x08\x46ilterOp\x12\x19\n\x15\x46ILTER_OP_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x46ILTER_OP_EQ\x10\x01\x12\x10\n\x0c\x46ILTER_OP_IN\x10\x02\x12\x10\n\x0c\x46ILTER_OP_GT\x10\x03\x12\x11\n\rFILTER_OP_GTE\x10\x04\x12\x10\n\x0c\x46ILTER_OP_LT\x10\x05\x12\x11\n\rFILTER_OP_LTE\x10\x06\x12\x14\n\x10\x46ILTER_OP_EXISTS\x10\x07\x32\xed\x03\n\x08Memories\x12=\n\x05Write\x12\x18.memory3.v1.WriteRequest\x1a\x18.memory3.v1.WriteSummary(\x01\x12\x46\n\x08Retrieve\x12\x1b.memory3.v1.RetrieveRequest\x1a\x1b.memory3.v1.ReferenceFrames0\x01\x12V\n\rRetrieveBatch\x12 .memory3.v1.RetrieveBatchRequest\x1a!.memory3.v1.RetrieveBatchResponse0\x01\x12@\n\x05\x46\x65tch\x12\x18.memory3.v1.FetchRequest\x1a\x1b.memory3.v1.ReferenceFrames0\x01\x12?\n\x06\x44\x65lete\x12\x19.memory3.v1.DeleteRequest\x1a\x1a.memory3.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.memory3.v1.StatsRequest\x1a\x19.memory3.v1.StatsResponse\x12\x41\n\x06Scroll\x12\x19.memory3.v1.ScrollRequest\x1a\x1a.memory3.v1.ScrollResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REFERENCERECORD_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_RETRIEVEREQUEST_FILTERENTRY']._loaded_options = None
   _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_options = b'8\001'
+  _globals['_RETRIEVEBATCHREQUEST_FILTERENTRY']._loaded_options = None
+  _globals['_RETRIEVEBATCHREQUEST_FILTERENTRY']._serialized_options = b'8\001'
   _globals['_STOREDREFERENCE_METADATAENTRY']._loaded_options = None
   _globals['_STOREDREFERENCE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_FILTEROP']._serialized_start=1980
-  _globals['_FILTEROP']._serialized_end=2149
+  _globals['_FILTEROP']._serialized_start=2551
+  _globals['_FILTEROP']._serialized_end=2720
   _globals['_REFERENCERECORD']._serialized_start=42
   _globals['_REFERENCERECORD']._serialized_end=289
   _globals['_REFERENCERECORD_METADATAENTRY']._serialized_start=242
@@ -53,32 +55,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVEREQUEST']._serialized_end=845
   _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_start=791
   _globals['_RETRIEVEREQUEST_FILTERENTRY']._serialized_end=836
-  _globals['_METADATACONDITION']._serialized_start=847
-  _globals['_METADATACONDITION']._serialized_end=933
-  _globals['_METADATAFILTER']._serialized_start=935
-  _globals['_METADATAFILTER']._serialized_end=1002
-  _globals['_STOREDREFERENCE']._serialized_start=1005
-  _globals['_STOREDREFERENCE']._serialized_end=1262
+  _globals['_BATCHQUERY']._serialized_start=847
+  _globals['_BATCHQUERY']._serialized_end=922
+  _globals['_RETRIEVEBATCHREQUEST']._serialized_start=925
+  _globals['_RETRIEVEBATCHREQUEST']._serialized_end=1236
+  _globals['_RETRIEVEBATCHREQUEST_FILTERENTRY']._serialized_start=791
+  _globals['_RETRIEVEBATCHREQUEST_FILTERENTRY']._serialized_end=836
+  _globals['_BATCHHIT']._serialized_start=1238
+  _globals['_BATCHHIT']._serialized_end=1311
+  _globals['_RETRIEVEBATCHRESPONSE']._serialized_start=1313
+  _globals['_RETRIEVEBATCHRESPONSE']._serialized_end=1416
+  _globals['_METADATACONDITION']._serialized_start=1418
+  _globals['_METADATACONDITION']._serialized_end=1504
+  _globals['_METADATAFILTER']._serialized_start=1506
+  _globals['_METADATAFILTER']._serialized_end=1573
+  _globals['_STOREDREFERENCE']._serialized_start=1576
+  _globals['_STOREDREFERENCE']._serialized_end=1833
   _globals['_STOREDREFERENCE_METADATAENTRY']._serialized_start=242
   _globals['_STOREDREFERENCE_METADATAENTRY']._serialized_end=289
-  _globals['_REFERENCEFRAME']._serialized_start=1264
-  _globals['_REFERENCEFRAME']._serialized_end=1350
-  _globals['_REFERENCEFRAMES']._serialized_start=1352
-  _globals['_REFERENCEFRAMES']._serialized_end=1413
-  _globals['_FETCHREQUEST']._serialized_start=1415
-  _globals['_FETCHREQUEST']._serialized_end=1512
-  _globals['_DELETEREQUEST']._serialized_start=1514
-  _globals['_DELETEREQUEST']._serialized_end=1565
-  _globals['_DELETERESPONSE']._serialized_start=1567
-  _globals['_DELETERESPONSE']._serialized_end=1600
-  _globals['_STATSREQUEST']._serialized_start=1602
-  _globals['_STATSREQUEST']._serialized_end=1630
-  _globals['_STATSRESPONSE']._serialized_start=1632
-  _globals['_STATSRESPONSE']._serialized_end=1730
-  _globals['_SCROLLREQUEST']._serialized_start=1733
-  _globals['_SCROLLREQUEST']._serialized_end=1890
-  _globals['_SCROLLRESPONSE']._serialized_start=1892
-  _globals['_SCROLLRESPONSE']._serialized_end=1977
-  _globals['_MEMORIES']._serialized_start=2152
-  _globals['_MEMORIES']._serialized_end=2557
+  _globals['_REFERENCEFRAME']._serialized_start=1835
+  _globals['_REFERENCEFRAME']._serialized_end=1921
+  _globals['_REFERENCEFRAMES']._serialized_start=1923
+  _globals['_REFERENCEFRAMES']._serialized_end=1984
+  _globals['_FETCHREQUEST']._serialized_start=1986
+  _globals['_FETCHREQUEST']._serialized_end=2083
+  _globals['_DELETEREQUEST']._serialized_start=2085
+  _globals['_DELETEREQUEST']._serialized_end=2136
+  _globals['_DELETERESPONSE']._serialized_start=2138
+  _globals['_DELETERESPONSE']._serialized_end=2171
+  _globals['_STATSREQUEST']._serialized_start=2173
+  _globals['_STATSREQUEST']._serialized_end=2201
+  _globals['_STATSRESPONSE']._serialized_start=2203
+  _globals['_STATSRESPONSE']._serialized_end=2301
+  _globals['_SCROLLREQUEST']._serialized_start=2304
+  _globals['_SCROLLREQUEST']._serialized_end=2461
+  _globals['_SCROLLRESPONSE']._serialized_start=2463
+  _globals['_SCROLLRESPONSE']._serialized_end=2548
+  _globals['_MEMORIES']._serialized_start=2723
+  _globals['_MEMORIES']._serialized_end=3216
 # @@protoc_insertion_point(module_scope)

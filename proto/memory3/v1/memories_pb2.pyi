@@ -108,6 +108,57 @@ class RetrieveRequest(_message.Message):
     where: MetadataFilter
     def __init__(self, bank: _Optional[str] = ..., text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ...) -> None: ...
 
+class BatchQuery(_message.Message):
+    __slots__ = ("text", "vector")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    vector: Vector
+    def __init__(self, text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
+
+class RetrieveBatchRequest(_message.Message):
+    __slots__ = ("bank", "queries", "top_k", "filter", "where", "max_overlap", "include_memory", "include_text")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    MAX_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    bank: str
+    queries: _containers.RepeatedCompositeFieldContainer[BatchQuery]
+    top_k: int
+    filter: _containers.ScalarMap[str, str]
+    where: MetadataFilter
+    max_overlap: float
+    include_memory: bool
+    include_text: bool
+    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[BatchQuery, _Mapping]]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ...) -> None: ...
+
+class BatchHit(_message.Message):
+    __slots__ = ("query", "reference")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    query: int
+    reference: StoredReference
+    def __init__(self, query: _Optional[int] = ..., reference: _Optional[_Union[StoredReference, _Mapping]] = ...) -> None: ...
+
+class RetrieveBatchResponse(_message.Message):
+    __slots__ = ("hits", "frames")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[BatchHit]
+    frames: _containers.RepeatedCompositeFieldContainer[ReferenceFrame]
+    def __init__(self, hits: _Optional[_Iterable[_Union[BatchHit, _Mapping]]] = ..., frames: _Optional[_Iterable[_Union[ReferenceFrame, _Mapping]]] = ...) -> None: ...
+
 class MetadataCondition(_message.Message):
     __slots__ = ("key", "op", "value_json")
     KEY_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class MemoriesStub:
                 request_serializer=memory3_dot_v1_dot_memories__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrames.FromString,
                 _registered_method=True)
+        self.RetrieveBatch = channel.unary_stream(
+                '/memory3.v1.Memories/RetrieveBatch',
+                request_serializer=memory3_dot_v1_dot_memories__pb2.RetrieveBatchRequest.SerializeToString,
+                response_deserializer=memory3_dot_v1_dot_memories__pb2.RetrieveBatchResponse.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_stream(
                 '/memory3.v1.Memories/Fetch',
                 request_serializer=memory3_dot_v1_dot_memories__pb2.FetchRequest.SerializeToString,
@@ -117,6 +122,14 @@ class MemoriesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetrieveBatch(self, request, context):
+        """Retrieve for several queries (a decoding batch's rows) in one round trip: per query top-k,
+        one SQL statement for the whole batch, each distinct memory sent once. Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Fetch(self, request, context):
         """References by id, as they are now. Read-only.
         """
@@ -157,6 +170,11 @@ def add_MemoriesServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=memory3_dot_v1_dot_memories__pb2.RetrieveRequest.FromString,
                     response_serializer=memory3_dot_v1_dot_memories__pb2.ReferenceFrames.SerializeToString,
+            ),
+            'RetrieveBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.RetrieveBatch,
+                    request_deserializer=memory3_dot_v1_dot_memories__pb2.RetrieveBatchRequest.FromString,
+                    response_serializer=memory3_dot_v1_dot_memories__pb2.RetrieveBatchResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
@@ -248,6 +266,33 @@ class Memories:
             '/memory3.v1.Memories/Retrieve',
             memory3_dot_v1_dot_memories__pb2.RetrieveRequest.SerializeToString,
             memory3_dot_v1_dot_memories__pb2.ReferenceFrames.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/memory3.v1.Memories/RetrieveBatch',
+            memory3_dot_v1_dot_memories__pb2.RetrieveBatchRequest.SerializeToString,
+            memory3_dot_v1_dot_memories__pb2.RetrieveBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

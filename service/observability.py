@@ -38,7 +38,7 @@ from .metrics import (
     STORED_BYTES,
     STORED_REFERENCES,
 )
-from .errors import InvalidArgument, ResourceExhausted, ServiceError
+from .errors import InvalidArgument, ResourceExhausted, ServiceError, status_for
 from .guard import PUSHBACK_MS, CallGuard
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")  # a client's x-request-id, kept only if it matches
@@ -154,6 +154,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                         (("grpc-retry-pushback-ms", PUSHBACK_MS), ("x-request-id", request_id))
                     )
                 await context.abort(err.code, err.message)
+            except (grpc.aio.AbortError, grpc.aio.UsageError):
+                raise
+            except Exception as err:  # e.g. the database lost while the key is looked up: UNAVAILABLE, retried
+                code, message = status_for(err)
+                await context.abort(code, message)
         except asyncio.CancelledError:
             cancelled = True
             raise

@@ -62,16 +62,18 @@ class WriteRequest(_message.Message):
     def __init__(self, bank: _Optional[str] = ..., reference: _Optional[_Union[ReferenceRecord, _Mapping]] = ..., memory_chunk: _Optional[bytes] = ...) -> None: ...
 
 class WriteSummary(_message.Message):
-    __slots__ = ("inserted", "updated", "unchanged", "memory_bytes")
+    __slots__ = ("inserted", "updated", "unchanged", "memory_bytes", "consistency_token")
     INSERTED_FIELD_NUMBER: _ClassVar[int]
     UPDATED_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     inserted: int
     updated: int
     unchanged: int
     memory_bytes: int
-    def __init__(self, inserted: _Optional[int] = ..., updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, inserted: _Optional[int] = ..., updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -80,7 +82,7 @@ class Vector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("bank", "text", "vector", "top_k", "filter", "max_overlap", "include_memory", "include_text", "where")
+    __slots__ = ("bank", "text", "vector", "top_k", "filter", "max_overlap", "include_memory", "include_text", "where", "consistency_token")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class RetrieveRequest(_message.Message):
     INCLUDE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bank: str
     text: str
     vector: Vector
@@ -106,7 +109,8 @@ class RetrieveRequest(_message.Message):
     include_memory: bool
     include_text: bool
     where: MetadataFilter
-    def __init__(self, bank: _Optional[str] = ..., text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, bank: _Optional[str] = ..., text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class BatchQuery(_message.Message):
     __slots__ = ("text", "vector")
@@ -117,7 +121,7 @@ class BatchQuery(_message.Message):
     def __init__(self, text: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
 
 class RetrieveBatchRequest(_message.Message):
-    __slots__ = ("bank", "queries", "top_k", "filter", "where", "max_overlap", "include_memory", "include_text")
+    __slots__ = ("bank", "queries", "top_k", "filter", "where", "max_overlap", "include_memory", "include_text", "consistency_token")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +137,7 @@ class RetrieveBatchRequest(_message.Message):
     MAX_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bank: str
     queries: _containers.RepeatedCompositeFieldContainer[BatchQuery]
     top_k: int
@@ -141,7 +146,8 @@ class RetrieveBatchRequest(_message.Message):
     max_overlap: float
     include_memory: bool
     include_text: bool
-    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[BatchQuery, _Mapping]]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, bank: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[BatchQuery, _Mapping]]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ..., max_overlap: _Optional[float] = ..., include_memory: _Optional[bool] = ..., include_text: _Optional[bool] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class BatchHit(_message.Message):
     __slots__ = ("query", "reference")
@@ -217,16 +223,18 @@ class ReferenceFrames(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[ReferenceFrame, _Mapping]]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("bank", "external_ids", "include_memory", "allow_missing")
+    __slots__ = ("bank", "external_ids", "include_memory", "allow_missing", "consistency_token")
     BANK_FIELD_NUMBER: _ClassVar[int]
     EXTERNAL_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bank: str
     external_ids: _containers.RepeatedScalarFieldContainer[str]
     include_memory: bool
     allow_missing: bool
-    def __init__(self, bank: _Optional[str] = ..., external_ids: _Optional[_Iterable[str]] = ..., include_memory: _Optional[bool] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, bank: _Optional[str] = ..., external_ids: _Optional[_Iterable[str]] = ..., include_memory: _Optional[bool] = ..., allow_missing: _Optional[bool] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("bank", "external_ids")
@@ -243,10 +251,12 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("bank",)
+    __slots__ = ("bank", "consistency_token")
     BANK_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bank: str
-    def __init__(self, bank: _Optional[str] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, bank: _Optional[str] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("references", "with_memory", "memory_bytes", "text_bytes")
@@ -261,20 +271,22 @@ class StatsResponse(_message.Message):
     def __init__(self, references: _Optional[int] = ..., with_memory: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., text_bytes: _Optional[int] = ...) -> None: ...
 
 class ScrollRequest(_message.Message):
-    __slots__ = ("bank", "where", "page_size", "page_token", "include_text", "include_memory")
+    __slots__ = ("bank", "where", "page_size", "page_token", "include_text", "include_memory", "consistency_token")
     BANK_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bank: str
     where: MetadataFilter
     page_size: int
     page_token: str
     include_text: bool
     include_memory: bool
-    def __init__(self, bank: _Optional[str] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_text: _Optional[bool] = ..., include_memory: _Optional[bool] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, bank: _Optional[str] = ..., where: _Optional[_Union[MetadataFilter, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_text: _Optional[bool] = ..., include_memory: _Optional[bool] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class ScrollResponse(_message.Message):
     __slots__ = ("frames", "next_page_token")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmemory3/v1/trajectories.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x04\n\rEpisodeRecord\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61nk\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x15\n\rproxy_version\x18\x04 \x01(\x03\x12\x12\n\nprompt_ids\x18\x05 \x03(\x05\x12\x14\n\x0cresponse_ids\x18\x06 \x03(\x05\x12\x19\n\x11\x64\x65\x63ision_position\x18\x07 \x03(\x05\x12\x16\n\x0e\x64\x65\x63ision_token\x18\x08 \x03(\x05\x12\x19\n\x11\x64\x65\x63ision_llm_prob\x18\t \x03(\x02\x12\x15\n\rdecision_rank\x18\n \x03(\x05\x12\x19\n\x11\x64\x65\x63ision_p_accept\x18\x0b \x03(\x02\x12\x19\n\x11\x64\x65\x63ision_accepted\x18\x0c \x03(\x08\x12\x1b\n\x13\x64\x65\x63ision_rejections\x18\r \x03(\x05\x12\x37\n\x07rewards\x18\x0e \x03(\x0b\x32&.memory3.v1.EpisodeRecord.RewardsEntry\x12\x15\n\rhidden_states\x18\x0f \x01(\x0c\x12-\n\tlogged_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0bprompt_text\x18\x11 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rresponse_text\x18\x12 \x01(\tH\x01\x88\x01\x01\x1a.\n\x0cRewardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_prompt_textB\x10\n\x0e_response_text\"9\n\nLogRequest\x12+\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x19.memory3.v1.EpisodeRecord\"C\n\nLogSummary\x12\x0e\n\x06logged\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tdecisions\x18\x03 \x01(\x03\"F\n\x13\x41ttachRewardRequest\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"\x97\x01\n\x14\x41ttachRewardResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12>\n\x07rewards\x18\x02 \x03(\x0b\x32-.memory3.v1.AttachRewardResponse.RewardsEntry\x1a.\n\x0cRewardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x02\n\rEpisodeFilter\x12\x11\n\x04\x62\x61nk\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rproxy_version\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1e\n\x11model_fingerprint\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x30\n\x0clogged_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlogged_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65pisode_ids\x18\x06 \x03(\t\x12\x16\n\x0eproxy_versions\x18\x07 \x03(\x03\x42\x07\n\x05_bankB\x10\n\x0e_proxy_versionB\x14\n\x12_model_fingerprint\"\xa1\x01\n\x0bReadRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.memory3.v1.EpisodeFilter\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x03\x12\x16\n\x0eomit_decisions\x18\x05 \x01(\x08\x12\x1d\n\x15include_hidden_states\x18\x06 \x01(\x08\"L\n\x08ReadPage\x12+\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x19.memory3.v1.EpisodeRecord\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"m\n\rExportRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.memory3.v1.EpisodeFilter\x12\x12\n\nreward_key\x18\x02 \x01(\t\x12\x1d\n\x15include_hidden_states\x18\x03 \x01(\x08\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"9\n\x0c\x43ountRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.memory3.v1.EpisodeFilter\"4\n\rCountResponse\x12\x10\n\x08\x65pisodes\x18\x01 \x01(\x03\x12\x11\n\tdecisions\x18\x02 \x01(\x03\x32\xd1\x02\n\x0cTrajectories\x12\x37\n\x03Log\x12\x16.memory3.v1.LogRequest\x1a\x16.memory3.v1.LogSummary(\x01\x12Q\n\x0c\x41ttachReward\x12\x1f.memory3.v1.AttachRewardRequest\x1a .memory3.v1.AttachRewardResponse\x12\x37\n\x04Read\x12\x17.memory3.v1.ReadRequest\x1a\x14.memory3.v1.ReadPage0\x01\x12<\n\x05\x43ount\x12\x18.memory3.v1.CountRequest\x1a\x19.memory3.v1.CountResponse\x12>\n\x06\x45xport\x12\x19.memory3.v1.ExportRequest\x1a\x17.memory3.v1.ExportChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmemory3/v1/trajectories.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x04\n\rEpisodeRecord\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61nk\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x15\n\rproxy_version\x18\x04 \x01(\x03\x12\x12\n\nprompt_ids\x18\x05 \x03(\x05\x12\x14\n\x0cresponse_ids\x18\x06 \x03(\x05\x12\x19\n\x11\x64\x65\x63ision_position\x18\x07 \x03(\x05\x12\x16\n\x0e\x64\x65\x63ision_token\x18\x08 \x03(\x05\x12\x19\n\x11\x64\x65\x63ision_llm_prob\x18\t \x03(\x02\x12\x15\n\rdecision_rank\x18\n \x03(\x05\x12\x19\n\x11\x64\x65\x63ision_p_accept\x18\x0b \x03(\x02\x12\x19\n\x11\x64\x65\x63ision_accepted\x18\x0c \x03(\x08\x12\x1b\n\x13\x64\x65\x63ision_rejections\x18\r \x03(\x05\x12\x37\n\x07rewards\x18\x0e \x03(\x0b\x32&.memory3.v1.EpisodeRecord.RewardsEntry\x12\x15\n\rhidden_states\x18\x0f \x01(\x0c\x12-\n\tlogged_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0bprompt_text\x18\x11 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rresponse_text\x18\x12 \x01(\tH\x01\x88\x01\x01\x1a.\n\x0cRewardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_prompt_textB\x10\n\x0e_response_text\"9\n\nLogRequest\x12+\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x19.memory3.v1.EpisodeRecord\"^\n\nLogSummary\x12\x0e\n\x06logged\x18\x01 \x01(\x03\x12\x12\n\nduplicates\x18\x02 \x01(\x03\x12\x11\n\tdecisions\x18\x03 \x01(\x03\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\t\"F\n\x13\x41ttachRewardRequest\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"\x97\x01\n\x14\x41ttachRewardResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12>\n\x07rewards\x18\x02 \x03(\x0b\x32-.memory3.v1.AttachRewardResponse.RewardsEntry\x1a.\n\x0cRewardsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa1\x02\n\rEpisodeFilter\x12\x11\n\x04\x62\x61nk\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rproxy_version\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1e\n\x11model_fingerprint\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x30\n\x0clogged_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlogged_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65pisode_ids\x18\x06 \x03(\t\x12\x16\n\x0eproxy_versions\x18\x07 \x03(\x03\x42\x07\n\x05_bankB\x10\n\x0e_proxy_versionB\x14\n\x12_model_fingerprint\"\xbc\x01\n\x0bReadRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.memory3.v1.EpisodeFilter\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\r\n\x05limit\x18\x04 \x01(\x03\x12\x16\n\x0eomit_decisions\x18\x05 \x01(\x08\x12\x1d\n\x15include_hidden_states\x18\x06 \x01(\x08\x12\x19\n\x11\x63onsistency_token\x18\x07 \x01(\t\"L\n\x08ReadPage\x12+\n\x08\x65pisodes\x18\x01 \x03(\x0b\x32\x19.memory3.v1.EpisodeRecord\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\x88\x01\n\rExportRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.memory3.v1.EpisodeFilter\x12\x12\n\nreward_key\x18\x02 \x01(\t\x12\x1d\n\x15include_hidden_states\x18\x03 \x01(\x08\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\t\"\x1b\n\x0b\x45xportChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"T\n\x0c\x43ountRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.memory3.v1.EpisodeFilter\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"4\n\rCountResponse\x12\x10\n\x08\x65pisodes\x18\x01 \x01(\x03\x12\x11\n\tdecisions\x18\x02 \x01(\x03\x32\xd1\x02\n\x0cTrajectories\x12\x37\n\x03Log\x12\x16.memory3.v1.LogRequest\x1a\x16.memory3.v1.LogSummary(\x01\x12Q\n\x0c\x41ttachReward\x12\x1f.memory3.v1.AttachRewardRequest\x1a .memory3.v1.AttachRewardResponse\x12\x37\n\x04Read\x12\x17.memory3.v1.ReadRequest\x1a\x14.memory3.v1.ReadPage0\x01\x12<\n\x05\x43ount\x12\x18.memory3.v1.CountRequest\x1a\x19.memory3.v1.CountResponse\x12>\n\x06\x45xport\x12\x19.memory3.v1.ExportRequest\x1a\x17.memory3.v1.ExportChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,27 +43,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGREQUEST']._serialized_start=669
   _globals['_LOGREQUEST']._serialized_end=726
   _globals['_LOGSUMMARY']._serialized_start=728
-  _globals['_LOGSUMMARY']._serialized_end=795
-  _globals['_ATTACHREWARDREQUEST']._serialized_start=797
-  _globals['_ATTACHREWARDREQUEST']._serialized_end=867
-  _globals['_ATTACHREWARDRESPONSE']._serialized_start=870
-  _globals['_ATTACHREWARDRESPONSE']._serialized_end=1021
+  _globals['_LOGSUMMARY']._serialized_end=822
+  _globals['_ATTACHREWARDREQUEST']._serialized_start=824
+  _globals['_ATTACHREWARDREQUEST']._serialized_end=894
+  _globals['_ATTACHREWARDRESPONSE']._serialized_start=897
+  _globals['_ATTACHREWARDRESPONSE']._serialized_end=1048
   _globals['_ATTACHREWARDRESPONSE_REWARDSENTRY']._serialized_start=587
   _globals['_ATTACHREWARDRESPONSE_REWARDSENTRY']._serialized_end=633
-  _globals['_EPISODEFILTER']._serialized_start=1024
-  _globals['_EPISODEFILTER']._serialized_end=1313
-  _globals['_READREQUEST']._serialized_start=1316
-  _globals['_READREQUEST']._serialized_end=1477
-  _globals['_READPAGE']._serialized_start=1479
-  _globals['_READPAGE']._serialized_end=1555
-  _globals['_EXPORTREQUEST']._serialized_start=1557
-  _globals['_EXPORTREQUEST']._serialized_end=1666
-  _globals['_EXPORTCHUNK']._serialized_start=1668
-  _globals['_EXPORTCHUNK']._serialized_end=1695
-  _globals['_COUNTREQUEST']._serialized_start=1697
-  _globals['_COUNTREQUEST']._serialized_end=1754
-  _globals['_COUNTRESPONSE']._serialized_start=1756
-  _globals['_COUNTRESPONSE']._serialized_end=1808
-  _globals['_TRAJECTORIES']._serialized_start=1811
-  _globals['_TRAJECTORIES']._serialized_end=2148
+  _globals['_EPISODEFILTER']._serialized_start=1051
+  _globals['_EPISODEFILTER']._serialized_end=1340
+  _globals['_READREQUEST']._serialized_start=1343
+  _globals['_READREQUEST']._serialized_end=1531
+  _globals['_READPAGE']._serialized_start=1533
+  _globals['_READPAGE']._serialized_end=1609
+  _globals['_EXPORTREQUEST']._serialized_start=1612
+  _globals['_EXPORTREQUEST']._serialized_end=1748
+  _globals['_EXPORTCHUNK']._serialized_start=1750
+  _globals['_EXPORTCHUNK']._serialized_end=1777
+  _globals['_COUNTREQUEST']._serialized_start=1779
+  _globals['_COUNTREQUEST']._serialized_end=1863
+  _globals['_COUNTRESPONSE']._serialized_start=1865
+  _globals['_COUNTRESPONSE']._serialized_end=1917
+  _globals['_TRAJECTORIES']._serialized_start=1920
+  _globals['_TRAJECTORIES']._serialized_end=2257
 # @@protoc_insertion_point(module_scope)

@@ -63,14 +63,16 @@ class LogRequest(_message.Message):
     def __init__(self, episodes: _Optional[_Iterable[_Union[EpisodeRecord, _Mapping]]] = ...) -> None: ...
 
 class LogSummary(_message.Message):
-    __slots__ = ("logged", "duplicates", "decisions")
+    __slots__ = ("logged", "duplicates", "decisions", "consistency_token")
     LOGGED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     logged: int
     duplicates: int
     decisions: int
-    def __init__(self, logged: _Optional[int] = ..., duplicates: _Optional[int] = ..., decisions: _Optional[int] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, logged: _Optional[int] = ..., duplicates: _Optional[int] = ..., decisions: _Optional[int] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class AttachRewardRequest(_message.Message):
     __slots__ = ("episode_id", "name", "value")
@@ -116,20 +118,22 @@ class EpisodeFilter(_message.Message):
     def __init__(self, bank: _Optional[str] = ..., proxy_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., logged_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., logged_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., episode_ids: _Optional[_Iterable[str]] = ..., proxy_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReadRequest(_message.Message):
-    __slots__ = ("filter", "cursor", "page_size", "limit", "omit_decisions", "include_hidden_states")
+    __slots__ = ("filter", "cursor", "page_size", "limit", "omit_decisions", "include_hidden_states", "consistency_token")
     FILTER_FIELD_NUMBER: _ClassVar[int]
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OMIT_DECISIONS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     filter: EpisodeFilter
     cursor: str
     page_size: int
     limit: int
     omit_decisions: bool
     include_hidden_states: bool
-    def __init__(self, filter: _Optional[_Union[EpisodeFilter, _Mapping]] = ..., cursor: _Optional[str] = ..., page_size: _Optional[int] = ..., limit: _Optional[int] = ..., omit_decisions: _Optional[bool] = ..., include_hidden_states: _Optional[bool] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, filter: _Optional[_Union[EpisodeFilter, _Mapping]] = ..., cursor: _Optional[str] = ..., page_size: _Optional[int] = ..., limit: _Optional[int] = ..., omit_decisions: _Optional[bool] = ..., include_hidden_states: _Optional[bool] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class ReadPage(_message.Message):
     __slots__ = ("episodes", "next_cursor")
@@ -140,14 +144,16 @@ class ReadPage(_message.Message):
     def __init__(self, episodes: _Optional[_Iterable[_Union[EpisodeRecord, _Mapping]]] = ..., next_cursor: _Optional[str] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("filter", "reward_key", "include_hidden_states")
+    __slots__ = ("filter", "reward_key", "include_hidden_states", "consistency_token")
     FILTER_FIELD_NUMBER: _ClassVar[int]
     REWARD_KEY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     filter: EpisodeFilter
     reward_key: str
     include_hidden_states: bool
-    def __init__(self, filter: _Optional[_Union[EpisodeFilter, _Mapping]] = ..., reward_key: _Optional[str] = ..., include_hidden_states: _Optional[bool] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, filter: _Optional[_Union[EpisodeFilter, _Mapping]] = ..., reward_key: _Optional[str] = ..., include_hidden_states: _Optional[bool] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
     __slots__ = ("data",)
@@ -156,10 +162,12 @@ class ExportChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class CountRequest(_message.Message):
-    __slots__ = ("filter",)
+    __slots__ = ("filter", "consistency_token")
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     filter: EpisodeFilter
-    def __init__(self, filter: _Optional[_Union[EpisodeFilter, _Mapping]] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, filter: _Optional[_Union[EpisodeFilter, _Mapping]] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class CountResponse(_message.Message):
     __slots__ = ("episodes", "decisions")

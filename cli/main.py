@@ -19,8 +19,7 @@ from pathlib import Path
 from memory3.core.metadata import (
     OPERATORS, MetadataError, check_metadata, conditions_from_filter, metadata_to_json, parse_json,
 )
-from memory3.service.auth import ADMIN_KEY_FILE
-from memory3.service.config import Settings, load_settings
+from memory3.service.config import ADMIN_KEY_FILE, Settings, load_settings
 
 
 class CliError(Exception):

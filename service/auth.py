@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 
+from .config import ADMIN_KEY_FILE
 from .errors import PermissionDenied, Unauthenticated
 from .tenant_store import TenantStore
 
@@ -77,7 +78,6 @@ class Authenticator:
             raise PermissionDenied("this RPC needs the admin key")
 
 
-ADMIN_KEY_FILE = "admin.key"
 
 
 def check_admin_key_strength(key: str) -> None:

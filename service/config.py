@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+
+
+ADMIN_KEY_FILE = "admin.key"
+"""Where, under data_dir, the server keeps the admin key it made (no admin_key set)."""
 
 
 class Settings(BaseSettings):
@@ -29,6 +34,25 @@ class Settings(BaseSettings):
         default=None,
         description="Password for database_url when the URL carries none (best from MEMORY3_DATABASE_PASSWORD_FILE)",
     )
+    replica_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Read replicas (PostgreSQL streaming standbys of database_url), comma-separated URLs; "
+                    "Retrieve, Fetch, Stats, Scroll, trajectory Read/Export/Count and proxy Get/List go to them "
+                    "(docs/design.md, 'Replicas'); empty: every call uses the primary. database_password "
+                    "applies to a URL without one")
+    replica_max_lag_seconds: float = Field(
+        default=5.0, gt=0,
+        description="A replica that has not replayed what the primary had this long ago is skipped (its reads "
+                    "go to another replica or the primary) until it catches up")
+    replica_check_seconds: float = Field(
+        default=0.5, gt=0, description="How often each replica's replay position and lag are measured")
+    replica_timeout_seconds: float = Field(
+        default=2.0, gt=0,
+        description="Connect and check deadline for a replica; one that does not answer in time is skipped")
+    consistency_wait_seconds: float = Field(
+        default=0.0, ge=0, le=5,
+        description="A read presenting a consistency token waits at most this long for a replica to replay "
+                    "past it before going to the primary (0: to the primary at once)")
     data_dir: Path = Field(
         default=Path("~/.local/share/memory3").expanduser(),
         description="Where the embedded PostgreSQL keeps its data between runs",
@@ -127,6 +151,14 @@ class Settings(BaseSettings):
         description="Also export per-bank sizes labelled with tenant and bank names (the metrics port has no auth)")
     log_format: str = Field(default="text", description="'text' or 'json' (one JSON object per line)")
     log_level: str = Field(default="INFO", description="Python logging level")
+
+    @field_validator("replica_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value):
+        """``MEMORY3_REPLICA_URLS`` (or its _FILE) is one comma-separated string; a list passes as is."""
+        if isinstance(value, str):
+            return [url.strip() for url in value.split(",") if url.strip()]
+        return value
 
 
 def _from_files(environ) -> dict[str, str]:

@@ -7,6 +7,8 @@ proxy policy on every step, its episodes logged). The memory schedule is MemoryÂ
 ``chunk`` tokens (64) of prompt and output read the ``top_k`` memories retrieved with that chunk's
 text, each retrieval overlapping one forward step; a memory affects only what is computed while it
 is set. All modes share one hand-written loop, so speed comparisons measure the modes, not loops.
+A bank in the model's retrieval space is queried with vectors the supply's retrieval head makes
+from the chunk's own input embeddings (on the model's device; no text embedder on this path).
 Schedule, segments and proxy semantics in detail: docs/design.md ("Reading memories").
 """
 
@@ -36,7 +38,7 @@ class Segment:
 
     start: int
     end: int
-    query: str | None
+    query: str | list[float] | None  # the query text, or its vector in a model-space bank
     reference_ids: list[str]
 
 
@@ -233,9 +235,10 @@ class _Run:
             if n == options.max_new_tokens or all(self.finished):
                 break
             if self.supply is not None:
-                if n % chunk == 0 and n + lag + 1 < options.max_new_tokens:  # query: the last `chunk` tokens' text
-                    queries = [None if self.finished[b] else self.text(g[n - chunk : n]) for b, g in enumerate(self.generated)]
-                    pending = self.supply.request(self.bank, queries, self.top_k)
+                if n % chunk == 0 and n + lag + 1 < options.max_new_tokens:  # query: the last `chunk` tokens
+                    chunks = [None if self.finished[b] else g[n - chunk : n] for b, g in enumerate(self.generated)]
+                    pending = self.supply.request(self.bank, chunk_queries(self.tokenizer, self.supply, self.bank, chunks),
+                                                  self.top_k)
                 if (n - 1 - lag) % chunk == 0 and n - 1 - lag >= chunk:  # first token of a new chunk (+ lag): switch
                     rows = self.collect(pending)
                     self.inject(rows, pending)
@@ -256,16 +259,21 @@ def _tokenize(tokenizer, prompts) -> list[list[int]]:
     return [list(p) if not isinstance(p, str) else tokenizer(p)["input_ids"] for p in prompts]
 
 
+def chunk_queries(tokenizer, supply: MemorySupply, bank: str, chunks: Sequence[Sequence[int] | None]) -> list:
+    """Each row's query for a chunk of token ids (None: no query): its text, or for a bank in the
+    model's retrieval space its vector from the model's own input embeddings (special tokens left out)."""
+    if supply.model_space(bank):
+        return supply.query_vectors(chunks, tokenizer.all_special_ids)
+    return [tokenizer.decode(list(ids), skip_special_tokens=True) if ids is not None else None for ids in chunks]
+
+
 def submit_prompt_queries(tokenizer, supply: MemorySupply, bank: str, prompt_ids, chunk: int, top_k: int) -> list:
     """Submit the retrieval of every prompt chunk's memories; one future per chunk index (all rows)."""
     n_chunks = max((len(p) + chunk - 1) // chunk for p in prompt_ids)
     futures = []
     for c in range(n_chunks):
-        queries = [
-            tokenizer.decode(p[c * chunk : (c + 1) * chunk], skip_special_tokens=True) if c * chunk < len(p) else None
-            for p in prompt_ids
-        ]
-        futures.append(supply.request(bank, queries, top_k))
+        chunks = [p[c * chunk : (c + 1) * chunk] if c * chunk < len(p) else None for p in prompt_ids]
+        futures.append(supply.request(bank, chunk_queries(tokenizer, supply, bank, chunks), top_k))
     return futures
 
 
@@ -290,9 +298,13 @@ def prefetch(tokenizer, supply: MemorySupply, bank: str, prompts, chunk: int = 6
 
 
 def _rag_prompts(tokenizer, supply, bank, prompts, prompt_ids, top_k) -> tuple[list[list[int]], list[list[str]]]:
-    """RAG baseline: top-k reference texts retrieved once with the prompt, placed before it."""
-    texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-    answers = supply.request_references(bank, texts, top_k).result()
+    """RAG baseline: top-k reference texts retrieved once with the prompt, placed before it (a
+    model-space bank: retrieved with the prompt's vector)."""
+    if supply.model_space(bank):
+        queries = supply.query_vectors(prompt_ids, tokenizer.all_special_ids)
+    else:
+        queries = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    answers = supply.request_references(bank, queries, top_k).result()
     out_ids, out_refs = [], []
     bos = getattr(tokenizer, "bos_token_id", None)
     for ids, refs in zip(prompt_ids, answers):

@@ -7,6 +7,8 @@ through :func:`memory3.sdk.model.attention.attention_hook`, scores every token p
 attention it receives with RoPE undone, and keeps the top ``spec.tokens_per_head`` (ties within
 :data:`TIE_TOLERANCE` go to the earlier token, :func:`rank_with_ties`). A reference too short to fill
 them raises :class:`ReferenceTooShortError`: filler tokens would change what the reader attends to.
+With a :class:`~memory3.sdk.memory.retrieval_head.RetrievalHead`, the same forward also gives each
+memory its retrieval key (``ExplicitMemory.retrieval_key``) from the input embeddings it computes.
 
 Details: docs/design.md ("Encoding: top-k tokens per KV head by attention received");
 measurements: docs/experiments.md ("Encoder throughput").
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from memory3.core.memory_spec import REFERENCE_MARKER, MemorySpec
+from memory3.sdk.memory.retrieval_head import RetrievalHead
 from memory3.sdk.memory.self_check import require_exact_reading
 from memory3.sdk.memory.tensors import ExplicitMemory
 from memory3.sdk.model.attention import attention_hook
@@ -59,14 +62,19 @@ class MemoryEncoder:
     """Encodes references into :class:`ExplicitMemory` objects with a model and its tokenizer.
 
     Without a tokenizer only :meth:`encode_ids` works (token ids the caller made, no marker).
+    ``retrieval_head`` (trained for this model) adds a retrieval key to every memory, from the same
+    forward: the head pools the input embeddings of the reference's text tokens (marker excluded).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: MemorySpec, batch_size: int = 16,
-                 self_check: bool = True):
+                 self_check: bool = True, retrieval_head: RetrievalHead | None = None):
         geometry = probe_geometry(model)
         geometry.check_spec(spec)
         if self_check:
             require_exact_reading(model)
+        if retrieval_head is not None:
+            retrieval_head.check_model(model)
+        self.retrieval_head = retrieval_head
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -85,6 +93,7 @@ class MemoryEncoder:
         self._kept: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._query_valid: torch.Tensor | None = None
         self._selectable: torch.Tensor | None = None
+        self._embedded: torch.Tensor | None = None  # the forward's input embeddings (retrieval keys)
         self._differentiable = False  # set only by encode_differentiable
 
     # ------------------------------------------------------------------ tokens
@@ -123,6 +132,16 @@ class MemoryEncoder:
             return self.encode(texts, batch_size)
         finally:
             self._differentiable = False
+
+    def retrieval_keys(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, dim) retrieval keys of texts without encoding them (for references too short to
+        keep a memory): the same tokens and numbers as the keys :meth:`encode` gives, from the
+        embedding lookup alone. Every text needs at least one token."""
+        if self.retrieval_head is None:
+            raise ValueError("this encoder has no retrieval head")
+        sequences = self.tokenize(texts)
+        with torch.no_grad():
+            return self.retrieval_head.keys_of(self.model, sequences, [len(self.prefix_ids)] * len(sequences))
 
     def pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad token id lists into (input_ids, attention_mask) on the model's device."""
@@ -169,6 +188,9 @@ class MemoryEncoder:
         self._kept, self._query_valid, self._selectable = {}, real, selectable
         was_training = self.model.training
         self.model.eval()
+        watch = None
+        if self.retrieval_head is not None:  # the forward's own input embeddings, for the keys
+            watch = self.model.get_input_embeddings().register_forward_hook(self._embeddings)
         try:
             grad_mode = torch.enable_grad() if self._differentiable else torch.inference_mode()
             with grad_mode, float32_compute(self.model), attention_hook(self.model, self._capture):
@@ -180,17 +202,27 @@ class MemoryEncoder:
                     )
                 except _StopForward:
                     pass
+                found = [None] * batch
+                if watch is not None:
+                    found = list(self.retrieval_head.pool(self._embedded, selectable))
             kept = [self._kept[slot] for slot in range(len(spec.memory_layers))]
         finally:
+            if watch is not None:
+                watch.remove()
             self.model.train(was_training)
-            self._query_valid = self._selectable = None
+            self._query_valid = self._selectable = self._embedded = None
             self._kept = {}
 
         keys = torch.stack([k for k, _, _ in kept], dim=1)  # (batch, layers, kv heads, tokens, dim)
         values = torch.stack([v for _, v, _ in kept], dim=1)
         positions = torch.stack([p for _, _, p in kept], dim=1)  # (batch, layers, kv heads, tokens)
         kv = torch.stack((keys, values), dim=2)  # (batch, layers, 2, kv heads, tokens, dim)
-        return [ExplicitMemory(kv[b].clone(), positions[b].clone(), fingerprint) for b in range(batch)]
+        return [ExplicitMemory(kv[b].clone(), positions[b].clone(), fingerprint,
+                               found[b].clone() if found[b] is not None else None) for b in range(batch)]
+
+    def _embeddings(self, module, args, output) -> None:
+        """Forward hook on the input embedding table: keep what the forward computed."""
+        self._embedded = output
 
     def _capture(self, base_fn, base_name, module, query, key, value, attention_mask, **kwargs):
         """Attention hook: select a memory layer's tokens; stop after the last memory layer."""

@@ -1,10 +1,13 @@
-"""Memory supply: what a decoding model calls to get decoded memories for its query texts.
+"""Memory supply: what a decoding model calls to get decoded memories for its queries.
 
 A model decoding with memory asks for new memories every 64 tokens (Memory3, arXiv 2407.01178); to
-stay near plain speed, everything between query text and tensors runs beside the model: an
+stay near plain speed, everything between query and tensors runs beside the model: an
 :class:`~memory3.sdk.client.client.AsyncClient` on its own event-loop thread (:meth:`MemorySupply.request`
-returns a future at once), ids-only retrieval plus one deduplicated ``Fetch`` of cache misses, codec
-decoding on a worker thread, and an LRU of decoded memories checked against each blob's (size, CRC32).
+returns a future at once), one ids-only ``RetrieveBatch`` for all rows of a step plus one
+deduplicated ``Fetch`` of cache misses, codec decoding on a worker thread, and an LRU of decoded
+memories checked against each blob's (size, CRC32). Queries are texts, or for a bank in the
+model's retrieval space vectors of the supply's :class:`~memory3.sdk.memory.retrieval_head.RetrievalHead`
+(:meth:`MemorySupply.model_space`; a bank of another model's or head's space is refused).
 Memories of another model raise :class:`FingerprintMismatchError`; a retrieved reference without a
 memory is encoded with the supply's own copy of the model (or ``encoder=``) and written back. Every
 request records a :class:`StepTiming`.
@@ -33,6 +36,7 @@ from memory3.core.references import StoredReference
 from memory3.sdk.memory.codec import decode_memory
 from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.memory.pq import PQCodebook
+from memory3.sdk.memory.retrieval_head import RetrievalHead, RetrievalSpaceError, is_model_space
 from memory3.sdk.memory.tensors import ExplicitMemory
 from memory3.sdk.memory.writer import MemoryWriter
 from memory3.sdk.model.attention import WRAPPER_PREFIX
@@ -51,8 +55,8 @@ def _short(fingerprint: str) -> str:
 class StepTiming:
     """Seconds spent in one retrieval step (all rows of one request).
 
-    search: Retrieve RPCs (query embedding + vector search on the server; in one-round-trip mode
-    also the payload transfer). fetch: the Fetch RPC for cache misses. decode: codec decoding on
+    search: the RetrieveBatch RPC (text queries: embedding + vector search on the server; in
+    one-round-trip mode also the payload transfer). fetch: the Fetch RPC for cache misses. decode: codec decoding on
     the worker thread. encode: cold-start encoding + write back. total: request start to result.
     wait and inject are filled in by the decode loop: time it blocked on the result (what the
     overlap failed to hide) and time to set the memories into the injector.
@@ -78,7 +82,7 @@ class Retrieved:
     but has no entry in ``memories``; ``memory_ids`` says which ones do.
     """
 
-    query: str | None
+    query: str | list[float] | None  # the query text, or its vector in a model-space bank
     references: list[StoredReference] = field(default_factory=list)
     memories: list[ExplicitMemory] = field(default_factory=list)
     memory_ids: list[str] = field(default_factory=list)
@@ -168,6 +172,9 @@ class MemorySupply:
     >>> future = supply.request("bank", ["text of chunk 1", "text of chunk 2"], top_k=5)
     >>> ...  # compute meanwhile
     >>> rows = future.result()   # one Retrieved per query, memories ready for the injector
+
+    ``retrieval_head`` (trained for ``model``) serves banks in the model's retrieval space: their
+    queries are vectors (:meth:`query_vectors`), their cold-start writes carry keys.
     """
 
     def __init__(
@@ -184,7 +191,12 @@ class MemorySupply:
         cold_start: bool = True,
         max_overlap: float = 0.0,
         timeout: float | None = 60.0,
+        retrieval_head: RetrievalHead | None = None,
     ) -> None:
+        if retrieval_head is not None:
+            retrieval_head.check_model(model)
+        self.retrieval_head = retrieval_head
+        self._model_space: dict[str, bool] = {}  # bank -> lives in the head's space (checked once)
         self.model = model
         self.spec = spec
         self.tokenizer = tokenizer
@@ -224,8 +236,24 @@ class MemorySupply:
         return self._loop.submit(coroutine).result()
 
     # ---------------------------------------------------------------- public calls
-    def request(self, bank: str, queries: Sequence[str | None], top_k: int = 5) -> concurrent.futures.Future:
-        """Start retrieving memories for each query (one per batch row; None or blank: none).
+    def model_space(self, bank: str) -> bool:
+        """Whether ``bank`` lives in the model's retrieval space (query it with :meth:`query_vectors`),
+        else in a text embedder's (query with texts). The bank is checked once (fingerprint, shape,
+        space): FingerprintMismatchError / RetrievalSpaceError."""
+        if bank not in self._model_space:
+            self.run(self._check_bank(bank))
+        return self._model_space[bank]
+
+    def query_vectors(self, id_lists: Sequence[Sequence[int] | None], ignore_ids: Sequence[int] = ()) -> list:
+        """Query vectors of token id chunks from the running model's own input embeddings, on its
+        device, by the supply's retrieval head (None for a row with no tokens)."""
+        if self.retrieval_head is None:
+            raise RetrievalSpaceError("model-space queries need MemorySupply(retrieval_head=...)")
+        return self.retrieval_head.vectors(self.model, id_lists, ignore_ids)
+
+    def request(self, bank: str, queries: Sequence[str | Sequence[float] | None], top_k: int = 5) -> concurrent.futures.Future:
+        """Start retrieving memories for each query (one per batch row: a text, a vector, or None
+        or a blank text for none). All rows go in one RetrieveBatch call.
 
         Returns a future of ``list[Retrieved]`` in query order; its :class:`StepTiming` is
         appended to :attr:`timings` and available as ``future.timing``.
@@ -235,27 +263,48 @@ class MemorySupply:
         future.timing = timing  # type: ignore[attr-defined]
         return future
 
-    def request_references(self, bank: str, queries: Sequence[str], top_k: int = 5) -> concurrent.futures.Future:
-        """Start retrieving references (text, no payloads) for each query: the RAG baseline's retrieval.
-
-        A future of ``list[list[StoredReference]]`` in query order.
+    def request_references(self, bank: str, queries: Sequence[str | Sequence[float]], top_k: int = 5) -> concurrent.futures.Future:
+        """Start retrieving references (text, no payloads) for each query (text or vector): the RAG
+        baseline's retrieval. A future of ``list[list[StoredReference]]`` in query order.
         """
-
-        async def gather():
-            return list(await asyncio.gather(*(self._retrieve(bank, q, top_k, False) for q in queries)))
-
-        return self._loop.submit(gather())
+        return self._loop.submit(self._retrieve_batch(bank, list(queries), top_k, False))
 
     # ---------------------------------------------------------------- internals
-    async def _retrieve(self, bank: str, query: str, top_k: int, include_memory: bool) -> list[StoredReference]:
-        return await self.client.retrieve(
-            bank, text=query, top_k=top_k, include_memory=include_memory, max_overlap=self.max_overlap
-        )
+    async def _retrieve_batch(self, bank: str, queries: list, top_k: int, include_memory: bool) -> list[list[StoredReference]]:
+        """RetrieveBatch for the queries: one call, or one per group of at most 256 rows and 1024
+        references (the RPC's limits), concurrently. A None (or blank) query finds nothing."""
+        active = [i for i, q in enumerate(queries) if q is not None and (not isinstance(q, str) or q.strip())]
+        if len(active) < len(queries):
+            found = await self._retrieve_batch(bank, [queries[i] for i in active], top_k, include_memory)
+            out: list[list[StoredReference]] = [[] for _ in queries]
+            for i, row in zip(active, found):
+                out[i] = row
+            return out
+        texts = [isinstance(q, str) for q in queries]
+        if self.max_overlap > 0 and not all(texts):
+            raise ValueError("max_overlap compares texts: it needs text queries, not vectors")
+        if self._model_space.get(bank) and any(texts):
+            raise RetrievalSpaceError(f"bank {bank!r} lives in the model's retrieval space: query it with vectors "
+                                      "(MemorySupply.query_vectors), not texts")
+        if not queries:
+            return []
+        size = max(1, min(256, 1024 // max(1, top_k)))
+        groups = [queries[i : i + size] for i in range(0, len(queries), size)]
+        answers = await asyncio.gather(*(self.client.retrieve_batch(
+            bank, group, top_k=top_k, include_memory=include_memory, max_overlap=self.max_overlap) for group in groups))
+        return [row for answer in answers for row in answer]
 
     async def _check_bank(self, bank: str) -> None:
         if bank in self._checked_banks:
             return
         info = await self.client.get_bank(bank)
+        model_space = is_model_space(info.embedder_name)
+        if model_space:
+            if self.retrieval_head is None:
+                raise RetrievalSpaceError(
+                    f"bank {bank!r} lives in the model space {info.embedder_name!r}: give the supply the model's "
+                    "retrieval head (MemorySupply(..., retrieval_head=RetrievalHead.load(model_dir, model)))")
+            self.retrieval_head.check_bank(bank, info.embedder_name, info.embedder_dim)
         if info.model_fingerprint != self.fingerprint:
             raise FingerprintMismatchError(
                 f"bank {bank!r} holds memories of model {_short(info.model_fingerprint)}, "
@@ -263,6 +312,7 @@ class MemorySupply:
             )
         if info.spec.shape != self.spec.shape:
             raise ValueError(f"bank {bank!r} stores memories of shape {info.spec.shape}, the spec needs {self.spec.shape}")
+        self._model_space[bank] = model_space
         self._checked_banks.add(bank)
 
     def _decode(self, bank: str, refs: Sequence[StoredReference]) -> dict[str, ExplicitMemory]:
@@ -286,17 +336,18 @@ class MemorySupply:
                 if encoder is None:
                     if self.tokenizer is None:
                         raise ValueError("cold start needs the model's tokenizer (MemorySupply(tokenizer=...)) or an encoder")
-                    encoder = MemoryEncoder(clone_model(self.model), self.tokenizer, self.spec)
+                    encoder = MemoryEncoder(clone_model(self.model), self.tokenizer, self.spec,
+                                            retrieval_head=self.retrieval_head)
                 self._writer = MemoryWriter(encoder, codebook=self.codebook, skip_short=True)
             return self._writer
 
-    async def _request(self, bank: str, queries: list[str | None], top_k: int, timing: StepTiming) -> list[Retrieved]:
+    async def _request(self, bank: str, queries: list, top_k: int, timing: StepTiming) -> list[Retrieved]:
         start = time.perf_counter()
         await self._check_bank(bank)
-        active = [i for i, q in enumerate(queries) if q is not None and q.strip()]
+        active = [i for i, q in enumerate(queries) if q is not None and (not isinstance(q, str) or q.strip())]
         one_trip = not self.cache.holds_bank(bank, self.fingerprint)
         t0 = time.perf_counter()
-        answers = await asyncio.gather(*(self._retrieve(bank, queries[i], top_k, one_trip) for i in active))
+        answers = await self._retrieve_batch(bank, [queries[i] for i in active], top_k, one_trip)
         timing.search = time.perf_counter() - t0
 
         results = [Retrieved(q) for q in queries]
@@ -319,6 +370,8 @@ class MemorySupply:
                     to_fetch.setdefault(ref.external_id, ref)
                 else:
                     to_encode.setdefault(ref.external_id, ref)
+        if one_trip:  # a reference deleted since the search has a hit but no memory: nothing to read
+            to_fetch = {key: ref for key, ref in to_fetch.items() if ref.memory}
         versions = {key: _version(ref) for key, ref in to_fetch.items()}
         if to_fetch and not one_trip:
             t0 = time.perf_counter()

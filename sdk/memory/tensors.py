@@ -18,11 +18,15 @@ class ExplicitMemory:
                 reference (marker included); each head may keep different tokens.
     fingerprint: hex digest of the model (config + weights) that computed it; memories belong to
                 one model.
+    retrieval_key: (dim,) float32 unit vector in the model's retrieval space, when the encoder
+                had a :class:`~memory3.sdk.memory.retrieval_head.RetrievalHead` (else None); it is
+                stored as the reference's vector, not in the memory's blob.
     """
 
     kv: torch.Tensor
     positions: torch.Tensor
     fingerprint: str
+    retrieval_key: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kv.dim() != 5 or self.kv.shape[1] != 2:
@@ -41,4 +45,5 @@ class ExplicitMemory:
         return self.kv[:, 1]
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "ExplicitMemory":
-        return ExplicitMemory(self.kv.to(device=device, dtype=dtype), self.positions.to(device), self.fingerprint)
+        key = self.retrieval_key.to(device) if self.retrieval_key is not None else None
+        return ExplicitMemory(self.kv.to(device=device, dtype=dtype), self.positions.to(device), self.fingerprint, key)

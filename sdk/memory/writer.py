@@ -6,7 +6,9 @@ on a worker thread, compresses each memory with :func:`memory3.sdk.memory.codec.
 bank's scheme (``pq`` is refused without the bank's :class:`~memory3.sdk.memory.pq.PQCodebook`), and
 writes through :meth:`memory3.sdk.client.client.AsyncClient.write_many`, whose bounded batches in
 flight are the back-pressure. With ``skip_short``, references too short for the spec are written as
-text only (still retrievable, e.g. for RAG).
+text only (still retrievable, e.g. for RAG). A bank in a model's retrieval space gets each
+reference's key as its vector (the encoder's :class:`~memory3.sdk.memory.retrieval_head.RetrievalHead`,
+which must be the bank's: :class:`~memory3.sdk.memory.retrieval_head.RetrievalSpaceError` otherwise).
 
 Details: docs/design.md ("Data path of one memory").
 """
@@ -22,6 +24,7 @@ from memory3.core.references import Reference, StoredReference, WriteSummary
 from memory3.sdk.memory.codec import decode_memory, encode_memory
 from memory3.sdk.memory.encoder import MemoryEncoder, ReferenceTooShortError
 from memory3.sdk.memory.pq import PQCodebook
+from memory3.sdk.memory.retrieval_head import RetrievalSpaceError, is_model_space
 from memory3.sdk.memory.tensors import ExplicitMemory
 
 RefLike = Reference | StoredReference | tuple
@@ -69,10 +72,28 @@ class MemoryWriter:
         self.codebook = codebook
         self.encode_batch = encode_batch
         self.skip_short = skip_short
+        self._keyed_banks: dict[str, bool] = {}  # bank -> whether it lives in the head's space
+
+    async def bank_wants_keys(self, client, bank: str) -> bool:
+        """Whether ``bank`` lives in a model's space (its vectors are this encoder's retrieval keys);
+        RetrievalSpaceError when it is another model's or head's, or the encoder has no head."""
+        if bank not in self._keyed_banks:
+            info = await client.get_bank(bank)
+            keyed = is_model_space(info.embedder_name)
+            if keyed:
+                head = self.encoder.retrieval_head
+                if head is None:
+                    raise RetrievalSpaceError(
+                        f"bank {bank!r} lives in the model space {info.embedder_name!r}: give the encoder the "
+                        "model's retrieval head (MemoryEncoder(..., retrieval_head=RetrievalHead.load(model_dir, model)))")
+                head.check_bank(bank, info.embedder_name, info.embedder_dim)
+            self._keyed_banks[bank] = keyed
+        return self._keyed_banks[bank]
 
     # ---------------------------------------------------------------- encode + compress
-    def encode(self, items: Sequence[RefLike]) -> list[EncodedReference]:
-        """Encode and compress one batch (blocking; call from a worker thread in async code)."""
+    def encode(self, items: Sequence[RefLike], keys: bool = False) -> list[EncodedReference]:
+        """Encode and compress one batch (blocking; call from a worker thread in async code).
+        ``keys``: give each reference without a vector its retrieval key (model-space banks)."""
         refs = [as_reference(item) for item in items]
         if not refs:
             return []
@@ -82,6 +103,8 @@ class MemoryWriter:
             if not self.skip_short:
                 raise
             memories = [self._encode_one(r.text) for r in refs]  # find the short ones
+        if keys:
+            self._set_keys(refs, memories)
         out = []
         for ref, memory in zip(refs, memories):
             if memory is None:
@@ -91,22 +114,35 @@ class MemoryWriter:
             out.append(EncodedReference(ref, decode_memory(ref.memory, codebook=self.codebook)))
         return out
 
+    def _set_keys(self, refs: list[Reference], memories: list[ExplicitMemory | None]) -> None:
+        """Each reference's vector: its memory's key, or for a text kept without memory the same
+        key from the embedding lookup alone."""
+        if self.encoder.retrieval_head is None:
+            raise RetrievalSpaceError("model-space keys need an encoder with a retrieval head")
+        bare = [i for i, m in enumerate(memories) if m is None or m.retrieval_key is None]
+        looked_up = iter(self.encoder.retrieval_keys([refs[i].text for i in bare]).cpu().tolist() if bare else [])
+        bare_set = set(bare)
+        for i, (ref, memory) in enumerate(zip(refs, memories)):
+            key = next(looked_up) if i in bare_set else memory.retrieval_key.cpu().tolist()
+            if ref.embedding is None:  # a reference that carries its own vector keeps it
+                ref.embedding = key
+
     def _encode_one(self, text: str) -> ExplicitMemory | None:
         try:
             return self.encoder.encode([text])[0]
         except ReferenceTooShortError:
             return None
 
-    async def _encoded_stream(self, items: Iterable[RefLike]) -> AsyncIterator[Reference]:
+    async def _encoded_stream(self, items: Iterable[RefLike], keys: bool = False) -> AsyncIterator[Reference]:
         batch: list[RefLike] = []
         for item in items:
             batch.append(item)
             if len(batch) >= self.encode_batch:
-                for encoded in await asyncio.to_thread(self.encode, batch):
+                for encoded in await asyncio.to_thread(self.encode, batch, keys):
                     yield encoded.reference
                 batch = []
         if batch:
-            for encoded in await asyncio.to_thread(self.encode, batch):
+            for encoded in await asyncio.to_thread(self.encode, batch, keys):
                 yield encoded.reference
 
     # ---------------------------------------------------------------- write
@@ -126,6 +162,7 @@ class MemoryWriter:
         ``progress``: True for a tqdm bar (references written), False for none, or a tqdm-like
         object with ``update(n)``.
         """
+        keys = await self.bank_wants_keys(client, bank)
         bar, own_bar = progress, False
         if progress is True:
             from tqdm.auto import tqdm
@@ -137,7 +174,7 @@ class MemoryWriter:
             bar = None
         try:
             return await client.write_many(
-                bank, self._encoded_stream(items), batch_size=write_batch, max_in_flight=max_in_flight, progress=bar
+                bank, self._encoded_stream(items, keys), batch_size=write_batch, max_in_flight=max_in_flight, progress=bar
             )
         finally:
             if own_bar:
@@ -148,14 +185,15 @@ class MemoryWriter:
 
         Only ``refs`` with ``memory_size == 0`` are encoded; each is written back under the same id,
         text and metadata (no vector: the bank's built-in embedder re-embeds the text, giving the
-        vector it already had). Returns ``{external_id: (memory, blob)}`` where ``memory`` is the
+        vector it already had; a model-space bank gets the retrieval key again). Returns ``{external_id: (memory, blob)}`` where ``memory`` is the
         decoded blob — exactly what later readers fetch, so cold and warm reads agree. References
         too short to encode are left out of the result (they stay text-only).
         """
         missing = [r for r in refs if r.memory_size == 0]
         if not missing:
             return {}
-        encoded = await asyncio.to_thread(self.encode, missing)
+        keys = await self.bank_wants_keys(client, bank)
+        encoded = await asyncio.to_thread(self.encode, missing, keys)
         written = [e for e in encoded if e.memory is not None]
         if written:
             await client.write(bank, [e.reference for e in written])

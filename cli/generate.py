@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from memory3.sdk.generation import DecodingOptions, MemoryOptions, stream
+from memory3.sdk.memory.retrieval_head import load_retrieval_head
 from memory3.sdk.memory.supply import MemorySupply
 from memory3.trainer.model import load_reference_model
 
@@ -18,7 +19,8 @@ def generate_command(target: str, api_key: str, bank: str, model_dir: str, promp
                      retrieval_bias: float = 0.0, out=None, err=None) -> None:
     out, err = out or sys.stdout, err or sys.stderr
     model, tokenizer, spec = load_reference_model(model_dir)
-    with MemorySupply(target, api_key, model, spec, tokenizer=tokenizer) as supply:
+    head = load_retrieval_head(model_dir, model)  # for a bank in the model's space, if it has one
+    with MemorySupply(target, api_key, model, spec, tokenizer=tokenizer, retrieval_head=head) as supply:
         memory = None if mode == "plain" else MemoryOptions(supply, bank, top_k=top_k, retrieval_bias=retrieval_bias)
         decoding = DecodingOptions(max_new_tokens=max_new_tokens, temperature=temperature, chunk=chunk)
         shown: list[str] | None = None

@@ -118,9 +118,21 @@ def cmd_bank(args) -> None:
             if args.model:
                 from memory3.sdk.model.fingerprint import model_fingerprint
                 from memory3.trainer.model import load_reference_model
+                from transformers.utils import logging as transformers_logging
 
+                transformers_logging.disable_progress_bar()  # stderr keeps to one-line errors
                 model, _, spec = load_reference_model(args.model)
                 fingerprint = model_fingerprint(model)
+                if args.model_space:
+                    from memory3.sdk.memory.retrieval_head import load_retrieval_head
+
+                    head = load_retrieval_head(args.model, model)
+                    if head is None:
+                        raise CliError(f"{args.model} has no retrieval head: train one with "
+                                       f"`memory3 train-retriever --model {args.model}`")
+                    args.embedder, args.dimension, args.metric = head.space, head.dim, "cosine"
+            elif args.model_space:
+                raise CliError("--model-space needs --model DIR (the model and its retrieval head)")
             else:
                 layers = tuple(int(i) for i in args.layers.split(","))
                 spec = MemorySpec(layers, args.kv_heads, args.head_dim, args.tokens, args.reference_length, args.codec)
@@ -200,6 +212,7 @@ def cmd_ingest(args) -> None:
 def _memory_writer(client, bank: str, model_dir: str):
     """``ingest --model``: a writer that encodes each text's memory with the bank's own model."""
     from memory3.sdk.memory import MemoryEncoder, MemoryWriter
+    from memory3.sdk.memory.retrieval_head import is_model_space, load_retrieval_head
     from memory3.sdk.model.fingerprint import model_fingerprint
     from memory3.trainer.model import load_reference_model
     from transformers.utils import logging as transformers_logging
@@ -213,7 +226,14 @@ def _memory_writer(client, bank: str, model_dir: str):
                        f"create the bank with `memory3 bank create NAME --model {model_dir}`")
     if spec.codec == "pq":
         raise CliError(f"bank {bank!r} stores PQ codes: encode with the SDK's MemoryWriter and the bank's codebook")
-    return MemoryWriter(MemoryEncoder(model, tokenizer, spec), skip_short=True)
+    head = None
+    if is_model_space(info.embedder_name):  # the vectors are the model's own retrieval keys
+        head = load_retrieval_head(model_dir, model)
+        if head is None:
+            raise CliError(f"bank {bank!r} lives in a model space but {model_dir} has no retrieval head "
+                           f"(memory3 train-retriever --model {model_dir})")
+        head.check_bank(bank, info.embedder_name, info.embedder_dim)
+    return MemoryWriter(MemoryEncoder(model, tokenizer, spec, retrieval_head=head), skip_short=True)
 
 
 def _filter_option(text: str | None):
@@ -313,6 +333,12 @@ def cmd_train_proxy(args) -> None:
     from memory3.trainer.proxy_rl import main as train_proxy_main
 
     train_proxy_main(args.rest)
+
+
+def cmd_train_retriever(args) -> None:
+    from memory3.trainer.retriever import main as train_retriever_main
+
+    train_retriever_main(args.rest)
 
 
 def cmd_generate(args) -> None:
@@ -426,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     bank.add_argument("--embedder", default="all-MiniLM-L6-v2", help="built-in embedder, or a client-side name")
     bank.add_argument("--dimension", type=int, default=384)
     bank.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"])
+    bank.add_argument("--model-space", action="store_true",
+                      help="with --model: the bank's vectors are the model's own retrieval keys (its "
+                           "retrieval_head.safetensors, from memory3 train-retriever): no text embedder on its paths")
     bank.set_defaults(func=cmd_bank)
 
     ingest = client_command("ingest", "write a JSONL file of references ({id, text, metadata?, embedding?, memory?})")
@@ -512,6 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  add_help=False)
     train_proxy.add_argument("rest", nargs=argparse.REMAINDER, help="see `memory3 train-proxy --help`")
     train_proxy.set_defaults(func=cmd_train_proxy)
+
+    train_retriever = sub.add_parser("train-retriever", add_help=False,
+                                     help="train a model's retrieval head (model-space banks), the model frozen")
+    train_retriever.add_argument("rest", nargs=argparse.REMAINDER, help="see `memory3 train-retriever --help`")
+    train_retriever.set_defaults(func=cmd_train_retriever)
     return parser
 
 
@@ -552,9 +586,9 @@ def _fail(message: str, status: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] in (["train"], ["train-proxy"]):  # every option belongs to the trainer's own parser
-        args = argparse.Namespace(command=argv[0], rest=argv[1:],
-                                  func=cmd_train if argv[0] == "train" else cmd_train_proxy)
+    trainers = {"train": cmd_train, "train-proxy": cmd_train_proxy, "train-retriever": cmd_train_retriever}
+    if argv[:1] and argv[0] in trainers:  # every option belongs to the trainer's own parser
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=trainers[argv[0]])
     else:
         args = build_parser().parse_args(argv)
     try:

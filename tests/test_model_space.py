@@ -173,3 +173,32 @@ def test_a_text_bank_decodes_as_before_with_a_head_at_hand(server, api_key, bloc
     assert [r.token_ids for r in plain] == [r.token_ids for r in headed]
     assert [[s.query for s in r.segments] for r in plain] == [[s.query for s in r.segments] for r in headed]
     assert all(isinstance(s.query, str) for r in headed for s in r.segments)
+
+
+def test_cli_makes_a_model_space_bank_and_ingests_keys(server, api_key, model, tokenizer, spec, head, tmp_path):
+    """`bank create --model DIR --model-space` names the head's space; `ingest --model DIR` stores
+    each text's key as its vector; a model without a head is one line."""
+    from test_cli import memory3, one_line_error
+
+    from memory3.trainer.model import save_reference_model
+
+    save_reference_model(model, tokenizer, spec, tmp_path / "model")
+    connect = ["--target", server.target, "--api-key", api_key]
+    one_line_error(memory3("bank", "create", "nohead", "--model", str(tmp_path / "model"), "--model-space", *connect),
+                   2, "has no retrieval head", "memory3 train-retriever --model")
+    head.save(tmp_path / "model")
+    created = memory3("bank", "create", "keyed", "--model", str(tmp_path / "model"), "--model-space", *connect)
+    assert created.returncode == 0, created.stderr
+    path = tmp_path / "refs.jsonl"
+    path.write_text('{"id": "long", "text": "The lighthouse keeper counted ships at dawn."}\n{"id": "short", "text": "Hi."}\n')
+    result = memory3("ingest", "keyed", str(path), "--model", str(tmp_path / "model"), *connect)
+    assert result.returncode == 0, result.stderr
+    with Client(server.target, api_key) as client:
+        info = client.get_bank("keyed")
+        assert (info.embedder_name, info.embedder_dim) == (head.space, head.dim)
+        keys = MemoryEncoder(model, tokenizer, spec, retrieval_head=head).retrieval_keys(["The lighthouse keeper "
+                                                                                          "counted ships at dawn.", "Hi."])
+        for key, name in zip(keys, ("long", "short")):  # each text's own key finds it, score 1
+            [hit] = client.retrieve("keyed", vector=key.tolist(), top_k=1)
+            assert hit.external_id == name and hit.score == pytest.approx(1.0, abs=1e-5)
+        assert client.stats("keyed").with_memory == 1  # "Hi." is too short for a memory, not for a key

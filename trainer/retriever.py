@@ -1,0 +1,260 @@
+"""Training the retrieval head of a frozen model (``memory3 train-retriever``): InfoNCE that aligns a
+query with the key of the reference it should read.
+
+A :class:`~memory3.sdk.memory.retrieval_head.RetrievalHead` pools the model's input embeddings;
+only the head trains (the model is frozen, so its fingerprint and memories stay valid, and any
+model — an adapted one too — gets a head). Pairs come from the knowledge world the model was
+trained on: every phrasing of every question and fact statement about a *train* entity, plus a
+second generated world (stage 2's drill world: names the model never saw, so the head learns
+which tokens make a name rather than the names themselves), each paired with its entity's
+reference. Negatives: the batch's other references and ``hard_negatives`` references of entities
+of the same kind per query. Recall@1/@5 is measured on the held-out entities' questions against
+every reference of the world (MiniLM beside it with ``--compare-minilm``). Seconds to minutes on
+a CPU. The head is saved beside the model (``retrieval_head.safetensors``). Design and figures:
+docs/design.md ("Retrieval in the model's space").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from memory3.sdk.memory.encoder import MemoryEncoder
+from memory3.sdk.memory.retrieval_head import HEAD_FILENAME, RetrievalHead
+
+from .corpus import ATTRIBUTES, HELDOUT, QUESTIONS, STATEMENTS, TRAIN, World, _articles, build_world, format_qa_prompt
+from .model import load_reference_model
+
+METRICS_FILENAME = "retrieval_head.json"
+
+
+@dataclass
+class RetrieverConfig:
+    dim: int = 128  # key/query dimension (the bank's vectors)
+    steps: int = 300
+    batch_size: int = 128  # queries per step; their references are each other's negatives
+    hard_negatives: int = 8  # per query: references of other entities of the same kind
+    lr: float = 3e-3
+    seed: int = 0
+    extra_entities: int = 2000  # entities of the second (drill) world; 0: the model's world only
+    extra_seed_offset: int = 7919  # as stage 2's drill world (DrillConfig.seed_offset)
+
+
+@dataclass
+class RetrievalPairs:
+    """Reference texts with their entity kinds, and (reference index, query text) pairs."""
+
+    references: list[str]
+    kinds: list[str]
+    queries: list[tuple[int, str]] = field(default_factory=list)
+
+
+def entity_queries(world: World, entity) -> list[str]:
+    """Every question (as a QA prompt) and every fact statement about one entity."""
+    out = [format_qa_prompt(q.format(n=entity.name)) for a in ATTRIBUTES[entity.kind] for q in QUESTIONS[a]]
+    out += [_articles(t.format(n=entity.name, v=entity.facts[a])) for a in ATTRIBUTES[entity.kind] for t in STATEMENTS[a]]
+    return out
+
+
+def training_pairs(world: World, extra: World | None = None) -> RetrievalPairs:
+    """Queries about the world's train entities and every entity of ``extra``, each with its
+    entity's reference; the references of both worlds' entities (held-out ones excluded)."""
+    pairs = RetrievalPairs([], [])
+    for source, split in ((world, TRAIN), (extra, None)):
+        if source is None:
+            continue
+        for entity in source.entities:
+            if split is not None and entity.split != split:
+                continue
+            index = len(pairs.references)
+            pairs.references.append(source.references[entity.id].text)
+            pairs.kinds.append(entity.kind)
+            pairs.queries += [(index, q) for q in entity_queries(source, entity)]
+    return pairs
+
+
+class _Tokens:
+    """Token ids as the SDK makes them: references as the encoder tokenizes them (its marker
+    prefix not counted), queries as decoding does (special tokens left out)."""
+
+    def __init__(self, model, tokenizer, spec):
+        self.encoder = MemoryEncoder(model, tokenizer, spec, self_check=False)
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+
+    def references(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.encoder.tokenize(texts)
+
+    def queries(self, texts: Sequence[str]) -> list[list[int]]:
+        ids = self.tokenizer(list(texts))["input_ids"] if texts else []
+        return [[t for t in row if t not in self.special] for row in ids]
+
+
+def _keys(head, model, tokens: _Tokens, reference_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    prefix = len(tokens.encoder.prefix_ids)
+    return head.keys_of(model, reference_ids, [prefix] * len(reference_ids))
+
+
+def recall_at(queries: torch.Tensor, keys: torch.Tensor, positives: Sequence[int], ks=(1, 5)) -> dict[str, float]:
+    """recall@k of each query's own reference among the keys (cosine: unit vectors)."""
+    top = (queries @ keys.T).topk(max(ks), dim=-1).indices.tolist()
+    return {f"recall@{k}": sum(p in row[:k] for p, row in zip(positives, top)) / max(1, len(positives)) for k in ks}
+
+
+def heldout_questions(world: World) -> list[tuple[int, str]]:
+    """(entity id = reference index, QA prompt) of every held-out fact's canonical question."""
+    return [(e.id, format_qa_prompt(QUESTIONS[a][0].format(n=e.name)))
+            for e in world.entities if e.split == HELDOUT for a in ATTRIBUTES[e.kind]]
+
+
+@torch.no_grad()
+def evaluate_head(head: RetrievalHead, model, tokenizer, spec, world: World, compare_minilm: bool = False) -> dict:
+    """Held-out questions against every reference of ``world``: recall@1/@5 in the model's space
+    (and with MiniLM, the built-in text embedder, when asked)."""
+    tokens = _Tokens(model, tokenizer, spec)
+    texts = [r.text for r in world.references]
+    questions = heldout_questions(world)
+    positives = [p for p, _ in questions]
+    out = {"questions": len(questions), "references": len(texts)}
+    keys = _keys(head, model, tokens, tokens.references(texts))
+    queries = head.keys_of(model, tokens.queries([q for _, q in questions]))
+    out["model_space"] = recall_at(queries, keys, positives)
+    if compare_minilm:
+        from .retrieval_index import ReferenceIndex
+
+        index = ReferenceIndex(texts)
+        q = torch.from_numpy(index.embed_queries([q for _, q in questions]))
+        out["minilm"] = recall_at(q, torch.from_numpy(index.vectors), positives)
+    return out
+
+
+def info_nce(head: RetrievalHead, queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each query over the candidate keys, the right one at ``targets``; logits
+    are cosines times the head's learned scale (capped at 100, as CLIP's)."""
+    scale = head.log_scale.exp().clamp(max=100.0)
+    return torch.nn.functional.cross_entropy(scale * queries @ keys.T, targets)
+
+
+def train_head(model, tokenizer, spec, pairs: RetrievalPairs, config: RetrieverConfig,
+               head: RetrievalHead | None = None, progress=None) -> tuple[RetrievalHead, list[dict]]:
+    """Train a head (new, or ``head``) on ``pairs`` with the model frozen; (head, loss history)."""
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        return _train(model, tokenizer, spec, pairs, config, head, progress)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
+def _train(model, tokenizer, spec, pairs, config, head, progress):
+    head = head or RetrievalHead.for_model(model, config.dim, config.seed)
+    head.train()
+    tokens = _Tokens(model, tokenizer, spec)
+    reference_ids = tokens.references(pairs.references)
+    query_ids = tokens.queries([q for _, q in pairs.queries])
+    kept = [i for i, ids in enumerate(query_ids) if ids]
+    by_kind: dict[str, list[int]] = {}
+    for i, kind in enumerate(pairs.kinds):
+        by_kind.setdefault(kind, []).append(i)
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
+    history = []
+    for step in range(config.steps):
+        batch = rng.sample(kept, min(config.batch_size, len(kept)))
+        positives = [pairs.queries[i][0] for i in batch]
+        candidates = list(dict.fromkeys(positives))
+        for p in positives:
+            pool = by_kind[pairs.kinds[p]]
+            candidates += rng.sample(pool, min(config.hard_negatives, len(pool)))
+        candidates = list(dict.fromkeys(candidates))
+        slot = {c: i for i, c in enumerate(candidates)}
+        queries = head.keys_of(model, [query_ids[i] for i in batch])
+        keys = _keys(head, model, tokens, [reference_ids[c] for c in candidates])
+        loss = info_nce(head, queries, keys, torch.tensor([slot[p] for p in positives], device=queries.device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({"step": step + 1, "loss": float(loss.detach())})
+        if progress is not None:
+            progress(step + 1, float(loss.detach()))
+    head.eval()
+    return head, history
+
+
+def _world_settings(model_dir: Path) -> tuple[int, int, float]:
+    """(seed, entities, held-out fraction) of the world the model was trained on: from the run's
+    config.json beside the model directory, else the trainer's defaults."""
+    for candidate in (model_dir.parent / "config.json", model_dir / "train_config.json"):
+        if candidate.is_file():
+            world = json.loads(candidate.read_text()).get("world") or {}
+            if world:
+                return int(world.get("seed", 0)), int(world.get("n_entities", 200)), float(world.get("heldout_fraction", 0.2))
+    return 0, 200, 0.2
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``memory3 train-retriever``: train a model's retrieval head, save it beside the model."""
+    defaults = RetrieverConfig()
+    parser = argparse.ArgumentParser(prog="memory3 train-retriever", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="model directory (memory3 train's RUN_DIR/model); frozen")
+    parser.add_argument("--out", help="where retrieval_head.safetensors and retrieval_head.json go (default: --model: "
+                                      "beside the model, where MemorySupply and `memory3 generate` look for it)")
+    parser.add_argument("--dim", type=int, default=defaults.dim, help="vector dimension of the space")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--hard-negatives", type=int, default=defaults.hard_negatives,
+                        help="per query: references of other entities of the same kind")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--extra-entities", type=int, default=defaults.extra_entities,
+                        help="entities of a second generated world added to the training pairs (0: none)")
+    parser.add_argument("--world-seed", type=int, help="the model's world (default: from the run's config.json)")
+    parser.add_argument("--entities", type=int, help="entities of the model's world (default: from the run's config.json)")
+    parser.add_argument("--compare-minilm", action="store_true", help="also measure MiniLM's recall on the same questions")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    out_dir = Path(args.out) if args.out else model_dir
+    config = RetrieverConfig(args.dim, args.steps, args.batch_size, args.hard_negatives, args.lr, args.seed,
+                             args.extra_entities)
+    seed, entities, heldout = _world_settings(model_dir)
+    seed = args.world_seed if args.world_seed is not None else seed
+    entities = args.entities or entities
+    model, tokenizer, spec = load_reference_model(model_dir)
+    world = build_world(seed, entities, heldout)
+    extra = None
+    if config.extra_entities:
+        extra = build_world(seed + config.extra_seed_offset, config.extra_entities, 0.2, passages_per_entity=0,
+                            qa_docs=0, filler_docs=0)
+    pairs = training_pairs(world, extra)
+    t0 = time.perf_counter()
+    head, history = train_head(model, tokenizer, spec, pairs, config)
+    seconds = time.perf_counter() - t0
+    path = head.save(out_dir)
+    metrics = {
+        "space": head.space, "model_fingerprint": head.config.model_fingerprint, "config": asdict(config),
+        "world": {"seed": seed, "entities": entities, "heldout_fraction": heldout},
+        "pairs": len(pairs.queries), "references": len(pairs.references), "train_seconds": round(seconds, 2),
+        "final_loss": history[-1]["loss"] if history else None,
+        "heldout": evaluate_head(head, model, tokenizer, spec, world, args.compare_minilm),
+        "loss": [h["loss"] for h in history],
+    }
+    (out_dir / METRICS_FILENAME).write_text(json.dumps(metrics, indent=1) + "\n")
+    shown = {k: v for k, v in metrics.items() if k != "loss"}
+    print(json.dumps(shown, indent=1))
+    print(f"wrote {path} ({HEAD_FILENAME}); its space, the embedder name of a bank for it: {head.space}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

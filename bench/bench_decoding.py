@@ -115,6 +115,9 @@ class InjectionOnly:
         self.spec, self.timings = supply.spec, supply.timings
         self.memories, self.ids = list(memories), list(ids)
 
+    def model_space(self, bank) -> bool:
+        return False  # queries stay texts, which request() never looks at
+
     def request(self, bank, queries, top_k=5):
         future = concurrent.futures.Future()
         future.timing = StepTiming(rows=len(queries))

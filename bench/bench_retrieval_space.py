@@ -1,0 +1,268 @@
+"""Benchmark retrieval in the model's own space against the text embedder (issue 17), same run.
+
+Two parts, each figure beside its baseline measured in the same process:
+
+1. Retrieval quality (needs a trained model, ``--model DIR``): recall@1 and recall@5 of each
+   held-out question's own reference among every reference of the model's world, with the
+   model's retrieval head (``DIR/retrieval_head.safetensors``; trained here first if missing)
+   and with all-MiniLM-L6-v2, plus the time to make one batch's query vectors each way.
+2. Decoding speed, the paper's strict schedule (memories every 64 tokens, no lag, no prefetch),
+   batch 1 and 8, through a real server on loopback: plain, RAG, and memory with a text bank
+   (MiniLM on the server) and with a model-space bank (vector queries, no text embedder), cold
+   and warm cache, with the mean retrieval step (search, fetch, decode, inject, wait) of each.
+   A random model of ``--preset`` serves for speed when no ``--model`` is given (its head is
+   untrained: speed does not depend on it).
+
+Usage: python bench/bench_retrieval_space.py [--model DIR | --preset small] [--split-cores]
+Writes bench/results/NAME.md (``--name``, default ``retrieval_space``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decoding import CHUNK, PROMPT_TOKENS, TOP_K, LoopbackServer, load_model, step_breakdown  # noqa: E402
+
+from memory3.sdk import generation as decoding  # noqa: E402
+from memory3.sdk.client import BankInfo  # noqa: E402
+from memory3.sdk.client.client import Client  # noqa: E402
+from memory3.sdk.generation import DecodingOptions, MemoryOptions  # noqa: E402
+from memory3.sdk.memory.encoder import MemoryEncoder  # noqa: E402
+from memory3.sdk.memory.retrieval_head import RetrievalHead, load_retrieval_head  # noqa: E402
+from memory3.sdk.memory.supply import MemorySupply  # noqa: E402
+from memory3.sdk.memory.writer import MemoryWriter  # noqa: E402
+from memory3.sdk.model.fingerprint import model_fingerprint  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = (  # (row name, generation mode, bank, cache)
+    ("plain", "plain", None, None),
+    ("RAG (MiniLM)", "rag", "text", None),
+    ("memory, MiniLM, cold", "memory", "text", "cold"),
+    ("memory, MiniLM, warm", "memory", "text", "warm"),
+    ("memory, model space, cold", "memory", "model", "cold"),
+    ("memory, model space, warm", "memory", "model", "warm"),
+)
+
+
+@dataclass
+class Row:
+    name: str
+    batch: int
+    tokens_per_s: float
+    steps: list
+
+
+# ------------------------------------------------------------------ part 1: recall
+
+
+def recall_part(model, tokenizer, spec, head, model_dir: Path, steps: int) -> tuple[dict, RetrievalHead]:
+    """Held-out recall, model space vs MiniLM (trainer.retriever.evaluate_head), and the cost of
+    one batch of 8 query vectors each way; and the head (trained here when ``head`` is None)."""
+    from memory3.trainer.corpus import build_world
+    from memory3.trainer.retriever import RetrieverConfig, _world_settings, evaluate_head, train_head, training_pairs
+    from memory3.trainer.retrieval_index import builtin_embedder
+
+    seed, entities, heldout = _world_settings(model_dir)
+    world = build_world(seed, entities, heldout)
+    trained_here = None
+    if head is None:
+        config = RetrieverConfig(steps=steps)
+        extra = build_world(seed + config.extra_seed_offset, config.extra_entities, 0.2, passages_per_entity=0,
+                            qa_docs=0, filler_docs=0)
+        t0 = time.perf_counter()
+        head, _ = train_head(model, tokenizer, spec, training_pairs(world, extra), config)
+        trained_here = time.perf_counter() - t0
+    out = evaluate_head(head, model, tokenizer, spec, world, compare_minilm=True)
+    questions = [f"Q: Where was person {i} born?\nA:" for i in range(8)]
+    ids = [tokenizer(q)["input_ids"] for q in questions]
+    embedder = builtin_embedder()
+    embedder.embed(questions)  # loaded and warm
+    out["ms_per_batch_of_8"] = {
+        "model_space": _best_ms(lambda: head.vectors(model, ids, tokenizer.all_special_ids)),
+        "minilm": _best_ms(lambda: embedder.embed(questions)),
+    }
+    out["head"] = {"space": head.space, "trained_here_s": trained_here}
+    return out, head
+
+
+def _best_ms(fn, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return 1000 * best
+
+
+# ------------------------------------------------------------------ part 2: decoding
+
+
+def prepare_banks(target: str, api_key: str, model, tokenizer, spec, head, references) -> dict[str, str]:
+    """Two banks holding the same references and memories: one in MiniLM's text space, one in the
+    model's space (keys from the encoding forward). Returns {"text": name, "model": name}."""
+    suffix = secrets.token_hex(3)
+    banks = {"text": f"text-{suffix}", "model": f"model-{suffix}"}
+    fingerprint = model_fingerprint(model)
+    with Client(target, api_key) as client:
+        client.create_bank(BankInfo(banks["text"], fingerprint, spec))
+        client.create_bank(BankInfo(banks["model"], fingerprint, spec, head.space, head.dim, "cosine"))
+        writer = MemoryWriter(MemoryEncoder(model, tokenizer, spec, retrieval_head=head), skip_short=True)
+        items = [(f"e{i}", t) for i, t in enumerate(references)]
+        for bank in banks.values():
+            client.run(writer.write(client.aio, bank, items, progress=False))
+    return banks
+
+
+def decode_all(model, tokenizer, supply, bank, prompts, batch: int, mode: str, new_tokens: int) -> tuple[float, int]:
+    """Strict schedule: every batch's retrievals start when generate() starts; (seconds, tokens)."""
+    options = DecodingOptions(max_new_tokens=new_tokens, chunk=CHUNK, stop_at_eos=False)
+    tokens, start = 0, time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        group = prompts[i : i + batch]
+        memory = MemoryOptions(supply, bank, top_k=TOP_K) if mode != "plain" else None
+        out = decoding.generate(model, tokenizer, group, mode=mode, memory=memory, decoding=options)
+        tokens += sum(len(r.token_ids) for r in out)
+    return time.perf_counter() - start, tokens
+
+
+def decoding_part(target, api_key, model, tokenizer, spec, head, references, prompts, *, batches=(1, 8),
+                  prompts_b1: int = 4, repeats: int = 2, new_tokens: int = 128) -> list[Row]:
+    banks = prepare_banks(target, api_key, model, tokenizer, spec, head, references)
+    rows: list[Row] = []
+    with MemorySupply(target, api_key, model, spec, tokenizer=tokenizer, retrieval_head=head) as supply:
+        warm = DecodingOptions(max_new_tokens=8, chunk=CHUNK, stop_at_eos=False)
+        for bank in banks.values():  # warm up the server (its embedder), the model and the code paths
+            decoding.generate(model, tokenizer, prompts[:1], memory=MemoryOptions(supply, bank), decoding=warm)
+        for batch in batches:
+            group = prompts if batch > 1 else prompts[:prompts_b1]
+            best: dict[str, tuple[float, list]] = {}
+            for _ in range(repeats):  # rounds interleave the variants: load drift hits all alike
+                for name, mode, space, cache in VARIANTS:
+                    bank = banks[space] if space else banks["text"]
+                    if cache == "cold":
+                        supply.cache.clear()
+                    elif cache == "warm":
+                        decode_all(model, tokenizer, supply, bank, group, batch, mode, new_tokens)
+                    supply.timings.clear()
+                    seconds, tokens = decode_all(model, tokenizer, supply, bank, group, batch, mode, new_tokens)
+                    if name not in best or tokens / seconds > best[name][0]:
+                        best[name] = (tokens / seconds, list(supply.timings) if mode == "memory" else [])
+            for name, *_ in VARIANTS:
+                rows.append(Row(name, batch, *best[name]))
+                print(f"batch {batch} {name:28s} {best[name][0]:8.1f} tok/s")
+    return rows
+
+
+# ------------------------------------------------------------------ report
+
+
+def report(recall: dict | None, rows: list[Row], header: str) -> str:
+    lines = ["# Retrieval in the model's space vs the text embedder", "", header, ""]
+    if recall:
+        ms, mini = recall["model_space"], recall["minilm"]
+        lines += [
+            f"## Retrieval quality: {recall['questions']} held-out questions, {recall['references']} references",
+            "", "| retriever | recall@1 | recall@5 | ms per batch of 8 queries |", "|---|---|---|---|",
+            f"| model space (retrieval head, on the model's device) | {ms['recall@1']:.3f} | {ms['recall@5']:.3f} | "
+            f"{recall['ms_per_batch_of_8']['model_space']:.2f} |",
+            f"| all-MiniLM-L6-v2 (baseline, in process) | {mini['recall@1']:.3f} | {mini['recall@5']:.3f} | "
+            f"{recall['ms_per_batch_of_8']['minilm']:.2f} |", "",
+            f"Head: `{recall['head']['space']}`" + (f", trained in this run ({recall['head']['trained_here_s']:.0f} s)"
+                                                    if recall['head']['trained_here_s'] else "") + ".", "",
+        ]
+    if rows:
+        rate = {(r.name, r.batch): r.tokens_per_s for r in rows}
+        lines += ["## Decoding speed, strict schedule", "",
+                  "| batch | mode | tok/s | × plain | × RAG | × memory MiniLM (same cache) |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            plain, rag = rate[("plain", r.batch)], rate[("RAG (MiniLM)", r.batch)]
+            same = ""
+            if "model space" in r.name:
+                same = f"{r.tokens_per_s / rate[(r.name.replace('model space', 'MiniLM'), r.batch)]:.2f}"
+            lines.append(f"| {r.batch} | {r.name} | {r.tokens_per_s:.1f} | {r.tokens_per_s / plain:.2f} | "
+                         f"{r.tokens_per_s / rag:.2f} | {same} |")
+        lines += ["", "Retrieval steps, mean milliseconds per step (one step: all rows of a batch, one RetrieveBatch):",
+                  "", "| batch | mode | steps | search | fetch | decode | inject | wait (not hidden) | total |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            b = step_breakdown(r.steps)
+            if b:
+                lines.append(f"| {r.batch} | {r.name} | {b['steps']} | {b['search']:.1f} | {b['fetch']:.1f} | "
+                             f"{b['decode']:.1f} | {b['inject']:.2f} | {b['wait']:.1f} | {b['total']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="trained model directory (memory3 train's RUN_DIR/model): recall and speed")
+    parser.add_argument("--preset", default="small", help="without --model: random model of this preset (speed only)")
+    parser.add_argument("--head-steps", type=int, default=300, help="train a head for this many steps when --model has none")
+    parser.add_argument("--entities", type=int, default=120, help="references in the decoding banks (one per entity)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per batch-8 measurement (a multiple of 8)")
+    parser.add_argument("--prompts-b1", type=int, default=4, help="prompts per batch-1 measurement")
+    parser.add_argument("--new-tokens", type=int, default=128, help="generated tokens per prompt")
+    parser.add_argument("--batches", default="1,8", help="batch sizes, comma separated")
+    parser.add_argument("--repeats", type=int, default=2, help="measure each figure this many times, keep the best")
+    parser.add_argument("--skip-decoding", action="store_true", help="recall only")
+    parser.add_argument("--split-cores", action="store_true", help="service and PostgreSQL on the last core")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--name", default="retrieval_space", help="results file name in bench/results")
+    args = parser.parse_args(argv)
+    service_cores = None
+    if args.split_cores:
+        cores = sorted(os.sched_getaffinity(0))
+        service_cores = {cores[-1]}
+        os.sched_setaffinity(0, set(cores[:-1]))
+        torch.set_num_threads(args.threads or max(1, len(cores) - 1))
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, tokenizer, spec, references, prompts = load_model(args)
+    head = load_retrieval_head(args.model, model) if args.model else None
+    recall = None
+    if args.model:
+        recall, head = recall_part(model, tokenizer, spec, head, Path(args.model), args.head_steps)
+    else:
+        head = RetrievalHead.for_model(model, seed=0)  # a random model: speed only, the head's weights do not matter
+    rows: list[Row] = []
+    if not args.skip_decoding:
+        data_dir = Path(tempfile.mkdtemp(prefix="m3-bench-space-"))
+        server = LoopbackServer(data_dir, query_cache_size=0)
+        if service_cores:
+            server.pin(service_cores)
+        try:
+            admin = Client(server.target, server.admin_key)
+            admin.create_tenant("bench")
+            api_key = admin.issue_key("bench", "bench")[1]
+            admin.close()
+            rows = decoding_part(server.target, api_key, model, tokenizer, spec, head, references, prompts,
+                                 batches=tuple(int(b) for b in args.batches.split(",")), prompts_b1=args.prompts_b1,
+                                 repeats=args.repeats, new_tokens=args.new_tokens)
+        finally:
+            server.stop()
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    header = (f"Model: {'`' + args.model + '`' if args.model else f'random Llama (preset {args.preset})'}, "
+              f"{params / 1e6:.1f}M parameters, memory layers {list(spec.memory_layers)}; {len(references)} references "
+              f"in each decoding bank, {PROMPT_TOKENS} prompt + {args.new_tokens} generated tokens, chunk {CHUNK}, "
+              f"top-{TOP_K}, strict schedule; server on loopback in its own process (query-embedding cache off); "
+              f"CPU, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores"
+              f"{', service pinned to its own core' if args.split_cores else ''}. Best of {args.repeats}.")
+    text = report(recall, rows, header)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,14 @@ TARGETS = [
     Target("tenant-store", "service/tenant_store.py", ("TenantStore", "_hash_secret"), "tests/test_isolation.py"),
     Target("call-guard", "service/guard.py", ("AdminAttempts", "CallGuard"),
            "tests/test_hostile_clients.py -k 'keyless or idle or concurrency or revok or admin or slow_reader'"),
+    Target("injection", "sdk/memory/injection.py", ("_sdpa_would_be_causal", "_context_mask", "extend_mask",
+                                                    "MemoryInjector"),
+           "tests/test_injection.py tests/test_conformance.py -k 'not bfloat16 and (llama or cohere or smollm3 "
+           "or gpt_neox or gemma2 or beams or prior or batch or cache or zero or hand or broadcast)'"),
+    Target("positions", "sdk/model/positions.py", ("LayerRotation", "ModelGeometry", "_pair_angles", "_fit",
+                                                   "_classify", "probe_geometry"),
+           "tests/test_conformance.py tests/test_injection.py -k 'not bfloat16 and (llama or cohere or smollm3 "
+           "or gpt_neox or deepseek or gpt2 or falcon or rotation or parallel)'"),
 ]
 
 # One variant per operator site is enough to ask "does a test notice a change here?"

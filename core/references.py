@@ -41,12 +41,16 @@ class WriteSummary:
     updated: int = 0
     unchanged: int = 0
     memory_bytes: int = 0
+    # Read-your-writes: pass to a read's consistency_token to see this write even on a read replica
+    # ("" from a service without replicas). A sum keeps the token of the summary added last.
+    consistency_token: str = ""
 
     def __iadd__(self, other: "WriteSummary") -> "WriteSummary":
         self.inserted += other.inserted
         self.updated += other.updated
         self.unchanged += other.unchanged
         self.memory_bytes += other.memory_bytes
+        self.consistency_token = other.consistency_token or self.consistency_token
         return self
 
 

@@ -69,7 +69,7 @@ class AsyncClient(Transport, TrajectoryMethods):
         reply = await self.retry_stream(
             lambda: self.client_stream(self.memories.Write, write_requests(bank, references, self.chunk_bytes))
         )
-        return WriteSummary(reply.inserted, reply.updated, reply.unchanged, reply.memory_bytes)
+        return WriteSummary(reply.inserted, reply.updated, reply.unchanged, reply.memory_bytes, reply.consistency_token)
 
     async def write_many(
         self,
@@ -80,7 +80,9 @@ class AsyncClient(Transport, TrajectoryMethods):
         max_in_flight: int = 2,
         progress=None,
     ) -> WriteSummary:
-        """Write an iterable of references in batches, at most ``max_in_flight`` batches at once."""
+        """Write an iterable of references in batches, at most ``max_in_flight`` batches at once.
+        The last batch is sent once all others are acknowledged, so the summary's consistency token
+        (the last batch's) covers every batch."""
         total = WriteSummary()
         in_flight: set[asyncio.Task] = set()
 
@@ -100,22 +102,28 @@ class AsyncClient(Transport, TrajectoryMethods):
             in_flight.add(asyncio.ensure_future(flush(batch)))
 
         batch: list[Reference] = []
+        full: list[Reference] | None = None  # the latest full batch: sent once a reference follows it
+
+        async def add(ref: Reference) -> None:
+            nonlocal batch, full
+            if full is not None:
+                await submit(full)
+                full = None
+            batch.append(ref)
+            if len(batch) >= batch_size:
+                full, batch = batch, []
+
         if hasattr(references, "__aiter__"):
             async for ref in references:
-                batch.append(ref)
-                if len(batch) >= batch_size:
-                    await submit(batch)
-                    batch = []
+                await add(ref)
         else:
             for ref in references:
-                batch.append(ref)
-                if len(batch) >= batch_size:
-                    await submit(batch)
-                    batch = []
-        if batch:
-            await submit(batch)
-        for task in in_flight:
+                await add(ref)
+        for task in in_flight:  # every earlier batch committed before the last one starts
             await task
+        last = full or batch
+        if last:
+            await flush(last)
         return total
 
     async def retrieve(
@@ -129,15 +137,18 @@ class AsyncClient(Transport, TrajectoryMethods):
         max_overlap: float = 0.0,
         include_memory: bool = False,
         include_text: bool = True,
+        consistency_token: str = "",
     ) -> list[StoredReference]:
         """Nearest references to a text (bank's built-in embedder) or a vector, nearest first.
         ``filter``: conditions on metadata, all of which must hold, e.g. ``{"lang": "en", "year":
         {"gte": 2020}, "tags": {"in": ["a", "b"]}}`` (operators eq, in, gt, gte, lt, lte, exists:
-        memory3.core.metadata); a malformed one raises MetadataError (a ValueError) before sending."""
+        memory3.core.metadata); a malformed one raises MetadataError (a ValueError) before sending.
+        ``consistency_token`` (a write's ``WriteSummary.consistency_token``, here and in every read):
+        see at least that write, even when a read replica answers."""
         equal, where = retrieve_filter(filter)
         request = memories_pb2.RetrieveRequest(
             bank=bank, top_k=top_k, filter=equal, where=where, max_overlap=max_overlap,
-            include_memory=include_memory, include_text=include_text,
+            include_memory=include_memory, include_text=include_text, consistency_token=consistency_token,
         )
         if vector is not None:
             request.vector.values.extend(vector)
@@ -158,6 +169,7 @@ class AsyncClient(Transport, TrajectoryMethods):
         max_overlap: float = 0.0,
         include_memory: bool = False,
         include_text: bool = True,
+        consistency_token: str = "",
     ) -> list[list[StoredReference]]:
         """:meth:`retrieve` for several queries (texts or vectors, e.g. a decoding batch's rows) in
         one round trip: per query its ``top_k`` nearest, nearest first, in query order. With
@@ -166,7 +178,7 @@ class AsyncClient(Transport, TrajectoryMethods):
         equal, where = retrieve_filter(filter)
         request = memories_pb2.RetrieveBatchRequest(
             bank=bank, top_k=top_k, filter=equal, where=where, max_overlap=max_overlap,
-            include_memory=include_memory, include_text=include_text,
+            include_memory=include_memory, include_text=include_text, consistency_token=consistency_token,
         )
         for query in queries:
             item = request.queries.add()
@@ -194,10 +206,12 @@ class AsyncClient(Transport, TrajectoryMethods):
         return rows
 
     async def fetch(
-        self, bank: str, external_ids: Sequence[str], *, include_memory: bool = True, allow_missing: bool = False
+        self, bank: str, external_ids: Sequence[str], *, include_memory: bool = True, allow_missing: bool = False,
+        consistency_token: str = "",
     ) -> list[StoredReference]:
         request = memories_pb2.FetchRequest(
-            bank=bank, external_ids=list(external_ids), include_memory=include_memory, allow_missing=allow_missing
+            bank=bank, external_ids=list(external_ids), include_memory=include_memory, allow_missing=allow_missing,
+            consistency_token=consistency_token,
         )
         assembler = FrameAssembler(include_memory)
         async for message in self.memories.Fetch(request, **self._call()):
@@ -213,12 +227,14 @@ class AsyncClient(Transport, TrajectoryMethods):
         page_token: str = "",
         include_text: bool = True,
         include_memory: bool = False,
+        consistency_token: str = "",
     ) -> tuple[list[StoredReference], str]:
         """One page of the bank's references in external_id order (``filter`` as for
         :meth:`retrieve`), and the token of the next page ("" after the last)."""
         request = memories_pb2.ScrollRequest(
             bank=bank, where=filter_to_proto(conditions_from_filter(filter)), page_size=page_size,
             page_token=page_token, include_text=include_text, include_memory=include_memory,
+            consistency_token=consistency_token,
         )
         assembler, token = FrameAssembler(include_memory), ""
         async for message in self.memories.Scroll(request, **self._call()):
@@ -241,8 +257,9 @@ class AsyncClient(Transport, TrajectoryMethods):
         )
         return reply.deleted
 
-    async def stats(self, bank: str) -> BankStats:
-        reply = await self.memories.Stats(memories_pb2.StatsRequest(bank=bank), **self._call())
+    async def stats(self, bank: str, *, consistency_token: str = "") -> BankStats:
+        request = memories_pb2.StatsRequest(bank=bank, consistency_token=consistency_token)
+        reply = await self.memories.Stats(request, **self._call())
         return BankStats(reply.references, reply.with_memory, reply.memory_bytes, reply.text_bytes)
 
     # tenants (admin key)

@@ -48,11 +48,13 @@ class LogSummary:
     logged: int = 0
     duplicates: int = 0
     decisions: int = 0
+    consistency_token: str = ""  # as WriteSummary's: pass to a read to see these episodes on any replica
 
     def __iadd__(self, other: "LogSummary") -> "LogSummary":
         self.logged += other.logged
         self.duplicates += other.duplicates
         self.decisions += other.decisions
+        self.consistency_token = other.consistency_token or self.consistency_token
         return self
 
 
@@ -204,7 +206,7 @@ class TrajectoryMethods:
         """Send prepared Log messages (see :func:`log_requests`) as one stream."""
         make = lambda: self.client_stream(self.trajectories.Log, messages)  # noqa: E731
         reply = await (self.retry_stream(make) if retry else make())
-        return LogSummary(reply.logged, reply.duplicates, reply.decisions)
+        return LogSummary(reply.logged, reply.duplicates, reply.decisions, reply.consistency_token)
 
     async def attach_reward(self, episode_id: str, name: str, value: float) -> AttachedReward:
         """Set a named reward of a logged episode (idempotent per (episode, name); a new value replaces)."""
@@ -215,12 +217,15 @@ class TrajectoryMethods:
 
     async def iter_episode_pages(
         self, *, cursor: str = "", page_size: int = 0, limit: int = 0, omit_decisions: bool = False,
-        include_hidden_states: bool = False, **filter_args,
+        include_hidden_states: bool = False, consistency_token: str = "", **filter_args,
     ) -> AsyncIterator[EpisodePage]:
-        """Pages of episodes in log order; each page's cursor resumes right after it."""
+        """Pages of episodes in log order; each page's cursor resumes right after it.
+        ``consistency_token`` (a LogSummary's, here and in the other reads): see those episodes
+        even when a read replica answers."""
         request = trajectories_pb2.ReadRequest(
             filter=episode_filter(**filter_args), cursor=cursor, page_size=page_size, limit=limit,
             omit_decisions=omit_decisions, include_hidden_states=include_hidden_states,
+            consistency_token=consistency_token,
         )
         async for page in self.trajectories.Read(request, **self._call()):
             yield EpisodePage(
@@ -237,16 +242,17 @@ class TrajectoryMethods:
             result.cursor = page.cursor
         return result
 
-    async def count_episodes(self, **filter_args) -> tuple[int, int]:
+    async def count_episodes(self, *, consistency_token: str = "", **filter_args) -> tuple[int, int]:
         """(episodes, decisions) matching the filter."""
         reply = await self.trajectories.Count(
-            trajectories_pb2.CountRequest(filter=episode_filter(**filter_args)), **self._call()
+            trajectories_pb2.CountRequest(filter=episode_filter(**filter_args), consistency_token=consistency_token),
+            **self._call(),
         )
         return reply.episodes, reply.decisions
 
     async def export_parquet(
         self, path: str | Path, *, reward_key: str | None = None, include_hidden_states: bool = False,
-        timeout: float = 3600.0, progress=None, **filter_args,
+        timeout: float = 3600.0, progress=None, consistency_token: str = "", **filter_args,
     ) -> int:
         """The episodes the filter selects, through the Export RPC's Arrow stream, into one Parquet
         file at ``path`` (a row group per page, bounded memory); returns the rows written.
@@ -257,6 +263,7 @@ class TrajectoryMethods:
         gets ``update(rows)`` after each record batch (a tqdm bar, say)."""
         request = trajectories_pb2.ExportRequest(
             filter=episode_filter(**filter_args), reward_key=reward_key or "", include_hidden_states=include_hidden_states,
+            consistency_token=consistency_token,
         )
         path = Path(path)
         partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")

@@ -4,13 +4,20 @@ Unary calls that are idempotent retry on UNAVAILABLE (and on RESOURCE_EXHAUSTED 
 sends ``grpc-retry-pushback-ms``) through gRPC's own retry policy. Client streams (Write, Log,
 Publish) are re-sent whole by :meth:`Transport.retry_stream`: the service makes each one atomic and
 idempotent, so a repeat either finds the first attempt committed or commits it.
+
+Any number of service processes: the channel balances calls over every address of its target
+with gRPC's round_robin policy — one DNS name with several addresses, or several addresses
+("host1:50051,host2:50051" or a list; :func:`channel_target`). A process that goes away fails
+only the calls it was serving; their retries (above) go to the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
-from collections.abc import Awaitable, Callable, Iterable
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -29,12 +36,13 @@ _RETRY_POLICY = {
 }
 _IDEMPOTENT = {
     "memory3.v1.Banks": ["CreateBank", "GetBank", "ListBanks", "GetCodebook"],
-    "memory3.v1.Memories": ["Retrieve", "RetrieveBatch", "Fetch", "Delete", "Stats"],
-    "memory3.v1.Trajectories": ["AttachReward", "Read", "Count"],
+    "memory3.v1.Memories": ["Retrieve", "RetrieveBatch", "Fetch", "Delete", "Stats", "Scroll"],
+    "memory3.v1.Trajectories": ["AttachReward", "Read", "Count", "Export"],
     "memory3.v1.Proxies": ["Get", "List"],
 }
 SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],  # every address of the target, in turn
         "methodConfig": [
             {"name": [{"service": s, "method": m} for s, ms in _IDEMPOTENT.items() for m in ms], "retryPolicy": _RETRY_POLICY}
         ]
@@ -76,11 +84,59 @@ def channel_credentials(tls: bool = False, ca_file: str | Path | None = None) ->
     return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes() if ca_file else None)
 
 
-def open_channel(target: str, tls: bool = False, ca_file: str | Path | None = None) -> grpc.aio.Channel:
+def _host_port(address: str) -> tuple[str, str]:
+    host, colon, port = address.strip().rpartition(":")
+    if not colon or not port.isdigit() or not host:
+        raise ValueError(f"service address {address.strip()!r} is not host:port")
+    return host.strip("[]"), port
+
+
+def channel_target(target: str | Sequence[str]) -> tuple[str, str | None]:
+    """The gRPC target for one address or several, and the host name TLS must verify when the
+    target names none (else None).
+
+    One address (``host:port``, ``dns:///name:port``, any gRPC target) is used as it is: a DNS
+    name with several addresses is balanced over all of them and re-resolved when one goes away.
+    Several (``"h1:p1,h2:p2"`` or a list of ``host:port``) become one ``ipv4:``/``ipv6:`` target;
+    names among them are resolved now (to be re-resolved later, give one DNS name instead).
+    """
+    addresses = [a.strip() for a in (target.split(",") if isinstance(target, str) else target) if a.strip()]
+    if not addresses:
+        raise ValueError("no service address given")
+    if len(addresses) == 1:
+        return addresses[0], None
+    resolved: list[tuple[int, str, str]] = []
+    names = []
+    for address in addresses:
+        host, port = _host_port(address)
+        try:
+            ip = ipaddress.ip_address(host)
+            resolved.append((ip.version, str(ip), port))
+            continue
+        except ValueError:
+            names.append(host)
+        found = {(info[0], info[4][0]) for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)}
+        ipv4 = sorted(a for family, a in found if family == socket.AF_INET)
+        picked = [(4, a) for a in ipv4] or sorted((6, a) for family, a in found if family == socket.AF_INET6)
+        resolved += [(version, a, port) for version, a in picked]
+    versions = {version for version, _, _ in resolved}
+    if len(versions) != 1:
+        raise ValueError(f"service addresses {addresses} mix IPv4 and IPv6; list addresses of one family")
+    if versions == {4}:
+        joined = ",".join(f"{ip}:{port}" for _, ip, port in dict.fromkeys(resolved))
+        return f"ipv4:{joined}", (names[0] if names else None)
+    joined = ",".join(f"[{ip}]:{port}" for _, ip, port in dict.fromkeys(resolved))
+    return f"ipv6:{joined}", (names[0] if names else None)
+
+
+def open_channel(target: str | Sequence[str], tls: bool = False, ca_file: str | Path | None = None) -> grpc.aio.Channel:
+    """A channel to one service address or several (:func:`channel_target`), balanced round robin."""
+    target, tls_name = channel_target(target)
     credentials = channel_credentials(tls, ca_file)
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=channel_options())
-    return grpc.aio.secure_channel(target, credentials, options=channel_options())
+    options = channel_options() + ([("grpc.ssl_target_name_override", tls_name)] if tls_name else [])
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 class Transport:
@@ -88,7 +144,7 @@ class Transport:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         api_key: str,
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,

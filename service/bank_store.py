@@ -18,6 +18,7 @@ from memory3.core.memory_spec import MemorySpec
 
 from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .invalidation import notify
 from .metrics import CACHE_LOOKUPS
 
 BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole name: fullmatch
@@ -173,6 +174,13 @@ class BankStore:
         self._cache[(tenant_id, name)] = (bank, time.monotonic())
         return bank
 
+    def forget(self, tenant_id: int, name: str) -> None:
+        """Drop a bank from the cache (deleted, here or through another process)."""
+        self._cache.pop((tenant_id, name), None)
+
+    def forget_all(self) -> None:
+        self._cache = {}
+
     async def list(self, tenant_id: int, page_size: int, after: str) -> tuple[list[Bank], str]:
         page_size = min(max(page_size or 100, 1), 1000)
         async with self.engine.connect() as conn:
@@ -201,7 +209,8 @@ class BankStore:
                 raise NotFound(f"bank {name!r} not found")
             count = (await conn.execute(text(f"SELECT count(*) FROM {bank.partition}"))).scalar()
             await conn.execute(text("DELETE FROM banks WHERE id = :id"), {"id": bank.id})
-        self._cache.pop((tenant_id, name), None)
+            await notify(conn, "bank", tenant_id, bank.id, name)  # other processes drop it from their caches
+        self.forget(tenant_id, name)
         await self._drop_partition(bank.partition)
         return int(count)
 
@@ -302,6 +311,10 @@ class CodebookStore:
             what = f"version {version}" if version else "any codebook"
             raise NotFound(f"bank {bank.name!r} has no codebook {what}".replace("no codebook any", "no"))
         return StoredCodebook(row.version, bytes(row.digest), bytes(row.blob), len(row.blob), row.created_at)
+
+    def forget(self, bank_id: int) -> None:
+        """Drop a deleted bank's digests (a stored version never changes; a new bank has a new id)."""
+        self._digests = {key: value for key, value in self._digests.items() if key[0] != bank_id}
 
     async def digest(self, bank: Bank, version: int) -> bytes | None:
         """Digest of a stored codebook version (cached: a stored version never changes)."""

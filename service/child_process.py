@@ -45,13 +45,15 @@ class ServiceProcess:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.time() + timeout
+        output = []
         while time.time() < deadline:
             line = self.proc.stdout.readline()
             if "listening on" in line:
                 threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
                 return
+            output.append(line)
             if self.proc.poll() is not None:
-                raise RuntimeError("memory3 serve exited: " + line + self.proc.stdout.read())
+                raise RuntimeError("memory3 serve exited: " + "".join(output[-20:]) + self.proc.stdout.read())
         raise TimeoutError("memory3 serve did not start")
 
     def peak_rss_bytes(self) -> int:

@@ -31,10 +31,14 @@ def alembic_config() -> AlembicConfig:
 
 
 def migrate(url: str, revision: str = "head") -> None:
-    """Bring the schema at ``url`` to ``revision`` (default: the newest)."""
+    """Bring the schema at ``url`` to ``revision`` (default: the newest). Service processes
+    starting together take turns (an advisory lock, waited for at most 10 minutes): the first
+    migrates, the others find the schema current."""
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
+            connection.execute(text("SET LOCAL lock_timeout = '600s'"))
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('memory3 migrations'))"))
             cfg = alembic_config()
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, revision)
@@ -43,10 +47,13 @@ def migrate(url: str, revision: str = "head") -> None:
     log.info("database schema at %s", revision)
 
 
-def create_engine_for(url: str, settings: Settings) -> AsyncEngine:
-    """Pooled async engine whose connections know pgvector's types."""
+def create_engine_for(url: str, settings: Settings, connect_timeout: float | None = None) -> AsyncEngine:
+    """Pooled async engine whose connections know pgvector's types (``connect_timeout``: seconds
+    a new connection may take, e.g. to a replica that may be away)."""
+    connect_args = {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
     engine = create_async_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_pre_ping=True
+        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_pre_ping=True,
+        connect_args=connect_args,
     )
 
     async def prepare(connection) -> None:

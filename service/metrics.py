@@ -31,3 +31,16 @@ EVENT_LOOP_LAG = Histogram(
     "memory3_event_loop_lag_seconds", "How late the event loop woke for a timer (every 50 ms): long stalls delay every call",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+# Read replicas (service/replicas.py): labelled by the replica's position in MEMORY3_REPLICA_URLS
+# ("0", "1", ...), never by its URL (which may carry a password).
+REPLICA_LAG_SECONDS = Gauge(
+    "memory3_replica_lag_seconds",
+    "How long ago the primary had written what the replica has not replayed yet (0: caught up)", ["replica"])
+REPLICA_LAG_BYTES = Gauge("memory3_replica_lag_bytes", "WAL bytes the replica has not replayed yet", ["replica"])
+REPLICA_UP = Gauge("memory3_replica_up", "1 while the replica takes reads; 0 while skipped (down, lagging, promoted)",
+                   ["replica"])
+READ_ROUTES = Counter("memory3_read_routes_total", "Where routed reads went: target replica|primary, and why",
+                      ["target", "reason"])
+# Cross-process cache invalidation (service/invalidation.py).
+INVALIDATIONS = Counter("memory3_cache_invalidations_total", "Invalidation notices received, by kind", ["kind"])
+LISTENER_UP = Gauge("memory3_invalidation_listener_up", "1 while this process listens for invalidation notices")

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .config import Settings
 from .db import autocommit
 from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .invalidation import notify
 
 QUOTA_SETTINGS = {
     "concurrent_calls": "tenant_max_concurrent_calls",
@@ -145,7 +146,15 @@ class QuotaStore:
                          " ON CONFLICT (tenant_id, name) DO UPDATE SET value = EXCLUDED.value"),
                     {"t": tenant_id, "n": name, "v": value},
                 )
+            await notify(conn, "quota", tenant_id)  # every other process re-reads the tenant's overrides
+        self.forget(tenant_id)
+
+    def forget(self, tenant_id: int) -> None:
+        """Drop a tenant's cached overrides (changed, here or through another process)."""
         self._overrides.pop(tenant_id, None)
+
+    def forget_all(self) -> None:
+        self._overrides = {}
 
     async def describe(self, tenant_name: str) -> list[Quota]:
         async with self.reads.connect() as conn:

@@ -46,8 +46,10 @@ from .observability import ObservabilityInterceptor, refresh_bank_gauges, watch_
 from .guard import CallGuard
 from .proxies import ProxiesServicer
 from .proxy_store import ProxyStore
+from .invalidation import Listener
 from .quotas import QuotaStore
 from .reference_store import ReferenceStore
+from .replicas import Replicas, RoutedEngine, RoutingInterceptor
 from .tenant_store import TenantStore
 from .tokens import Tokens
 from .trajectories import TrajectoriesServicer
@@ -118,6 +120,8 @@ class RunningServer:
     background: asyncio.Future | None = None
     cpu: CpuPool | None = None
     guard: CallGuard | None = None
+    replicas: Replicas | None = None
+    listener: Listener | None = None
 
     async def stop(self) -> None:
         """Drain: report NOT_SERVING (for ``drain_notice_seconds``, so load balancers stop sending
@@ -134,19 +138,37 @@ class RunningServer:
             self.metrics_http.server_close()
         if self.cpu is not None:
             self.cpu.shutdown()
+        if self.replicas is not None:
+            await self.replicas.close()
         await self.engine.dispose()
         if self.embedded is not None:
             self.embedded.stop()
 
 
+def with_password(url: str, password: str | None) -> str:
+    """The URL for SQLAlchemy's psycopg driver, with ``password`` when it carries none."""
+    parsed = make_url(sqlalchemy_url(url))
+    if password and not parsed.password:
+        parsed = parsed.set(password=password)
+    return parsed.render_as_string(hide_password=False)
+
+
 def database_url(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     if settings.database_url:
-        url = make_url(sqlalchemy_url(settings.database_url))
-        if settings.database_password and not url.password:
-            url = url.set(password=settings.database_password)
-        return url.render_as_string(hide_password=False), None
+        return with_password(settings.database_url, settings.database_password), None
     embedded = EmbeddedPostgres(settings.data_dir)
     return embedded.url, embedded
+
+
+def watch_caches(listener: Listener, tenants: TenantStore, banks: BankStore, codebooks: CodebookStore,
+                 quotas: QuotaStore) -> None:
+    """What each cache drops on an invalidation notice (service/invalidation.py), and on a
+    reconnection of the listener (notices may have been missed: everything)."""
+    listener.on("key", lambda args: tenants.forget_key(args[0]))
+    listener.on("bank", lambda args: (banks.forget(int(args[0]), args[2]), codebooks.forget(int(args[1]))))
+    listener.on("quota", lambda args: quotas.forget(int(args[0])))
+    for cache in (tenants, banks, quotas):
+        listener.on_reset(cache.forget_all)
 
 
 async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = None) -> RunningServer:
@@ -158,8 +180,14 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
     if admin_key_path:
         log.info("admin key (MEMORY3_ADMIN_KEY unset) is in %s", admin_key_path)
     auth = Authenticator(tenants, admin_key)
-    banks = BankStore(engine, settings.hnsw_m, settings.hnsw_ef_construction, settings.bank_cache_seconds)
-    refs = ReferenceStore(engine, settings.hnsw_ef_search, settings.filter_exact_rows)
+    tokens = Tokens(admin_key)  # page tokens and cursors: the same on every replica sharing the admin key
+    replicas = Replicas(engine, [with_password(u, settings.database_password) for u in settings.replica_urls],
+                        settings, tokens)
+    # The stores of routed reads (service/replicas.py) get an engine whose connections go to the
+    # replica chosen for the call; keys and quotas are always read on the primary.
+    routed = RoutedEngine(engine) if replicas.enabled else engine
+    banks = BankStore(routed, settings.hnsw_m, settings.hnsw_ef_construction, settings.bank_cache_seconds)
+    refs = ReferenceStore(routed, settings.hnsw_ef_search, settings.filter_exact_rows)
     def count_lookup(hit: bool) -> None:
         CACHE_LOOKUPS.labels("query_embedding", "hit" if hit else "miss").inc()
 
@@ -168,21 +196,22 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
 
     quotas = QuotaStore(engine, settings)
     cpu = CpuPool(settings.cpu_workers)
-    tokens = Tokens(admin_key)  # page tokens and cursors: the same on every replica sharing the admin key
     await banks.drop_orphans()
     guard = CallGuard(settings, auth, quotas)
     interceptor = ObservabilityInterceptor(guard)
-    server = grpc.aio.server(interceptors=[interceptor], options=grpc_options(settings))
-    codebooks = CodebookStore(engine)
+    server = grpc.aio.server(interceptors=[interceptor, RoutingInterceptor(replicas)], options=grpc_options(settings))
+    codebooks = CodebookStore(routed)
+    listener = Listener(url, settings.replica_timeout_seconds)
+    watch_caches(listener, tenants, banks, codebooks, quotas)
     banks_pb2_grpc.add_BanksServicer_to_server(BanksServicer(auth, banks, codebooks, settings, quotas, cpu, tokens), server)
     memories_pb2_grpc.add_MemoriesServicer_to_server(
         MemoriesServicer(settings, auth, banks, refs, codebooks, embedder, quotas, cpu, tokens), server
     )
     tenants_pb2_grpc.add_TenantsServicer_to_server(TenantsServicer(auth, tenants, quotas), server)
     trajectories_pb2_grpc.add_TrajectoriesServicer_to_server(
-        TrajectoriesServicer(settings, auth, TrajectoryStore(engine), quotas, cpu, tokens), server
+        TrajectoriesServicer(settings, auth, TrajectoryStore(routed), quotas, cpu, tokens), server
     )
-    proxies_pb2_grpc.add_ProxiesServicer_to_server(ProxiesServicer(settings, auth, ProxyStore(engine), quotas, cpu, tokens), server)
+    proxies_pb2_grpc.add_ProxiesServicer_to_server(ProxiesServicer(settings, auth, ProxyStore(routed), quotas, cpu, tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     add_reflection(server)
@@ -198,6 +227,8 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    if replicas.enabled:
+        await replicas.check()  # reads go to the replicas found usable from the first call on
     await server.start()
     BUILD_INFO.labels(_version(), platform.python_version(), grpc.__version__).set(1)
     metrics_http, metrics_port = None, None
@@ -208,12 +239,15 @@ async def start_server(settings: Settings, embedder: BuiltinEmbedder | None = No
         refresh_bank_gauges(engine, settings.metrics_refresh_seconds, settings.metrics_bank_labels),
         purge_stale_staging(engine, settings.max_call_seconds + 60),
         watch_event_loop(),
+        listener.run(),
+        *((replicas.monitor(),) if replicas.enabled else ()),
     )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("memory3 serving on %s:%d", settings.host, port)
     return RunningServer(
-        server, port, health_servicer, engine, embedded, settings, metrics_http, metrics_port, background, cpu, guard
+        server, port, health_servicer, engine, embedded, settings, metrics_http, metrics_port, background, cpu, guard,
+        replicas, listener,
     )
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import autocommit
 from .errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from .invalidation import notify
 from .metrics import CACHE_LOOKUPS
 
 KEY_PATTERN = re.compile(r"m3_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})")  # patterns here fullmatch
@@ -83,16 +84,27 @@ class TenantStore:
             result = await conn.execute(
                 text("UPDATE api_keys SET revoked_at = now() WHERE key_id = :k AND revoked_at IS NULL"), {"k": key_id}
             )
-        self._verified = {k: v for k, v in self._verified.items() if not k.startswith(f"m3_{key_id}_")}
-        if len(self._revoked_ids) > 100_000:
-            self._revoked_ids.clear()
-        self._revoked_ids.add(key_id)
+            if result.rowcount:  # every other service process forgets the key when this commits
+                await notify(conn, "key", key_id)
+        self.forget_key(key_id)
         if result.rowcount == 0:
             raise NotFound(f"no active key {key_id!r}")
         return True
 
+    def forget_key(self, key_id: str) -> None:
+        """A key was revoked (here, or through another process: its notice): drop it from the cache,
+        and end running calls with it at their next message."""
+        self._verified = {k: v for k, v in self._verified.items() if not k.startswith(f"m3_{key_id}_")}
+        if len(self._revoked_ids) > 100_000:
+            self._revoked_ids.clear()
+        self._revoked_ids.add(key_id)
+
+    def forget_all(self) -> None:
+        """Drop every verified key (notices may have been missed): each is checked again on next use."""
+        self._verified = {}
+
     def revoked_here(self, api_key: str) -> bool:
-        """Whether this replica revoked the key (running calls with it end at their next message)."""
+        """Whether this process revoked the key or heard it revoked (running calls with it end at their next message)."""
         return api_key[3:19] in self._revoked_ids
 
     async def tenant_for_key(self, api_key: str) -> int:

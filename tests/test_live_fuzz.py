@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import FieldDescriptor as F
@@ -23,7 +24,10 @@ from conftest import ADMIN_KEY, ServerThread, make_settings
 from helpers import FINGERPRINT, SPEC, memory_payload
 from memory3.sdk.client import BankInfo, Reference
 from memory3.sdk.client.client import Client
+from memory3.service.embedded_pg import libpq_url
+from memory3.service.replicas import TOKEN_KIND
 from memory3.service.server import SERVICE_NAMES
+from memory3.service.tokens import Tokens
 
 BANKS = ["live", "other-only", "missing"]
 IDS = ["r0", "r1", "o0", "nope"]
@@ -42,6 +46,7 @@ TARGETED = {  # field name -> values aimed at it
     "value_json": ['"v"', "1", '["v", 1]', "true", "null", "{}", "[[1]]", "NaN", "-Infinity", "1e999", '"\\u0000"',
                    '"\\ud800"', "[" * 5000, "1" * 5000, "[]", '"2024-01-01T00:00:00Z"'],
     "key": ["k", "n", "", "\x00"],
+    "consistency_token": ["", "garbage", "gAAAAAB" + "x" * 120],
 }
 NUMBERS = {
     F.TYPE_INT32: st.sampled_from(BOUNDARY_INTS) | st.integers(-(2**31), 2**31 - 1),
@@ -97,6 +102,11 @@ def _message(draw, descriptor, depth: int = 0):
     return message
 
 
+# A consistency token of tenant fuzz-a (a read presenting it must see every write before it): made
+# by the live fixture the way the service seals one, for the read requests' templates.
+CONSISTENCY = {"token": ""}
+
+
 def _templates() -> dict[str, list]:
     """A valid request (stream) per method: the fuzz changes one field of it, so most examples
     get past the first checks and reach the storage layer with the one odd value."""
@@ -136,23 +146,25 @@ def _templates() -> dict[str, list]:
         "Write": [memories_pb2.WriteRequest(bank="live"), memories_pb2.WriteRequest(reference=record),
                   memories_pb2.WriteRequest(reference=json_record)],
         "Retrieve": [memories_pb2.RetrieveRequest(bank="live", vector=memories_pb2.Vector(values=[1, 0, 0, 1]),
+                                                  consistency_token=CONSISTENCY["token"],
                                                   top_k=5, filter={"k": "v"}, include_memory=True, include_text=True,
                                                   where=where)],
         "RetrieveBatch": [memories_pb2.RetrieveBatchRequest(
             bank="live", queries=[memories_pb2.BatchQuery(vector=memories_pb2.Vector(values=[1, 0, 0, 1])),
                                   memories_pb2.BatchQuery(vector=memories_pb2.Vector(values=[0, 1, 1, 0]))],
-            top_k=5, filter={"k": "v"}, include_memory=True, include_text=True, where=where)],
+            top_k=5, filter={"k": "v"}, include_memory=True, include_text=True, where=where, consistency_token=CONSISTENCY["token"])],
         "Scroll": [memories_pb2.ScrollRequest(bank="live", where=where, page_size=1, include_text=True,
-                                              include_memory=True)],
-        "Fetch": [memories_pb2.FetchRequest(bank="live", external_ids=["r0", "r1"], include_memory=True)],
+                                              include_memory=True, consistency_token=CONSISTENCY["token"])],
+        "Fetch": [memories_pb2.FetchRequest(bank="live", external_ids=["r0", "r1"], include_memory=True,
+                                            consistency_token=CONSISTENCY["token"])],
         "Delete": [memories_pb2.DeleteRequest(bank="live", external_ids=["nope"])],
-        "Stats": [memories_pb2.StatsRequest(bank="live")],
+        "Stats": [memories_pb2.StatsRequest(bank="live", consistency_token=CONSISTENCY["token"])],
         "Log": [trajectories_pb2.LogRequest(episodes=[episode])],
         "AttachReward": [trajectories_pb2.AttachRewardRequest(episode_id="e-new", name="human", value=1.0)],
-        "Read": [trajectories_pb2.ReadRequest(page_size=2, limit=3, include_hidden_states=True)],
-        "Count": [trajectories_pb2.CountRequest()],
+        "Read": [trajectories_pb2.ReadRequest(page_size=2, limit=3, include_hidden_states=True, consistency_token=CONSISTENCY["token"])],
+        "Count": [trajectories_pb2.CountRequest(consistency_token=CONSISTENCY["token"])],
         "Export": [trajectories_pb2.ExportRequest(filter=trajectories_pb2.EpisodeFilter(bank="live"), reward_key="r",
-                                                  include_hidden_states=True)],
+                                                  include_hidden_states=True, consistency_token=CONSISTENCY["token"])],
         "Publish": [proxies_pb2.PublishRequest(info=info), proxies_pb2.PublishRequest(weights_chunk=weights)],
         "Get": [proxies_pb2.GetProxyRequest(name="p", model_fingerprint=FINGERPRINT, include_weights=True)],
         "List": [proxies_pb2.ListProxiesRequest(name="p", page_size=2)],
@@ -234,6 +246,9 @@ def live(database_url, embedder):
         for name in ("fuzz-a", "fuzz-b"):
             admin.create_tenant(name)
             keys[name] = admin.issue_key(name)[1]
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        (tenant_id,) = conn.execute("SELECT id FROM tenants WHERE name = 'fuzz-a'").fetchone()
+    CONSISTENCY["token"] = Tokens(ADMIN_KEY).seal(tenant_id, TOKEN_KIND, "0")
     spec = BankInfo("live", FINGERPRINT, SPEC, "client", 4, "cosine")
     with Client(srv.target, keys["fuzz-a"]) as a:
         a.create_bank(spec)

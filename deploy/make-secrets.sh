@@ -4,7 +4,7 @@ set -eu
 cd "$(dirname "$0")/.."
 mkdir -p secrets
 umask 077
-for name in postgres_password memory3_db_password admin_key; do
+for name in postgres_password memory3_db_password admin_key replication_password; do
   if [ ! -s "secrets/$name" ]; then
     python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > "secrets/$name"
     echo "made secrets/$name"

@@ -1,5 +1,6 @@
 """Crash tests: the service is SIGKILLed while a writer streams references with memories and
-trajectory episodes, and (separately) PostgreSQL is stopped hard. Each kill is triggered by the
+trajectory episodes, one of two service processes is (the writer's client balancing over both),
+and (separately) PostgreSQL is stopped hard. Each kill is triggered by the
 writer's progress, while one of its streams is in flight, so it lands mid-stream and the SDK must
 retry. Afterwards every acknowledged write is present exactly once with a valid checksum, every
 acknowledged episode exactly once, an unacknowledged stream is all-or-nothing, and HNSW answers
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -25,7 +27,7 @@ from helpers import FINGERPRINT, SPEC, memory_payload, unit_vectors
 from memory3.core.episodes import Episode
 from memory3.sdk.client import BankInfo, Reference
 from memory3.sdk.client.client import Client
-from memory3.service.child_process import ServiceProcess
+from memory3.service.child_process import ServiceProcess, free_port
 from memory3.service.embedded_pg import EmbeddedPostgres
 
 ADMIN = "crash-admin-" + "k" * 8 + "0123456789abcdef0123"
@@ -219,3 +221,59 @@ def test_postgres_hard_stop_during_writes(crash_env):
                 time.sleep(0.5)
         assert after == before
         assert np.isfinite([s for row in after for _, s in row]).all()
+
+
+@pytest.fixture
+def two_services():
+    """One database, two `memory3 serve` processes (each with its metrics port)."""
+    root = Path(tempfile.mkdtemp(prefix="memory3-crash2-"))
+    pg = EmbeddedPostgres(root / "db")
+    services = [ServiceProcess(pg.url, root / name, ADMIN, metrics_port=str(free_port()), drain_notice_seconds="0")
+                for name in "ab"]
+    with Client(services[0].target, ADMIN) as admin:
+        admin.create_tenant("crash")
+        _, key = admin.issue_key("crash")
+    yield pg, services, key
+    for service in services:
+        service.stop()
+    pg.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _calls_in_flight(service: ServiceProcess) -> float:
+    port = service.env["MEMORY3_METRICS_PORT"]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[-1]) for line in body.splitlines() if line.startswith("memory3_rpc_in_flight "))
+
+
+def test_one_of_two_service_processes_sigkilled_during_writes(two_services):
+    """The writer's client balances over both processes (round robin); each round the process
+    serving its stream at that moment is SIGKILLed, and restarted: the stream is retried on the
+    other one, and nothing acknowledged is lost or doubled."""
+    pg, services, key = two_services
+    target = ",".join(service.target for service in services)
+    with Client(target, key) as client:
+        client.create_bank(BankInfo("kb", FINGERPRINT, SPEC, "client", DIM, "cosine"))
+    writer = Writer(target, key)
+    writer.start()
+    killed = []
+
+    def kill_the_busy_one():
+        deadline = time.time() + 5
+        while True:  # the process with the writer's call in flight (read from each one's metrics)
+            busy = [service for service in services if _calls_in_flight(service) >= 1]
+            if busy or time.time() > deadline:
+                break
+        victim = busy[0] if busy else services[len(killed) % 2]
+        killed.append(services.index(victim))
+        victim.kill()
+        victim.start()
+
+    landed = writer.kill_in_flight(kill_the_busy_one, ROUNDS)
+    writer.stop.set()
+    writer.join(300)
+    assert not writer.is_alive() and writer.error is None, writer.error
+    print(f"SIGKILLs of one of two processes that landed in a stream: {landed} of {ROUNDS} (processes {killed})")
+    assert landed >= 1  # a stream was cut (the busy process is read from metrics: a short stream may end first)
+    with Client(target, key) as client:
+        _check_everything_acknowledged_is_intact(client, writer)

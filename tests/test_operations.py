@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,7 +162,8 @@ def test_compose_runs_the_cli_serve_command_on_matching_ports():
     command = service["command"]
     assert command[:2] == ["memory3", "serve"]
     port = command[command.index("--port") + 1]
-    assert f"127.0.0.1:{port}:{port}" in service["ports"]  # no TLS: published on loopback only
+    # no TLS: published on loopback only; a range of host ports, one per process of `--scale memory3=N`
+    assert any(p.startswith(f"127.0.0.1:{port}-") and p.endswith(f":{port}") for p in service["ports"])
     assert service["environment"]["DATABASE_URL"].startswith("postgresql://")
     assert "pgvector/pgvector" in compose["services"]["db"]["image"]
     assert service["depends_on"]["db"]["condition"] == "service_healthy"
@@ -191,6 +193,41 @@ def test_compose_keeps_secrets_in_files_and_the_service_off_the_superuser():
     assert db["image"].split(":")[1].endswith("-pg18")  # the same major as the embedded PostgreSQL
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "secrets"} <= set(ignored)
+
+
+def test_compose_replicas_profile_streams_from_the_primary_and_validates(tmp_path):
+    """Issue 18: profile `replicas` adds a pgvector standby of `db` (base backup + streaming, by
+    deploy/replica.sh); the service reads from it when MEMORY3_REPLICA_URLS names it and scales
+    (`--scale memory3=2`). `docker-compose config` validates the file when the CLI is installed."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    db, replica, service = (compose["services"][name] for name in ("db", "db-replica", "memory3"))
+    assert replica["profiles"] == ["replicas"] and "profiles" not in db and "profiles" not in service
+    assert replica["image"] == db["image"]  # the same PostgreSQL and pgvector as the primary
+    assert replica["depends_on"]["db"]["condition"] == "service_healthy"
+    script = replica["entrypoint"][-1]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in replica["volumes"]}
+    source = (ROOT / mounted[script]).read_text()
+    assert "pg_basebackup -h db" in source and " -R " in source and "-U replicator" in source
+    assert "REPLICATION_PASSWORD_FILE" in source and "replication_password" in replica["secrets"]
+    init = (ROOT / "deploy" / "initdb" / "20-replication.sh").read_text()
+    assert "LOGIN REPLICATION" in init and "NOSUPERUSER" in init and "host replication replicator" in init
+    assert "replication_password" in db["secrets"] and "replication_password" in compose["secrets"]
+    assert "replication_password" in (ROOT / "deploy" / "make-secrets.sh").read_text()
+    assert service["environment"]["MEMORY3_REPLICA_URLS"].startswith("${MEMORY3_REPLICA_URLS")
+    assert "db-replica" not in service.get("depends_on", {})  # a replica away is skipped, never awaited
+    cli = shutil.which("docker-compose")
+    if cli is None:
+        pytest.skip("docker-compose not installed (apt-get install docker-compose): structure checked only")
+    for name in ("docker-compose.yml", "deploy", "Dockerfile"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
+    (tmp_path / "secrets").mkdir()
+    for name in compose["secrets"]:
+        (tmp_path / "secrets" / name).write_text("x\n")
+    env = {**os.environ, "MEMORY3_REPLICA_URLS": "postgresql://memory3@db-replica:5432/memory3"}
+    for profile in ((), ("--profile", "replicas")):
+        result = subprocess.run([cli, *profile, "config", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
 
 
 def test_settings_come_from_secret_files(tmp_path, monkeypatch):

@@ -279,3 +279,18 @@ def test_the_sdk_balances_over_both_processes(cluster):
             client.list_banks()
     for target, count in before.items():
         assert handled(target) - count >= 5, "round robin sends calls to every process"
+
+
+def test_several_addresses_make_one_balanced_target():
+    from memory3.sdk.client.transport import SERVICE_CONFIG, channel_target
+
+    assert channel_target("127.0.0.1:50051") == ("127.0.0.1:50051", None)  # one address (or DNS name): as is
+    assert channel_target("dns:///memory3:50051") == ("dns:///memory3:50051", None)
+    assert channel_target("127.0.0.1:1, 127.0.0.2:2") == ("ipv4:127.0.0.1:1,127.0.0.2:2", None)
+    assert channel_target(["[::1]:1", "[::1]:2"]) == ("ipv6:[::1]:1,[::1]:2", None)
+    target, tls_name = channel_target(["localhost:1", "127.0.0.1:2"])  # a name: resolved, and verified by TLS
+    assert target.startswith("ipv4:127.0.0.1:1") and tls_name == "localhost"
+    for wrong in ("127.0.0.1,127.0.0.2", "127.0.0.1:1,[::1]:2", ""):
+        with pytest.raises(ValueError):
+            channel_target(wrong)
+    assert '"round_robin"' in SERVICE_CONFIG

@@ -20,4 +20,6 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     exit 1
   fi
 fi
-exec docker-entrypoint.sh postgres
+# hot_standby_feedback: the primary keeps rows a replica's running read still needs, so replay
+# seldom cancels a read (at the price of some bloat on the primary while reads run long).
+exec docker-entrypoint.sh postgres -c hot_standby_feedback=on

@@ -19,6 +19,7 @@ primary. Without replicas nothing is routed and answers carry no token: the prim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -313,8 +314,9 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
     def _routed_stream(self, behaviour):
         async def routed(request, context):
             await self.replicas.route(request, self._tenant())
-            async for response in behaviour(request, context):
-                yield response
+            async with contextlib.aclosing(behaviour(request, context)) as responses:  # closed at once if cut short
+                async for response in responses:
+                    yield response
 
         return routed
 

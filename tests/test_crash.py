@@ -228,16 +228,20 @@ def two_services():
     """One database, two `memory3 serve` processes (each with its metrics port)."""
     root = Path(tempfile.mkdtemp(prefix="memory3-crash2-"))
     pg = EmbeddedPostgres(root / "db")
-    services = [ServiceProcess(pg.url, root / name, ADMIN, metrics_port=str(free_port()), drain_notice_seconds="0")
-                for name in "ab"]
-    with Client(services[0].target, ADMIN) as admin:
-        admin.create_tenant("crash")
-        _, key = admin.issue_key("crash")
-    yield pg, services, key
-    for service in services:
-        service.stop()
-    pg.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    services: list[ServiceProcess] = []
+    try:
+        for name in "ab":
+            services.append(ServiceProcess(pg.url, root / name, ADMIN, metrics_port=str(free_port()),
+                                           drain_notice_seconds="0"))
+        with Client(services[0].target, ADMIN) as admin:
+            admin.create_tenant("crash")
+            _, key = admin.issue_key("crash")
+        yield pg, services, key
+    finally:
+        for service in services:
+            service.stop()
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _calls_in_flight(service: ServiceProcess) -> float:

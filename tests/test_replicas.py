@@ -59,30 +59,38 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="m3-replicas-"))
     root.chmod(0o755)
     primary = EmbeddedPostgres(root / "p")
-    standby = EmbeddedStandby(primary, root / "s", sync=False)
-    ports = {name: free_port() for name in "ab"}
+    standby = None
     processes: dict[str, ServiceProcess] = {}
+    try:
+        standby = EmbeddedStandby(primary, root / "s", sync=False)
+        ports = {name: free_port() for name in "ab"}
+        failures = []
 
-    def start(name: str) -> None:
-        processes[name] = ServiceProcess(
-            primary.url, root / name, ADMIN, replica_urls=standby.url, replica_check_seconds="0.2",
-            replica_max_lag_seconds="120", key_cache_seconds="60", bank_cache_seconds="60",
-            metrics_port=str(ports[name]), drain_notice_seconds="0", grace_seconds="1")
+        def start(name: str) -> None:
+            try:
+                processes[name] = ServiceProcess(
+                    primary.url, root / name, ADMIN, replica_urls=standby.url, replica_check_seconds="0.2",
+                    replica_max_lag_seconds="120", key_cache_seconds="60", bank_cache_seconds="60",
+                    metrics_port=str(ports[name]), drain_notice_seconds="0", grace_seconds="1")
+            except Exception as err:
+                failures.append(err)
 
-    starting = [threading.Thread(target=start, args=(name,)) for name in "ab"]
-    for thread in starting:
-        thread.start()
-    for thread in starting:
-        thread.join(180)
-    cluster = Cluster(root, primary, standby, processes["a"], processes["b"],
+        starting = [threading.Thread(target=start, args=(name,)) for name in "ab"]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join(180)
+        assert not failures, failures
+        yield Cluster(root, primary, standby, processes["a"], processes["b"],
                       {processes[n].target: ports[n] for n in "ab"})
-    yield cluster
-    for process in processes.values():
-        process.stop()
-    with contextlib.suppress(Exception):
-        standby.stop()
-    primary.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    finally:
+        for process in processes.values():
+            process.stop()
+        if standby is not None:
+            with contextlib.suppress(Exception):
+                standby.stop()
+        primary.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _tenant(target: str) -> tuple[str, str, str]:
@@ -207,7 +215,8 @@ def test_a_lagging_standby_is_skipped_and_its_lag_is_exported(cluster, embedder)
                 assert lag() > 0.5
                 assert client.stats("kb").references == 4  # the primary now
             _wait_for(lambda: up() == 1, 5, "the standby taken back")
-            assert lag() == 0 and client.stats("kb").references == 4
+            assert lag() <= 0.5
+            _wait_for(lambda: client.stats("kb").references == 4, 5, "the standby caught up")
     finally:
         srv.stop()
 
@@ -232,7 +241,7 @@ def test_reads_fail_over_to_the_primary_when_the_standby_stops_and_come_back(clu
             cluster.standby.start()
         before = _metric(cluster, target, "memory3_read_routes_total", target="replica", reason="any")
         _wait_for(lambda: _metric(cluster, target, "memory3_replica_up", replica="0") == 1, 10, "standby taken back")
-        assert client.stats("kb").references == 13
+        _wait_for(lambda: client.stats("kb").references == 13, 10, "the restarted standby caught up")
         assert _metric(cluster, target, "memory3_read_routes_total", target="replica", reason="any") > before
 
 

@@ -27,6 +27,7 @@ from .metrics import INVALIDATIONS, LISTENER_UP
 log = logging.getLogger(__name__)
 
 CHANNEL = "memory3_invalidate"
+APPLICATION_NAME = "memory3 invalidation listener"  # how its connection shows in pg_stat_activity
 MAX_BACKOFF_SECONDS = 5.0
 
 
@@ -76,7 +77,8 @@ class Listener:
     async def _listen_once(self) -> None:
         async with asyncio.timeout(self.timeout_seconds):
             conn = await psycopg.AsyncConnection.connect(
-                self.url, autocommit=True, connect_timeout=max(1, int(self.timeout_seconds)))
+                self.url, autocommit=True, connect_timeout=max(1, int(self.timeout_seconds)),
+                application_name=APPLICATION_NAME)
         async with conn:
             async with asyncio.timeout(self.timeout_seconds):
                 await conn.execute(f"LISTEN {CHANNEL}")

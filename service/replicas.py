@@ -268,7 +268,7 @@ class Replicas:
         """After a commit: a token for reads that must see it ("" without replicas: all reads see it)."""
         if not self.replicas:
             return ""
-        async with self.primary.connect() as conn:
+        async with asyncio.timeout(self.settings.replica_timeout_seconds), self.primary.connect() as conn:
             position = int((await conn.execute(LSN_SQL)).scalar())
         return self.tokens.seal(tenant_id, TOKEN_KIND, str(position))
 
@@ -328,7 +328,9 @@ class RoutingInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     response.consistency_token = await self.replicas.token(tenant_id)
                 except Exception as err:  # committed, but no token: UNAVAILABLE, and the retry (idempotent) gets one
-                    await context.abort(*status_for(err))
+                    late = isinstance(err, TimeoutError)
+                    await context.abort(*((grpc.StatusCode.UNAVAILABLE, "database unavailable; retry") if late
+                                          else status_for(err)))
             return response
 
         return with_token

@@ -263,6 +263,31 @@ def test_a_key_revoked_through_one_process_is_refused_by_the_other_within_a_seco
         print(f"refused by the other process {1000 * (time.monotonic() - revoked):.0f} ms after the revocation")
 
 
+def test_a_listener_that_lost_its_connection_reconnects_and_forgets_what_it_may_have_missed(cluster):
+    """Both processes' listener connections are cut, and a key is revoked through A at once: B may
+    miss the notice, but its listener reconnects (backoff from 0.1 s) and drops its caches, so
+    the key is refused there within a second all the same."""
+    _, key_id, key = _tenant(cluster.a.target)
+    listeners = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'memory3 invalidation listener'")
+    with Client(cluster.b.target, key) as on_b, Client(cluster.a.target, ADMIN) as admin_on_a:
+        assert on_b.list_banks() == []  # verified and cached by B
+        (cut,) = cluster.sql(cluster.primary, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                              " WHERE application_name = 'memory3 invalidation listener'")
+        assert cut == 2
+        admin_on_a.revoke_key(key_id)
+        revoked = time.monotonic()
+        while True:
+            try:
+                on_b.list_banks()
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+                break
+            assert time.monotonic() - revoked < 1.0, "process B still accepts the key a second after its revocation"
+            time.sleep(0.01)
+    _wait_for(lambda: cluster.sql(cluster.primary, listeners)[0] == 2, 5, "both listeners back")
+    assert _metric(cluster, cluster.b.target, "memory3_invalidation_listener_up") == 1
+
+
 def test_bank_and_quota_changes_reach_the_other_process_at_once(cluster):
     tenant, _, key = _tenant(cluster.a.target)
     with Client(cluster.a.target, key) as on_a, Client(cluster.b.target, key) as on_b:
@@ -303,3 +328,21 @@ def test_several_addresses_make_one_balanced_target():
         with pytest.raises(ValueError):
             channel_target(wrong)
     assert '"round_robin"' in SERVICE_CONFIG
+
+
+def test_replica_lag_is_how_long_ago_the_primary_first_wrote_past_the_replay_position():
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from memory3.service.config import load_settings
+    from memory3.service.replicas import Replicas
+    from memory3.service.tokens import Tokens
+
+    engine = create_async_engine("postgresql+psycopg://nobody@/nowhere")  # never connected
+    replicas = Replicas(engine, [], load_settings(), Tokens("k" * 40))
+    assert not replicas.enabled and replicas.lag(0, 10.0) == (0.0, 0)  # nothing sampled: no lag known
+    replicas._samples.extend([(1.0, 100), (2.0, 200), (3.0, 300)])
+    assert replicas.lag(300, 3.5) == (0.0, 0)  # replayed all the primary had at the last sample
+    assert replicas.lag(400, 3.5) == (0.0, 0)
+    assert replicas.lag(250, 3.5) == (0.5, 50)  # the primary first wrote past 250 at t=3
+    assert replicas.lag(150, 3.5) == (1.5, 150)
+    assert replicas.lag(50, 3.5) == (2.5, 250)  # behind every sample: at least since the oldest

@@ -35,10 +35,10 @@ class Settings(BaseSettings):
         description="Password for database_url when the URL carries none (best from MEMORY3_DATABASE_PASSWORD_FILE)",
     )
     replica_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
+        default=[],
         description="Read replicas (PostgreSQL streaming standbys of database_url), comma-separated URLs; "
                     "Retrieve, Fetch, Stats, Scroll, trajectory Read/Export/Count and proxy Get/List go to them "
-                    "(docs/design.md, 'Replicas'); empty: every call uses the primary. database_password "
+                    "(docs/design.md, 'Replicas and service processes'); empty: every call uses the primary. database_password "
                     "applies to a URL without one")
     replica_max_lag_seconds: float = Field(
         default=5.0, gt=0,
@@ -138,11 +138,14 @@ class Settings(BaseSettings):
         default=32 * MiB, ge=1, description="Bytes of a Write or Log stream held before they are staged in the database")
     key_cache_seconds: float = Field(
         default=2.0, ge=0,
-        description="How long a verified API key is trusted unrechecked; also how soon a key revoked through another "
-                    "replica ends this replica's running calls")
+        description="How long a verified API key is trusted unrechecked, should an invalidation notice be missed "
+                    "(a revocation through another process is otherwise heard at once); also how often a running "
+                    "stream re-checks its key")
     target: str | None = Field(default=None, description="Server the CLI's client commands talk to (default host:port)")
     api_key: str | None = Field(default=None, description="Key the CLI's client commands send (tenant or admin key)")
-    bank_cache_seconds: float = Field(default=2.0, description="How long a bank definition is cached per replica")
+    bank_cache_seconds: float = Field(
+        default=2.0, description="How long a bank definition is cached per service process, should the notice of its "
+                                 "deletion through another process be missed")
     max_in_flight: int = Field(default=256, description="Concurrent calls served; beyond it RESOURCE_EXHAUSTED + pushback")
     metrics_port: int | None = Field(default=9464, description="Prometheus /metrics port (unset or -1: off; 0: any free port)")
     metrics_refresh_seconds: float = Field(default=30.0, description="How often bank-size gauges are refreshed")

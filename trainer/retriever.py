@@ -45,6 +45,7 @@ class RetrieverConfig:
     seed: int = 0
     extra_entities: int = 2000  # entities of the second (drill) world; 0: the model's world only
     extra_seed_offset: int = 7919  # as stage 2's drill world (DrillConfig.seed_offset)
+    token_codes: int = 64  # width of the fixed per-token codes beside the embeddings (0: none)
 
 
 @dataclass
@@ -156,7 +157,7 @@ def train_head(model, tokenizer, spec, pairs: RetrievalPairs, config: RetrieverC
 
 
 def _train(model, tokenizer, spec, pairs, config, head, progress):
-    head = head or RetrievalHead.for_model(model, config.dim, config.seed)
+    head = head or RetrievalHead.for_model(model, config.dim, config.seed, config.token_codes)
     head.train()
     tokens = _Tokens(model, tokenizer, spec)
     reference_ids = tokens.references(pairs.references)
@@ -215,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="per query: references of other entities of the same kind")
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--token-codes", type=int, default=defaults.token_codes,
+                        help="width of the fixed random code per token id beside its embedding (0: embeddings only; "
+                             "tokens the model never trained on share one embedding direction, the codes tell them apart)")
     parser.add_argument("--extra-entities", type=int, default=defaults.extra_entities,
                         help="entities of a second generated world added to the training pairs (0: none)")
     parser.add_argument("--world-seed", type=int, help="the model's world (default: from the run's config.json)")
@@ -226,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model_dir = Path(args.model)
     out_dir = Path(args.out) if args.out else model_dir
     config = RetrieverConfig(args.dim, args.steps, args.batch_size, args.hard_negatives, args.lr, args.seed,
-                             args.extra_entities)
+                             args.extra_entities, token_codes=args.token_codes)
     seed, entities, heldout = _world_settings(model_dir)
     seed = args.world_seed if args.world_seed is not None else seed
     entities = args.entities or entities

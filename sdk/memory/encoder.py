@@ -204,7 +204,7 @@ class MemoryEncoder:
                     pass
                 found = [None] * batch
                 if watch is not None:
-                    found = list(self.retrieval_head.pool(self._embedded, selectable))
+                    found = list(self.retrieval_head.pool(self._embedded, selectable, input_ids))
             kept = [self._kept[slot] for slot in range(len(spec.memory_layers))]
         finally:
             if watch is not None:

@@ -4,9 +4,10 @@ a retrieval vector, for references (keys) and for decoding chunks (queries) alik
 A text embedder on the service's CPU dominated the retrieval step (issue 17). The model already
 computes a representation of every token it reads: its input embeddings, the one state of a chunk
 that no memory has touched when memories are read from layer 0 (the default), so a prompt chunk's
-query is known before its own forward. :class:`RetrievalHead` pools those states with a learned
-attention gate (which tokens matter: mostly names), projects them to ``dim`` (128) and
-L2-normalises. Keys come from the encoder's own forward; queries are looked up on the model's
+query is known before its own forward. :class:`RetrievalHead` takes each token's embedding
+(L2-normalised) beside a fixed random code of its id (tokens the model never trained on all share
+one embedding direction; the code tells them apart), pools them with a learned attention gate
+(which tokens matter: mostly names), projects to ``dim`` (128) and L2-normalises. Keys come from the encoder's own forward; queries are looked up on the model's
 device from the chunk's ids. A head belongs to one model and one set of weights: its space name,
 ``model:<fingerprint[:16]>:<head digest[:16]>``, is a bank's embedder name, and keys, queries and
 banks of another model or head are refused (:class:`RetrievalSpaceError`). Why these states and
@@ -54,6 +55,8 @@ class HeadConfig:
     source: str = SOURCE
     pooling: str = POOLING
     format: int = 1
+    vocab: int = 0  # rows of the token-code table (the model's vocabulary)
+    token_codes: int = 0  # width of each token's fixed random code beside its embedding (0: none)
 
 
 class RetrievalHead(torch.nn.Module):
@@ -72,8 +75,14 @@ class RetrievalHead(torch.nn.Module):
             raise ValueError(f"hidden and dim must be positive, got {config.hidden}, {config.dim}")
         self.config = config
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.gate = torch.nn.Linear(config.hidden, 1)
-        self.proj = torch.nn.Linear(config.hidden, config.dim, bias=False)
+        width = config.hidden + config.token_codes
+        self.gate = torch.nn.Linear(width, 1)
+        self.proj = torch.nn.Linear(width, config.dim, bias=False)
+        codes = torch.zeros(0, 0)
+        if config.token_codes:  # fixed by the config alone: regenerated, never saved
+            fixed = torch.Generator().manual_seed(0x5EED_C0DE)
+            codes = torch.nn.functional.normalize(torch.randn(config.vocab, config.token_codes, generator=fixed), dim=-1)
+        self.register_buffer("codes", codes, persistent=False)
         with torch.no_grad():  # a deterministic start (training reproducible from the seed)
             bound = 1 / math.sqrt(config.hidden)
             for p in (self.gate.weight, self.gate.bias, self.proj.weight):
@@ -82,10 +91,12 @@ class RetrievalHead(torch.nn.Module):
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, dim: int = 128, seed: int | None = 0) -> "RetrievalHead":
+    def for_model(cls, model: torch.nn.Module, dim: int = 128, seed: int | None = 0,
+                  token_codes: int = 64) -> "RetrievalHead":
         """An untrained head for ``model`` (on its device, float32)."""
         table = model.get_input_embeddings()
-        config = HeadConfig(model_fingerprint(model), int(table.embedding_dim), dim)
+        config = HeadConfig(model_fingerprint(model), int(table.embedding_dim), dim, vocab=int(table.num_embeddings),
+                            token_codes=token_codes)
         return cls(config, seed).to(table.weight.device)
 
     # ---------------------------------------------------------------- identity
@@ -125,12 +136,17 @@ class RetrievalHead(torch.nn.Module):
             raise RetrievalSpaceError(f"bank {name!r} has {dimension}-d vectors, this head makes {self.dim}-d ones")
 
     # ---------------------------------------------------------------- vectors
-    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(n, T, hidden) token states and (n, T) bool mask of the tokens that count -> (n, dim)
-        float32 unit vectors. Every row needs at least one token (ValueError otherwise)."""
+    def pool(self, states: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, T, hidden) token states, (n, T) bool mask of the tokens that count and (n, T) their
+        ids (for the token codes) -> (n, dim) float32 unit vectors. Every row needs at least one
+        token (ValueError otherwise)."""
         if not bool(mask.any(-1).all()):
             raise ValueError("every row needs at least one token to pool")
-        states = states.to(self.proj.weight.dtype)
+        states = torch.nn.functional.normalize(states.to(self.proj.weight.dtype), dim=-1)
+        if self.config.token_codes:
+            if input_ids is None:
+                raise ValueError("this head's keys need the token ids (its token codes)")
+            states = torch.cat((states, self.codes[input_ids.clamp(0, self.config.vocab - 1)]), dim=-1)
         scores = self.gate(states).squeeze(-1).masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         pooled = torch.einsum("nt,nth->nh", weights, states)
@@ -165,7 +181,7 @@ class RetrievalHead(torch.nn.Module):
         for row, ids in enumerate(id_lists):
             input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
             mask[row, (count_from[row] if count_from is not None else 0) : len(ids)] = True
-        return self.pool(table(input_ids).float(), mask)
+        return self.pool(table(input_ids).float(), mask, input_ids)
 
     # ---------------------------------------------------------------- files
     def save(self, directory: str | Path) -> Path:

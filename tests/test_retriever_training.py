@@ -3,6 +3,7 @@ fingerprint is unchanged), lifts held-out recall far above the untrained head's,
 beside the model where loading checks it against the model; hard negatives are of the same kind."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,34 @@ def test_cli_saves_the_head_beside_the_model(run_dir, tmp_path):
         next(model.parameters()).add_(1e-3)  # other weights: another model
     with pytest.raises(RetrievalSpaceError, match="belongs to model"):
         RetrievalHead.load(model_dir, model)
+
+
+def test_stage2_trains_the_head_beside_the_lm_and_leaves_the_model_as_without_it(tmp_path):
+    """`retriever_weight > 0` in stage 2: the head trains on the stage's chunks (resumable from a
+    checkpoint) and is saved beside the final model, bound to it; the model is bit for bit the
+    model of the same run without it."""
+    from dataclasses import replace
+
+    from helpers import two_stage_config
+    from memory3.trainer.pretrain import run_training
+
+    def config(out, weight):
+        c = two_stage_config(out, stage1=3, stage2=4, checkpoint_interval=5)
+        c.stages[1] = replace(c.stages[1], retriever_weight=weight, retriever_dim=32)
+        return c
+
+    off = run_training(config(tmp_path / "off", 0.0))
+    partial = run_training(config(tmp_path / "on", 1.0), stop_at=5)
+    extras = torch.load(tmp_path / "on" / "checkpoints" / "ckpt_000005.pt", weights_only=False)["extras"]
+    assert len(extras[1]["losses"]) == 2 and not partial.finished  # two stage-2 steps before the stop
+    on = run_training(config(tmp_path / "on", 1.0))
+    a, _, _ = load_reference_model(off.model_dir)
+    b, _, _ = load_reference_model(on.model_dir)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert not (Path(off.model_dir) / HEAD_FILENAME).exists()
+    head = RetrievalHead.load(on.model_dir, b)  # bound to the final weights
+    assert head.dim == 32 and head.space.startswith(f"model:{model_fingerprint(b)[:16]}:")
+    with pytest.raises(ValueError, match="retriever_weight"):
+        replace(config(tmp_path / "x", 1.0), stages=[replace(config(tmp_path / "x", 1.0).stages[0],
+                                                             retriever_weight=1.0)]).validate()

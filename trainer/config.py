@@ -87,6 +87,14 @@ class StageConfig:
     encode_with_grad: bool = True
     # memory stages: a window's first chunks also read the references of the stream's chunks before it
     previous_chunks_across_windows: bool = False
+    # memory stages: > 0 also trains the model's retrieval head (memory3.sdk.memory.retrieval_head) on
+    # the stage's own chunks, its InfoNCE loss times this weight beside the LM loss: each chunk's query
+    # against the reference it retrieved, the batch's other references as negatives. The head alone
+    # learns (the model's states are read detached: its loss and weights are those of a run without
+    # it); the head is saved beside the final model. 0: off
+    retriever_weight: float = 0.0
+    retriever_dim: int = 128  # the head's vector dimension
+    retriever_lr: float = 3e-3  # the head's own Adam learning rate
 
 
 @dataclass
@@ -150,6 +158,8 @@ class TrainConfig:
                 raise ValueError(f"stage {s.name}: pq_bytes must be >= 0, pq_sample and pq_refresh >= 1")
             if s.pq_bytes and s.memory == "none":
                 raise ValueError(f"stage {s.name}: pq_bytes needs a memory stage (memory is 'none')")
+            if s.retriever_weight < 0 or (s.retriever_weight and s.memory == "none"):
+                raise ValueError(f"stage {s.name}: retriever_weight must be >= 0 and needs a memory stage")
             if s.pq_bytes and s.pq_quantizer not in QUANTIZERS:
                 raise ValueError(f"stage {s.name}: pq_quantizer must be one of {QUANTIZERS}, got {s.pq_quantizer!r}")
         d = self.drill

@@ -7,7 +7,9 @@ encoded into memories with the current weights (autograd on: ``StageConfig.encod
 chunk ``c`` reads its own and the previous ``previous_chunks`` chunks' memories through the SDK
 injector's per-query ``visible`` mask (:func:`chunk_visibility`). The stream mixes stage 1's
 documents with Q/A drills about a second world (:func:`memory_drill`, :class:`~memory3.trainer.config.DrillConfig`)
-whose answers are only in references, so the model learns to read answers out of memory.
+whose answers are only in references, so the model learns to read answers out of memory. With
+``retriever_weight > 0`` the stage also trains the model's retrieval head on its chunks (InfoNCE,
+:meth:`RetrievalMemoryStage.train_retriever`) and saves it beside the final model.
 
 Measurements: docs/experiments.md
 """
@@ -24,6 +26,8 @@ import torch
 from memory3.core.memory_spec import MemorySpec
 from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.memory.injection import MemoryInjector
+from memory3.sdk.memory.retrieval_head import RetrievalHead
+from memory3.sdk.model.fingerprint import model_fingerprint
 from memory3.sdk.memory.tensors import ExplicitMemory
 
 from .config import DrillConfig, StageConfig
@@ -352,6 +356,13 @@ class RetrievalMemoryStage:
             self.retriever.precompute(self.stream.chunk_ids())
         self.encoder = MemoryEncoder(ctx.model, ctx.tokenizer, ctx.spec, batch_size=64)
         self.injector = MemoryInjector(ctx.model, ctx.spec)
+        self.head = self.head_optimizer = None  # the model's retrieval head, when the stage trains one
+        self.retriever_losses: list[float] = []
+        if stage.retriever_weight > 0:
+            self.head = RetrievalHead.for_model(ctx.model, stage.retriever_dim, seed=config.seed).to(ctx.device)
+            self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=stage.retriever_lr)
+            self.reference_ids = self.encoder.tokenize(self.reference_texts)
+            self.special_ids = set(ctx.tokenizer.all_special_ids)
         self.round_trip = None  # quantization-aware reading: memories as a PQ codebook returns them
         if stage.pq_bytes:
             self.round_trip = CodebookRoundTrip(self.encoder, sample_references(world, stage.pq_sample),
@@ -368,6 +379,8 @@ class RetrievalMemoryStage:
         return [chunk_reference_plan(retrieved[r * n : (r + 1) * n], self.stage.previous_chunks, p) for r in range(b)]
 
     def chunk_memories(self, model: torch.nn.Module, batch: Batch) -> ChunkMemories:
+        if self.head is not None and torch.is_grad_enabled():
+            self.train_retriever(model, batch)
         plan = self.plan(batch)
         distinct = sorted({p for row in plan for chunk in row for p in chunk})
         trainable = self.stage.encode_with_grad and torch.is_grad_enabled()
@@ -385,8 +398,59 @@ class RetrievalMemoryStage:
             self.injector.set_memories(union, visible=visible)
             yield self.injector
 
+    def train_retriever(self, model: torch.nn.Module, batch: Batch) -> float | None:
+        """One step of the retrieval head on this batch (stage config ``retriever_weight``): each
+        chunk's query (its tokens, special ones out, as decoding makes it) against the key of the
+        reference it retrieved, the batch's other retrieved references as negatives (a sheet of
+        drills about one kind gives same-kind ones). The model's states are read detached, and the
+        head has its own optimizer: the model's loss and update are untouched."""
+        from .retriever import info_nce
+
+        size = self.stage.chunk_size
+        chunks = batch.chunks(size).cpu().reshape(-1, size)
+        queries, positives = [], []
+        for ids, refs in zip(chunks.tolist(), self.retriever(chunks)):
+            kept = [t for t in ids if t not in self.special_ids]
+            if kept and refs:
+                queries.append(kept)
+                positives.append(refs[0])
+        distinct = list(dict.fromkeys(positives))
+        if len(distinct) < 2:  # nothing to tell apart
+            return None
+        slot = {p: i for i, p in enumerate(distinct)}
+        prefix = len(self.encoder.prefix_ids)
+        head = self.head.train()
+        q = head.keys_of(model, queries, detach_states=True)
+        k = head.keys_of(model, [self.reference_ids[p] for p in distinct], [prefix] * len(distinct), detach_states=True)
+        loss = self.stage.retriever_weight * info_nce(head, q, k, torch.tensor([slot[p] for p in positives],
+                                                                              device=q.device))
+        self.head_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.head_optimizer.step()
+        self.retriever_losses.append(float(loss.detach()))
+        return self.retriever_losses[-1]
+
+    def head_state(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.head_optimizer.state_dict(),
+                "losses": list(self.retriever_losses)}
+
+    def load_head_state(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.head_optimizer.load_state_dict(state["optimizer"])
+        self.retriever_losses = list(state.get("losses", []))
+
+    def save_head(self, model: torch.nn.Module, model_dir) -> None:
+        """The head, bound to the final model's fingerprint (it trained beside those weights)."""
+        final = RetrievalHead(replace(self.head.config, model_fingerprint=model_fingerprint(model)), seed=None)
+        final.load_state_dict(self.head.state_dict())
+        final.save(model_dir)
+
     def hooks(self) -> MemoryHooks:
-        return MemoryHooks(self.chunk_memories, self.inject, position_offset=0, stream=self.stream)
+        extras = {}
+        if self.head is not None:
+            extras = {"extra_state": self.head_state, "load_extra_state": self.load_head_state,
+                      "on_model_saved": self.save_head}
+        return MemoryHooks(self.chunk_memories, self.inject, position_offset=0, stream=self.stream, **extras)
 
 
 def retrieval_stage(ctx: TrainContext, stage: StageConfig) -> MemoryHooks:

@@ -129,6 +129,11 @@ class MemoryHooks:
     inject: Callable[[torch.nn.Module, ChunkMemories, Batch], contextlib.AbstractContextManager]
     position_offset: int
     stream: object | None = None
+    # State the stage trains besides the model (e.g. a retrieval head): saved in checkpoints and
+    # given back on resume; ``on_model_saved(model, model_dir)`` runs once the final model is saved.
+    extra_state: Callable[[], dict] | None = None
+    load_extra_state: Callable[[dict], None] | None = None
+    on_model_saved: Callable[[torch.nn.Module, Path], None] | None = None
 
 
 @dataclass
@@ -218,12 +223,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict], config: TrainConfig) -> Path:
-    """Atomic write (tmp + rename), so an interrupted save never leaves a broken newest file."""
+def save_checkpoint(path: Path, model, optimizer, step: int, history: list[dict], config: TrainConfig,
+                    extras: dict | None = None) -> Path:
+    """Atomic write (tmp + rename), so an interrupted save never leaves a broken newest file.
+    ``extras``: the stages' own state (MemoryHooks.extra_state), by stage index."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "rng": _rng_state(), "history": history, "config": config.to_dict()}, tmp)
+                "rng": _rng_state(), "history": history, "config": config.to_dict(), "extras": extras or {}}, tmp)
     tmp.replace(path)
     return path
 
@@ -233,11 +240,14 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[dict]]:
+def load_checkpoint(path: Path, model, optimizer, extras: dict | None = None) -> tuple[int, list[dict]]:
+    """Restore model, optimizer and RNG; the stages' own state goes into ``extras``."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
+    if extras is not None:
+        extras.update(state.get("extras") or {})
     return int(state["step"]), list(state["history"])
 
 
@@ -390,12 +400,13 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
     )
 
     step, history = 0, []
+    resumed_extras: dict = {}
     if not config.resume:  # a fresh run: stale checkpoints would be pruned wrongly or resumed later
         for stale in (out_dir / "checkpoints").glob("ckpt_*.pt"):
             stale.unlink()
     ckpt = latest_checkpoint(out_dir) if config.resume else None
     if ckpt is not None:
-        step, history = load_checkpoint(ckpt, model, optimizer)
+        step, history = load_checkpoint(ckpt, model, optimizer, resumed_extras)
         _optimizer_to(optimizer, device)
 
     eval_pairs = {s: _sample_questions(world, s, config.eval_questions, config.seed) for s in (TRAIN, HELDOUT)}
@@ -414,7 +425,9 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
     bar = None
 
     def checkpoint(at: int) -> None:
-        save_checkpoint(out_dir / "checkpoints" / f"ckpt_{at:06d}.pt", model, optimizer, at, history, config)
+        extras = {i: h.extra_state() for i, h in hooks_cache.items() if h is not None and h.extra_state is not None}
+        extras = {**{i: s for i, s in resumed_extras.items() if i not in extras}, **extras}
+        save_checkpoint(out_dir / "checkpoints" / f"ckpt_{at:06d}.pt", model, optimizer, at, history, config, extras)
         _prune_checkpoints(out_dir, config.keep_checkpoints)
         write_curves(out_dir, history)
 
@@ -424,6 +437,9 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
             stage = config.stages[si]
             if si not in hooks_cache:
                 hooks_cache[si] = resolve_memory_stage(ctx, stage)
+                resumed = hooks_cache[si]
+                if resumed is not None and resumed.load_extra_state is not None and si in resumed_extras:
+                    resumed.load_extra_state(resumed_extras[si])
                 if bar is not None:
                     bar.close()
                 bar = _progress(config, stage, sstep, min(stage.steps, sstep + end - step))
@@ -479,6 +495,9 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
     qa_train = qa_heldout = None
     if finished:
         model_dir = str(save_reference_model(model, tokenizer, spec, out_dir / "model"))
+        for hooks in hooks_cache.values():
+            if hooks is not None and hooks.on_model_saved is not None:
+                hooks.on_model_saved(model, Path(model_dir))
         evals = [r for r in history if r.get("qa_train") is not None]
         if evals:
             qa_train, qa_heldout = evals[-1]["qa_train"], evals[-1]["qa_heldout"]

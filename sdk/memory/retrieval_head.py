@@ -16,6 +16,7 @@ this pooling (measured): docs/design.md ("Retrieval in the model's space").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -170,9 +171,10 @@ class RetrievalHead(torch.nn.Module):
         return out
 
     def keys_of(self, model: torch.nn.Module, id_lists: Sequence[Sequence[int]],
-                count_from: Sequence[int] | None = None) -> torch.Tensor:
+                count_from: Sequence[int] | None = None, detach_states: bool = False) -> torch.Tensor:
         """(n, dim) vectors of token id lists, every token counted from ``count_from[i]`` (default 0)
-        on: the embedding lookup the model's forward starts with, then :meth:`pool`."""
+        on: the embedding lookup the model's forward starts with, then :meth:`pool`.
+        ``detach_states``: no gradient reaches the model's embeddings (training the head alone)."""
         table = model.get_input_embeddings()
         device = table.weight.device
         width = max(len(ids) for ids in id_lists)
@@ -181,7 +183,9 @@ class RetrievalHead(torch.nn.Module):
         for row, ids in enumerate(id_lists):
             input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
             mask[row, (count_from[row] if count_from is not None else 0) : len(ids)] = True
-        return self.pool(table(input_ids).float(), mask, input_ids)
+        with torch.no_grad() if detach_states else contextlib.nullcontext():
+            states = table(input_ids).float()
+        return self.pool(states, mask, input_ids)
 
     # ---------------------------------------------------------------- files
     def save(self, directory: str | Path) -> Path:

@@ -1,8 +1,8 @@
 """The README's Quick tour and "From Python" blocks run as written, against a live server.
 
 The Quick tour's bash block is executed by bash with ``set -e`` in a fresh HOME (so the embedded
-PostgreSQL is made from scratch under it, as on a new machine), on a free port instead of 50051 (the
-only change made to the text: tests may run beside a real server), with ``memory3`` and ``python``
+PostgreSQL is made from scratch under it, as on a new machine), on a free port instead of 50051 and
+any free metrics port (the only changes: tests may run beside a real server), with ``memory3`` and ``python``
 of this environment first on PATH; the Python block runs next, against the same server, before the
 background server is stopped. What the blocks' comments promise is asserted on their output. The
 install blocks are what CI itself runs; training and benchmark blocks take minutes to hours and are
@@ -46,7 +46,7 @@ def test_quick_tour_and_python_blocks_run_as_written(tmp_path):
     script = ("set -e\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + tour
               + "echo '--- python'\npython from_python.py\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_") and k != "DATABASE_URL"}
-    env.update(HOME=str(tmp_path / "home"), MEMORY3_PORT=port,
+    env.update(HOME=str(tmp_path / "home"), MEMORY3_PORT=port, MEMORY3_METRICS_PORT="0",  # 9464 may be taken
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=DEADLINE)

@@ -316,7 +316,7 @@ def test_the_sdk_balances_over_both_processes(cluster):
 
 
 def test_several_addresses_make_one_balanced_target():
-    from memory3.sdk.client.transport import SERVICE_CONFIG, channel_target
+    from memory3.sdk.client.transport import BALANCED_SERVICE_CONFIG, SERVICE_CONFIG, channel_target
 
     assert channel_target("127.0.0.1:50051") == ("127.0.0.1:50051", None)  # one address (or DNS name): as is
     assert channel_target("dns:///memory3:50051") == ("dns:///memory3:50051", None)
@@ -327,7 +327,7 @@ def test_several_addresses_make_one_balanced_target():
     for wrong in ("127.0.0.1,127.0.0.2", "127.0.0.1:1,[::1]:2", ""):
         with pytest.raises(ValueError):
             channel_target(wrong)
-    assert '"round_robin"' in SERVICE_CONFIG
+    assert '"round_robin"' in BALANCED_SERVICE_CONFIG and "round_robin" not in SERVICE_CONFIG  # one address: as before
 
 
 def test_replica_lag_is_how_long_ago_the_primary_first_wrote_past_the_replay_position():

@@ -5,10 +5,12 @@ sends ``grpc-retry-pushback-ms``) through gRPC's own retry policy. Client stream
 Publish) are re-sent whole by :meth:`Transport.retry_stream`: the service makes each one atomic and
 idempotent, so a repeat either finds the first attempt committed or commits it.
 
-Any number of service processes: the channel balances calls over every address of its target
-with gRPC's round_robin policy — one DNS name with several addresses, or several addresses
-("host1:50051,host2:50051" or a list; :func:`channel_target`). A process that goes away fails
-only the calls it was serving; their retries (above) go to the others.
+Any number of service processes: given several addresses ("host1:50051,host2:50051" or a list)
+or a ``dns:///name:port`` target (every address of the name), the channel balances calls over
+them with gRPC's round_robin policy (:func:`channel_target`); a process that goes away fails only
+the calls it was serving, and their retries (above) go to the others. One plain ``host:port``
+keeps gRPC's default (pick_first): it reconnects lazily, so a restarted server is found by the
+next call rather than after a reconnection backoff.
 """
 
 from __future__ import annotations
@@ -40,22 +42,23 @@ _IDEMPOTENT = {
     "memory3.v1.Trajectories": ["AttachReward", "Read", "Count", "Export"],
     "memory3.v1.Proxies": ["Get", "List"],
 }
-SERVICE_CONFIG = json.dumps(
-    {
-        "loadBalancingConfig": [{"round_robin": {}}],  # every address of the target, in turn
-        "methodConfig": [
-            {"name": [{"service": s, "method": m} for s, ms in _IDEMPOTENT.items() for m in ms], "retryPolicy": _RETRY_POLICY}
-        ]
-    }
-)
+_METHOD_CONFIG = [
+    {"name": [{"service": s, "method": m} for s, ms in _IDEMPOTENT.items() for m in ms], "retryPolicy": _RETRY_POLICY}
+]
+SERVICE_CONFIG = json.dumps({"methodConfig": _METHOD_CONFIG})
+# Several service processes: every address in turn; a process that went away is retried for
+# reconnection every 0.1 s doubling to 2 s (gRPC's default starts at 1 s and grows to 120 s).
+BALANCED_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": _METHOD_CONFIG})
+_BALANCED_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
-def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, object]]:
+def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES, balanced: bool = False) -> list[tuple[str, object]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.service_config", BALANCED_SERVICE_CONFIG if balanced else SERVICE_CONFIG),
+        *(_BALANCED_OPTIONS if balanced else ()),
     ]
 
 
@@ -95,10 +98,10 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, str | None]:
     """The gRPC target for one address or several, and the host name TLS must verify when the
     target names none (else None).
 
-    One address (``host:port``, ``dns:///name:port``, any gRPC target) is used as it is: a DNS
-    name with several addresses is balanced over all of them and re-resolved when one goes away.
-    Several (``"h1:p1,h2:p2"`` or a list of ``host:port``) become one ``ipv4:``/``ipv6:`` target;
-    names among them are resolved now (to be re-resolved later, give one DNS name instead).
+    One address (``host:port``, ``dns:///name:port``, any gRPC target) is used as it is (a
+    ``dns:`` target's addresses are balanced and re-resolved when one goes away). Several
+    (``"h1:p1,h2:p2"`` or a list of ``host:port``) become one ``ipv4:``/``ipv6:`` target; names
+    among them are resolved now (to have them re-resolved later, give one ``dns:///`` name instead).
     """
     addresses = [a.strip() for a in (target.split(",") if isinstance(target, str) else target) if a.strip()]
     if not addresses:
@@ -132,10 +135,12 @@ def channel_target(target: str | Sequence[str]) -> tuple[str, str | None]:
 def open_channel(target: str | Sequence[str], tls: bool = False, ca_file: str | Path | None = None) -> grpc.aio.Channel:
     """A channel to one service address or several (:func:`channel_target`), balanced round robin."""
     target, tls_name = channel_target(target)
+    balanced = target.startswith(("ipv4:", "ipv6:", "dns:")) and ("," in target or target.startswith("dns:"))
+    options = channel_options(balanced=balanced)
     credentials = channel_credentials(tls, ca_file)
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=channel_options())
-    options = channel_options() + ([("grpc.ssl_target_name_override", tls_name)] if tls_name else [])
+        return grpc.aio.insecure_channel(target, options=options)
+    options += [("grpc.ssl_target_name_override", tls_name)] if tls_name else []
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 

@@ -174,11 +174,12 @@ class ProxiesServicer(proxies_pb2_grpc.ProxiesServicer):
                 f" not {request.model_fingerprint!r}"
             )
         chunk = self.settings.chunk_bytes
-        first = await self.store.weights_chunk(record, 0, chunk) if request.include_weights else b""
+        first = await self.store.weights_chunk(tenant_id, record, 0, chunk) if request.include_weights else b""
         yield proxies_pb2.ProxyFrame(info=info_to_proto(record), weights_chunk=first)
         if request.include_weights:
             for offset in range(chunk, record.weights_size, chunk):
-                yield proxies_pb2.ProxyFrame(weights_chunk=await self.store.weights_chunk(record, offset, chunk))
+                piece = await self.store.weights_chunk(tenant_id, record, offset, chunk)
+                yield proxies_pb2.ProxyFrame(weights_chunk=piece)
 
     @rpc
     async def List(self, request, context):

@@ -152,14 +152,17 @@ class ProxyStore:
             raise NotFound(f"proxy {name!r}" + (f" version {version}" if version else "") + " not found")
         return _record(row)
 
-    async def weights_chunk(self, record: ProxyRecord, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset + size) of the weights (EXTERNAL storage: only those TOAST chunks are read)."""
+    async def weights_chunk(self, tenant_id: int, record: ProxyRecord, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset + size) of the weights (EXTERNAL storage: only those TOAST chunks are read).
+        Scoped by tenant like every other statement on proxies (on Citus, distributed by tenant, a
+        statement without it would go to every shard: docs/scaling.md)."""
         async with self.engine.connect() as conn:
             return bytes(
                 (
                     await conn.execute(
-                        text("SELECT substring(weights FROM :start FOR :n) FROM proxies WHERE id = :id"),
-                        {"start": offset + 1, "n": size, "id": record.id},
+                        text("SELECT substring(weights FROM :start FOR :n) FROM proxies"
+                             " WHERE tenant_id = :t AND id = :id"),
+                        {"start": offset + 1, "n": size, "t": tenant_id, "id": record.id},
                     )
                 ).scalar_one()
             )

@@ -15,6 +15,7 @@ shrink them, like a deployment's worst case.
 from __future__ import annotations
 
 import argparse
+import secrets
 import statistics
 import tempfile
 import time
@@ -108,8 +109,9 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pg = EmbeddedPostgres(Path(tmp))
         settings = load_settings()  # the defaults the server process runs with (ef_search)
-        server = ServiceProcess(pg.url, Path(tmp), "bench-admin", log_level="WARNING")
-        admin = Client(server.target, "bench-admin")
+        admin_key = "bench-admin-" + secrets.token_hex(16)  # the server refuses admin keys under 32 characters
+        server = ServiceProcess(pg.url, Path(tmp), admin_key, log_level="WARNING")
+        admin = Client(server.target, admin_key)
         admin.create_tenant("bench")
         _, key = admin.issue_key("bench")
         client = Client(server.target, key)

@@ -113,7 +113,7 @@ def main(argv=None) -> None:
         pg = EmbeddedPostgres(Path(tmp))
         settings = load_settings(database_url=pg.url, port=0, admin_key="bench-admin-" + secrets.token_hex(16), data_dir=Path(tmp), metrics_port=-1)
         server = BackgroundServer(settings)
-        admin = Client(server.target, "bench-admin")
+        admin = Client(server.target, settings.admin_key)
         for name in ("bench", "bench-raw", "bench-logger"):
             admin.create_tenant(name)
         key = admin.issue_key("bench")[1]

@@ -1,10 +1,11 @@
-"""The README's Quick tour and "From Python" blocks run as written, against a live server.
+"""The README's Quick tour, "From Python" and shipped-model blocks run as written, against a live server.
 
 The Quick tour's bash block is executed by bash with ``set -e`` in a fresh HOME (so the embedded
 PostgreSQL is made from scratch under it, as on a new machine), on a free port instead of 50051 and
 any free metrics port (the only changes: tests may run beside a real server), with ``memory3`` and ``python``
 of this environment first on PATH; the Python block runs next, against the same server, before the
-background server is stopped. What the blocks' comments promise is asserted on their output. The
+background server is stopped, and then the block that answers a held-out question with the shipped
+model from memory. What the blocks' comments promise is asserted on their output. The
 install blocks are what CI itself runs; training and benchmark blocks take minutes to hours and are
 run by hand (docs/experiments.md records them).
 """
@@ -41,10 +42,12 @@ def test_quick_tour_and_python_blocks_run_as_written(tmp_path):
     text = README.read_text()
     port = str(free_port())
     tour = code_block("## Quick tour", "bash", text)
+    shipped = code_block("A model that answers from memory", "bash", text)
     python = code_block("From Python", "python", text).replace("127.0.0.1:50051", f"127.0.0.1:{port}")
     (tmp_path / "from_python.py").write_text(python)
+    (tmp_path / "models").symlink_to(README.parent / "models")  # the shipped model, as from the repository root
     script = ("set -e\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + tour
-              + "echo '--- python'\npython from_python.py\n")
+              + "echo '--- python'\npython from_python.py\n" + "echo '--- shipped'\n" + shipped)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_") and k != "DATABASE_URL"}
     env.update(HOME=str(tmp_path / "home"), MEMORY3_PORT=port, MEMORY3_METRICS_PORT="0",  # 9464 may be taken
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
@@ -52,7 +55,8 @@ def test_quick_tour_and_python_blocks_run_as_written(tmp_path):
                             timeout=DEADLINE)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    tour_out, python_out = result.stdout.split("--- python\n")
+    tour_out, rest = result.stdout.split("--- python\n")
+    python_out, shipped_out = rest.split("--- shipped\n")
     assert f"memory3 listening on 127.0.0.1:{port}" in result.stdout + result.stderr
     assert "SERVING" in tour_out
     assert 0 <= tour_out.index("t1") < tour_out.index("t2")  # the query lists t1 first, as the comment says
@@ -60,3 +64,4 @@ def test_quick_tour_and_python_blocks_run_as_written(tmp_path):
     assert [hit["id"] for hit in filtered] == ["t1"]  # query --filter --json: only t1, as a JSON line
     assert [line.split()[0] for line in tour_out.splitlines() if line.startswith(("t1 {", "t2 {"))] == ["t1"]  # scroll
     assert python_out.strip().splitlines()[-1] == "['0', '1']"
+    assert shipped_out.strip().splitlines()[-2].strip() == "Vamdra"  # the answer, read from memory

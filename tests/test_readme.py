@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -49,10 +51,14 @@ def test_quick_tour_and_python_blocks_run_as_written(tmp_path):
     script = ("set -e\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + tour
               + "echo '--- python'\npython from_python.py\n" + "echo '--- shipped'\n" + shipped)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMORY3_") and k != "DATABASE_URL"}
-    env.update(HOME=str(tmp_path / "home"), MEMORY3_PORT=port, MEMORY3_METRICS_PORT="0",  # 9464 may be taken
+    home = tempfile.mkdtemp(prefix="m3-", dir="/tmp")  # short: PostgreSQL's socket path has a length limit
+    env.update(HOME=home, MEMORY3_PORT=port, MEMORY3_METRICS_PORT="0",  # 9464 may be taken
                PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=DEADLINE)
+    try:
+        result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=DEADLINE)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     tour_out, rest = result.stdout.split("--- python\n")

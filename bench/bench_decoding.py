@@ -176,6 +176,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="measure each figure this many times, keep the best")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--name", default="decoding", help="results file name in bench/results (without suffix)")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw bench/results/NAME.png from the figures in NAME.md (nothing is measured)")
     parser.add_argument("--split-cores", action="store_true",
                         help="pin the service and PostgreSQL to the last core and the decoder to the others (as when "
                              "the model runs on an accelerator and the service on the host's CPU)")
@@ -184,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--query-cache", type=int, default=0,
                         help="server's query-embedding LRU size (default 0: off, since this bench repeats its prompts)")
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.name)
     service_cores = None
     if args.split_cores:
         cores = sorted(os.sched_getaffinity(0))
@@ -300,6 +304,18 @@ def report(rows: list[Row], args, params, spec, hit_rate) -> None:
     print(text)
     (RESULTS / f"{args.name}.md").write_text(text)
     plot(rows, args.name, args.model or f"a random Llama of trainer preset {args.preset}")
+
+
+def replot(name: str) -> None:
+    """Redraw NAME.png from the tok/s table and the "Model:" line of an earlier run's NAME.md."""
+    text = (RESULTS / f"{name}.md").read_text()
+    model = text.split("Model: ", 1)[1].split(",", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 6 and cells[0].isdigit():  # | batch | mode | tok/s | × plain | × RAG | target |
+            rows.append(Row(cells[1], int(cells[0]), float(cells[2]), []))
+    plot(rows, name, model)
 
 
 def plot(rows: list[Row], name: str, model: str) -> None:

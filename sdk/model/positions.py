@@ -167,7 +167,7 @@ def _pair_angles(first0, second0, first1, second1) -> torch.Tensor:
     return torch.atan2(sin, cos)
 
 
-def _fit(keys: dict[int, torch.Tensor], queries: dict[int, torch.Tensor], tolerance: float,
+def _fit(keys: dict[int, torch.Tensor], queries: dict[int, torch.Tensor],
          layout: str, start: int, rotary_dim: int) -> tuple[LayerRotation, float]:
     """Fit one layout over dims ``start .. start + rotary_dim``; returns the rotation and its worst error."""
     rotation = LayerRotation(layout, torch.zeros(rotary_dim // 2, dtype=torch.float64), start)
@@ -205,6 +205,9 @@ def _classify(layer: int, keys, queries, values, dtype: torch.dtype) -> LayerRot
     dim = keys[0].shape[-1]
     change = (keys[PROBE_OFFSETS[-1]] - keys[0]).abs().flatten(0, -2).amax(0)
     moving = (change > tolerance * keys[0].abs().amax()).nonzero().flatten()
+    if not moving.numel():
+        raise UnsupportedModelError(f"layer {layer}: its keys drift with position in no dim in particular; "
+                                    "that is not a rotation")
     first, last = int(moving.min()), int(moving.max())
     if dim - first < 2:
         raise UnsupportedModelError(f"layer {layer}: only its last dim moves with position; that is not a rotation")
@@ -214,7 +217,7 @@ def _classify(layer: int, keys, queries, values, dtype: torch.dtype) -> LayerRot
     candidates = [(start, size) for start in starts for size in range(block + block % 2, dim - start + 1, 2)]
     for start, rotary_dim in sorted(candidates, key=lambda c: c[1]):
         for layout in ("half", "interleaved"):
-            fit = _fit(keys, queries, tolerance, layout, start, rotary_dim)
+            fit = _fit(keys, queries, layout, start, rotary_dim)
             if fit[1] <= tolerance:
                 return fit[0]
             if best is None or fit[1] < best[1]:

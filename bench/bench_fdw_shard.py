@@ -1,31 +1,14 @@
-"""A bank's partition on another PostgreSQL through postgres_fdw: measured beside the local case.
+"""A bank's table on another PostgreSQL through postgres_fdw, measured beside a local bank.
 
-Two embedded PostgreSQL 18 + pgvector instances from the same wheel: the coordinator (the
-service's database, migrated by Alembic, reached on its Unix socket as the service reaches it)
-and a shard listening on TCP 127.0.0.1 (loopback). Two banks of the same tenant hold the same
-rows: ``local`` is an ordinary bank partition; ``sharded`` was created the same way, then its
-table was moved to the shard (created there with the same columns, primary key, CHECK, HNSW and
-GIN indexes) and replaced on the coordinator by a foreign table of the same name (IMPORT FOREIGN
-SCHEMA from a ``postgres_fdw`` server whose ``extensions`` option lists ``vector``). Every query
-is the service's own code (``ReferenceStore.search`` / ``load`` / ``BankWriter``) on the same
-``Bank`` objects, through the engine the service builds (``create_engine_for``).
+Two embedded PostgreSQL + pgvector instances: the service's database and a "shard" on loopback TCP.
+Two banks hold the same rows; one bank's table is moved to the shard and replaced by a foreign table
+(a ``postgres_fdw`` server listing ``vector`` in ``extensions``). Every query is the service's own
+code on the same ``Bank`` objects. Printed (and written to ``bench/results/fdw_shard.md``), each
+beside the local baseline of the same run: EXPLAIN of the top-k (is ORDER BY ... LIMIT pushed
+down), search and search + load p50/p99, recall@5 and rows for top_k 300, the service's Write and
+binary COPY, and what each bank answers when the shard is refused or hung. Findings: docs/scaling.md.
 
-Printed (and written to ``bench/results/fdw_shard.md``), each figure beside the local baseline
-measured in the same run, as a ratio:
-
-* EXPLAIN (VERBOSE) of the top-k statement, custom and generic plan: is ORDER BY ... LIMIT in the
-  Remote SQL; the shard's own plan for it (auto_explain in the fdw's session on the shard);
-* search top-5 and search + load of the 5 memories (Retrieve's database part) p50/p99;
-* recall@5 against exact ranking and rows returned for top_k 300, with the shard's session left
-  at its defaults and with the service's HNSW settings passed in the foreign server's ``options``;
-* writes: the service's Write transaction (staging -> upsert) and binary COPY, local vs foreign;
-* the shard going away (refused; hung): what the local bank and the sharded bank answer, how fast.
-
-The machine is 2 shared cores with other work running: latencies are noisy, so local and foreign
-queries alternate within one loop and only ratios from the same run are compared.
-
-    python bench/bench_fdw_shard.py                  # N = 20,000 references, 8 KiB memories
-    python bench/bench_fdw_shard.py --n 50000 --repeats 3
+    python bench/bench_fdw_shard.py [--n 20000] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -117,11 +117,8 @@ def cmd_bank(args) -> None:
         if args.action == "create":
             if args.model:
                 from memory3.sdk.model.fingerprint import model_fingerprint
-                from memory3.trainer.model import load_reference_model
-                from transformers.utils import logging as transformers_logging
 
-                transformers_logging.disable_progress_bar()  # stderr keeps to one-line errors
-                model, _, spec = load_reference_model(args.model)
+                model, _, spec = _load_model(args.model)
                 fingerprint = model_fingerprint(model)
                 if args.model_space:
                     from memory3.sdk.memory.retrieval_head import load_retrieval_head
@@ -209,16 +206,23 @@ def cmd_ingest(args) -> None:
     print(json.dumps(summary.__dict__))
 
 
+def _load_model(model_dir: str):
+    """(model, tokenizer, spec) of a `memory3 train` model directory, without transformers' progress
+    bars (stderr keeps to the command's own bar and one-line errors)."""
+    from memory3.trainer.model import load_reference_model
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    return load_reference_model(model_dir)
+
+
 def _memory_writer(client, bank: str, model_dir: str):
     """``ingest --model``: a writer that encodes each text's memory with the bank's own model."""
     from memory3.sdk.memory import MemoryEncoder, MemoryWriter
     from memory3.sdk.memory.retrieval_head import is_model_space, load_retrieval_head
     from memory3.sdk.model.fingerprint import model_fingerprint
-    from memory3.trainer.model import load_reference_model
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # stderr keeps to the ingest bar and one-line errors
-    model, tokenizer, spec = load_reference_model(model_dir)
+    model, tokenizer, spec = _load_model(model_dir)
     info = client.get_bank(bank)
     fingerprint = model_fingerprint(model)
     if info.model_fingerprint != fingerprint or info.spec != spec:

@@ -11,14 +11,17 @@ import sys
 from memory3.sdk.generation import DecodingOptions, MemoryOptions, stream
 from memory3.sdk.memory.retrieval_head import load_retrieval_head
 from memory3.sdk.memory.supply import MemorySupply
+from memory3.sdk.model.adapters import load_adapter
 from memory3.trainer.model import load_reference_model
 
 
 def generate_command(target: str, api_key: str, bank: str, model_dir: str, prompt: str, *, mode: str = "memory",
                      max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0,
-                     retrieval_bias: float = 0.0, out=None, err=None) -> None:
+                     retrieval_bias: float = 0.0, adapter_dir: str | None = None, out=None, err=None) -> None:
     out, err = out or sys.stdout, err or sys.stderr
     model, tokenizer, spec = load_reference_model(model_dir)
+    if adapter_dir:  # the base's banks serve it: an adapted model keeps its base's fingerprint
+        model = load_adapter(model, adapter_dir)
     head = load_retrieval_head(model_dir, model)  # for a bank in the model's space, if it has one
     with MemorySupply(target, api_key, model, spec, tokenizer=tokenizer, retrieval_head=head) as supply:
         memory = None if mode == "plain" else MemoryOptions(supply, bank, top_k=top_k, retrieval_bias=retrieval_bias)

@@ -339,6 +339,12 @@ def cmd_train_proxy(args) -> None:
     train_proxy_main(args.rest)
 
 
+def cmd_adapt(args) -> None:
+    from memory3.trainer.adapt import main as adapt_main
+
+    adapt_main(args.rest)
+
+
 def cmd_train_retriever(args) -> None:
     from memory3.trainer.retriever import main as train_retriever_main
 
@@ -355,7 +361,7 @@ def cmd_generate(args) -> None:
     generate_command(
         args.target or settings.target or f"{settings.host}:{settings.port}", key or "", args.bank, args.model,
         args.prompt, mode=args.mode, max_new_tokens=args.max_new_tokens, chunk=args.chunk, top_k=args.top_k,
-        temperature=args.temperature, retrieval_bias=args.retrieval_bias,
+        temperature=args.temperature, retrieval_bias=args.retrieval_bias, adapter_dir=args.adapter,
     )
 
 
@@ -494,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--bank", required=True)
     generate.add_argument("--model", required=True, help="reference model directory (model, tokenizer, memory_spec.json)")
+    generate.add_argument("--adapter", help="peft adapter from `memory3 adapt` on this base model (reads the base's banks)")
     generate.add_argument("--mode", default="memory", choices=["memory", "rag", "plain"])
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--chunk", type=int, default=64, help="tokens between memory retrievals")
@@ -550,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="train a model's retrieval head (model-space banks), the model frozen")
     train_retriever.add_argument("rest", nargs=argparse.REMAINDER, help="see `memory3 train-retriever --help`")
     train_retriever.set_defaults(func=cmd_train_retriever)
+
+    adapt = sub.add_parser("adapt", add_help=False,
+                           help="train a peft adapter that teaches a frozen model to read memories")
+    adapt.add_argument("rest", nargs=argparse.REMAINDER, help="see `memory3 adapt --help`")
+    adapt.set_defaults(func=cmd_adapt)
     return parser
 
 
@@ -590,7 +602,8 @@ def _fail(message: str, status: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    trainers = {"train": cmd_train, "train-proxy": cmd_train_proxy, "train-retriever": cmd_train_retriever}
+    trainers = {"train": cmd_train, "train-proxy": cmd_train_proxy, "train-retriever": cmd_train_retriever,
+                "adapt": cmd_adapt}
     if argv[:1] and argv[0] in trainers:  # every option belongs to the trainer's own parser
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=trainers[argv[0]])
     else:
@@ -610,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         _fail(redact(f"{getattr(err, 'filename', None) or ''} {err.strerror or err}".strip()), 2)
     except ValueError as err:  # settings from the environment or a secret file; a training config
-        _fail(redact(str(err) if args.command.startswith("train") else _settings_error(err)), 2)
+        _fail(redact(str(err) if args.command.startswith("train") or args.command == "adapt"
+                     else _settings_error(err)), 2)
     except Exception as err:
         import grpc
 

@@ -5,7 +5,8 @@ Stage 1 (``memory: none``) trains without memory on the generated corpus. A stag
 gets :class:`MemoryHooks`, and :func:`batch_loss` then reads each chunk's memories through them.
 nanoGPT-style: a step's batch and learning rate are pure functions of (seed, step), so a checkpoint
 (model, optimiser, step, RNG states) resumes to identical weights. A run writes ``tokenizer/``,
-``checkpoints/``, ``loss.csv``/``loss.png``, ``model/`` and ``result.json`` under ``out_dir``.
+``checkpoints/``, ``loss.csv``/``loss.png``, ``stages/<name>/`` (each earlier stage's model),
+``model/`` and ``result.json`` under ``out_dir``.
 
 Measurements: docs/experiments.md
 """
@@ -119,14 +120,16 @@ class MemoryHooks:
     position_offset: first position id of the context: ``spec.context_position_offset`` when
         the context is placed after the memories' shared interval, or 0 when the injection path
         realises parallel positions by rotating the memory keys instead (memory3.sdk.model.positions).
+    A stage that only brings its own stream (the RAG twin: memory3.trainer.rag_stage) leaves
+    ``chunk_memories`` and ``inject`` None: its loss is the plain one.
     stream: the stage's own training data (anything with ``batch(step, batch_size) -> Batch``),
         or None for the run's stream. Why: learning to *read* memory needs text whose tokens are
         predictable only from the retrieved reference, which the stage-1 stream lacks (its facts
         are already in the weights); a memory stage mixes such text in.
     """
 
-    chunk_memories: Callable[[torch.nn.Module, Batch], ChunkMemories]
-    inject: Callable[[torch.nn.Module, ChunkMemories, Batch], contextlib.AbstractContextManager]
+    chunk_memories: Callable[[torch.nn.Module, Batch], ChunkMemories] | None
+    inject: Callable[[torch.nn.Module, ChunkMemories, Batch], contextlib.AbstractContextManager] | None
     position_offset: int
     stream: object | None = None
     # State the stage trains besides the model (e.g. a retrieval head): saved in checkpoints and
@@ -176,7 +179,7 @@ def resolve_memory_stage(ctx: TrainContext, stage: StageConfig) -> MemoryHooks |
 
 def batch_loss(model: torch.nn.Module, batch: Batch, hooks: MemoryHooks | None = None) -> torch.Tensor:
     """Mean next-token loss of a batch; with ``hooks``, each chunk reads its memories."""
-    if hooks is None:
+    if hooks is None or hooks.chunk_memories is None:
         return model(input_ids=batch.input_ids, labels=batch.labels).loss
     memories = hooks.chunk_memories(model, batch)
     t = batch.input_ids.shape[1]
@@ -482,6 +485,8 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
                 history.append(row)
             if step % config.checkpoint_interval == 0 or step == end:
                 checkpoint(step)
+            if stage_done and si < len(config.stages) - 1:
+                save_reference_model(model, tokenizer, spec, stage_model_dir(out_dir, stage.name))
     except KeyboardInterrupt:
         checkpoint(step)
         raise
@@ -510,6 +515,12 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
     )
     (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result
+
+
+def stage_model_dir(out_dir: str | Path, stage_name: str) -> Path:
+    """Where a finished stage that is not the last one saves its model (loadable like ``model/``):
+    stage 1's is the base a user's pretrained model stands for in ``memory3 adapt``'s measurement."""
+    return Path(out_dir) / "stages" / stage_name
 
 
 def _optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -9,6 +9,8 @@ attention it receives with RoPE undone, and keeps the top ``spec.tokens_per_head
 them raises :class:`ReferenceTooShortError`: filler tokens would change what the reader attends to.
 With a :class:`~memory3.sdk.memory.retrieval_head.RetrievalHead`, the same forward also gives each
 memory its retrieval key (``ExplicitMemory.retrieval_key``) from the input embeddings it computes.
+A model carrying peft adapters encodes with them disabled: memories are always the base's
+(:mod:`memory3.sdk.model.adapters`).
 
 Details: docs/design.md ("Encoding: top-k tokens per KV head by attention received");
 measurements: docs/experiments.md ("Encoder throughput").
@@ -25,6 +27,7 @@ from memory3.sdk.memory.retrieval_head import RetrievalHead
 from memory3.sdk.memory.self_check import require_exact_reading
 from memory3.sdk.memory.tensors import ExplicitMemory
 from memory3.sdk.model.attention import attention_hook
+from memory3.sdk.model.adapters import adapters_disabled
 from memory3.sdk.model.fingerprint import model_fingerprint
 from memory3.sdk.model.positions import probe_geometry, reference_position_ids
 from memory3.sdk.model.precision import float32_compute
@@ -193,7 +196,8 @@ class MemoryEncoder:
             watch = self.model.get_input_embeddings().register_forward_hook(self._embeddings)
         try:
             grad_mode = torch.enable_grad() if self._differentiable else torch.inference_mode()
-            with grad_mode, float32_compute(self.model), attention_hook(self.model, self._capture):
+            with grad_mode, adapters_disabled(self.model), float32_compute(self.model), \
+                    attention_hook(self.model, self._capture):
                 try:
                     self.model(
                         input_ids=input_ids,

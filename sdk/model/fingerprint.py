@@ -5,7 +5,8 @@ other weights must be refused. :func:`model_fingerprint` is a SHA-256 over the c
 (without fields that do not change what the model computes) and every parameter and buffer in name
 order (name, dtype, shape, bytes). It is cached per model object and recomputed only when the config
 text, a tensor's version counter (in-place writes) or its storage pointer (``.data`` re-assigned, the
-model moved) changes.
+model moved) changes. Adapters do not count: an adapted model has its base's fingerprint, since
+its memories are the base's (:mod:`memory3.sdk.model.adapters`).
 
 Details: docs/design.md ("Fingerprints").
 """
@@ -17,6 +18,8 @@ import json
 import weakref
 
 import torch
+
+from .adapters import base_named_tensors, unwrap
 
 VOLATILE_CONFIG_FIELDS = frozenset(
     {
@@ -38,13 +41,15 @@ _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, str]]" = weakre
 
 
 def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and buffers (persistent or not), each once, sorted by name."""
+    """Parameters and buffers (persistent or not), each once, sorted by name; of a model carrying
+    peft adapters, the base's tensors under the base's names (:mod:`memory3.sdk.model.adapters`)."""
+    inner = unwrap(model)
     seen: dict[str, torch.Tensor] = {}
-    for name, tensor in model.named_parameters(remove_duplicate=False):
+    for name, tensor in inner.named_parameters(remove_duplicate=False):
         seen[name] = tensor
-    for name, tensor in model.named_buffers(remove_duplicate=False):
+    for name, tensor in inner.named_buffers(remove_duplicate=False):
         seen[name] = tensor
-    return sorted(seen.items())
+    return sorted(base_named_tensors(inner, seen).items())
 
 
 def _state_key(tensors: list[tuple[str, torch.Tensor]]) -> tuple:
@@ -73,8 +78,8 @@ def config_digest_text(config, model: torch.nn.Module | None = None) -> str:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hex SHA-256 of a model's config and weights; cached until the config or a tensor changes."""
     tensors = _named_tensors(model)
-    config = getattr(model, "config", None)
-    config_text = config_digest_text(config, model) if config is not None else "null"
+    config = getattr(unwrap(model), "config", None)
+    config_text = config_digest_text(config, unwrap(model)) if config is not None else "null"
     key = (config_text, _state_key(tensors))
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == key:

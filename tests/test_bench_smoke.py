@@ -1,6 +1,7 @@
 """The decoding benchmarks' code paths run (issue 17: a bench that broke on main went unnoticed):
 bench_decoding's injection-only source through the decode loop, and bench_retrieval_space's
-recall and strict-schedule decoding parts at a toy size against the test server."""
+recall, held-out QA and strict-schedule decoding parts at a toy size against the test server; the
+evaluation's model-space retrieval finds what a model-space bank on the server answers."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from memory3.sdk.memory.retrieval_head import RetrievalHead
 from memory3.sdk.memory.supply import MemorySupply
 from memory3.sdk.memory.writer import MemoryWriter
 from memory3.sdk.model.fingerprint import model_fingerprint
+from memory3.trainer.corpus import HELDOUT, format_qa_prompt
+from memory3.trainer.evaluate import RunUnderTest, model_space_index
 from memory3.trainer.model import build_model, default_memory_spec, save_reference_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -67,3 +70,31 @@ def test_bench_retrieval_space_parts_run_at_a_toy_size(setup, server, api_key):
     assert all(r.tokens_per_s > 0 for r in rows) and all(r.steps for r in model_rows)
     text = bench_retrieval_space.report(recall, rows, "toy run")
     assert "recall@5" in text and "memory, model space, warm" in text and "× memory MiniLM" in text
+
+
+def test_qa_part_and_the_evaluation_retrieve_in_the_model_space_as_a_bank_does(setup, blocking, tmp_path):
+    model, tokenizer, spec, model_dir, _, _ = setup
+    head = RetrievalHead.for_model(model, dim=32, seed=0)
+    qa = bench_retrieval_space.qa_part(model_dir, head, top_ks=(1, 2), biases=(20.0,))
+    for name, space in (("minilm", "all-MiniLM-L6-v2"), ("model_space", head.space)):
+        assert set(qa[name]) == {"question", "prompt"} and set(qa["bias_sweep"][name]) == {20.0}
+        for query, by_k in qa[name].items():
+            assert set(by_k) == {1, 2} and all(r["retriever"] == space and r["query"] == query for r in by_k.values())
+            assert all(set(r["exact_match"]) == {"plain", "rag", "memory", "memory_prior"} for r in by_k.values())
+    assert "| model space | prompt | 2 |" in "\n".join(bench_retrieval_space.qa_lines(qa))
+
+    # trainer.evaluate's model-space index (the head loaded from a directory, checked against the
+    # model) holds the keys a model-space bank stores, and finds what the bank answers
+    head.save(tmp_path)
+    run = RunUnderTest.load(model_dir.parent, num_threads=1)
+    index = model_space_index(run, tmp_path)
+    bank = "qa-space"
+    blocking.create_bank(BankInfo(bank, model_fingerprint(model), spec, head.space, head.dim, "cosine"))
+    writer = MemoryWriter(MemoryEncoder(run.model, run.tokenizer, run.spec, retrieval_head=index.head), skip_short=True)
+    blocking.run(writer.write(blocking.aio, bank, [(str(i), t) for i, t in enumerate(index.texts)], progress=False))
+    prompts = [format_qa_prompt(p.question) for p in run.world.qa(HELDOUT)[:8]]
+    vectors = index.embed_queries(prompts)
+    sent = head.vectors(model, [tokenizer(p)["input_ids"] for p in prompts], tokenizer.all_special_ids)
+    torch.testing.assert_close(torch.from_numpy(vectors), torch.tensor(sent), atol=1e-5, rtol=0)  # as decoding sends
+    answered = blocking.retrieve_batch(bank, [v.tolist() for v in vectors], top_k=1, include_text=False)
+    assert [[int(r.external_id) for r in row] for row in answered] == index.search(prompts, 1, query_vectors=vectors)

@@ -4,8 +4,9 @@ Modes, on the same questions and the same retrieved references (Memory3 §5): ``
 memory), ``rag`` (top-k reference texts in the prompt), ``memory`` (their explicit memories
 injected through :class:`~memory3.sdk.memory.injection.MemoryInjector`) and ``memory_prior`` (the
 same memories under the injector's retrieval prior, reported beside ``memory``). Retrieval is one
-in-process MiniLM index over all the world's references, dropping references that overlap the
-question by more than :data:`~memory3.trainer.corpus.EVAL_OVERLAP_LIMIT`. One greedy loop
+in-process index over all the world's references — MiniLM's, or the model's own space with
+``--retrieval-head`` (:class:`~memory3.trainer.retriever.ModelSpaceIndex`) — dropping references
+that overlap the question by more than :data:`~memory3.trainer.corpus.EVAL_OVERLAP_LIMIT`. One greedy loop
 (:func:`generate_answers`) serves every mode and the training-time QA monitor. Settings:
 :class:`~memory3.trainer.config.EvaluationConfig`; ``python -m memory3.trainer.evaluate RUN_DIR``.
 
@@ -51,16 +52,20 @@ MODE_LABELS = {"plain": "no memory", "rag": "RAG (top-k texts in prompt)", "memo
                "memory_prior": "explicit memory (top-k), retrieval prior"}
 PLOT_LABELS = {"plain": "no memory", "rag": "RAG", "memory": "memory", "memory_prior": "memory + prior"}
 MEMORY_MODES = ("memory", "memory_prior")
+QUERIES = ("question", "prompt")
 
 
 # ------------------------------------------------------------------ retrieval with the eval rule
 
 
 def retrieve_for_questions(index: ReferenceIndex, questions: Sequence[str], top_k: int = EvaluationConfig.top_k,
-                           overlap_limit: float = EVAL_OVERLAP_LIMIT, with_scores: bool = False):
+                           overlap_limit: float = EVAL_OVERLAP_LIMIT, with_scores: bool = False,
+                           query_texts: Sequence[str] | None = None):
     """Per question, the top-k reference positions after dropping references that overlap the
     question by more than ``overlap_limit``; and how many candidates that rule dropped. With
-    ``with_scores``: (positions, their similarity scores, dropped)."""
+    ``with_scores``: (positions, their similarity scores, dropped). ``query_texts`` (one per
+    question) are searched with instead of the questions (e.g. the prompt the model reads); the
+    overlap rule still compares the question."""
     dropped = 0
 
     def exclude(question: str, position: int) -> bool:
@@ -69,9 +74,27 @@ def retrieve_for_questions(index: ReferenceIndex, questions: Sequence[str], top_
         dropped += drop
         return drop
 
-    found = index.search_scored(list(questions), top_k, exclude)
+    vectors = index.embed_queries(list(query_texts)) if query_texts is not None else None
+    found = index.search_scored(list(questions), top_k, exclude, query_vectors=vectors)
     positions, scores = [f[0] for f in found], [f[1] for f in found]
     return (positions, scores, dropped) if with_scores else (positions, dropped)
+
+
+def index_space(index: ReferenceIndex) -> str:
+    """The space an index retrieves in: its head's (model space) or its text embedder's name."""
+    head = getattr(index, "head", None)
+    return head.space if head is not None else index.embedder.name
+
+
+def model_space_index(run: "RunUnderTest", head_dir: str | Path) -> ReferenceIndex:
+    """The run's references indexed in its model's space by the retrieval head saved in
+    ``head_dir`` (refused unless trained for this model)."""
+    from memory3.sdk.memory.retrieval_head import RetrievalHead
+
+    from .retriever import ModelSpaceIndex
+
+    head = RetrievalHead.load(head_dir, run.model)
+    return ModelSpaceIndex(run.index.texts, head, run.model, run.tokenizer, run.spec)
 
 
 # ------------------------------------------------------------------ one greedy loop, three modes
@@ -156,6 +179,8 @@ class Evaluation:
     references: int
     modes: dict[str, ModeResult] = field(default_factory=dict)
     examples: list[dict] = field(default_factory=list)
+    retriever: str = "all-MiniLM-L6-v2"  # the index's space (a model space: model:<fingerprint>:<head>)
+    query: str = "question"  # what was searched with: the question's text or the prompt the model reads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,12 +197,15 @@ def evaluate_qa(model, tokenizer, spec, world: World, pairs: Sequence[QAPair], i
                 bank: Sequence[ExplicitMemory] | None = None, top_k: int = EvaluationConfig.top_k,
                 modes: Sequence[str] = MODES, new_tokens: int = EvaluationConfig.new_tokens,
                 batch_size: int = EvaluationConfig.batch_size, split: str = HELDOUT,
-                retrieval_bias: float = EvaluationConfig.retrieval_prior_bias) -> Evaluation:
+                retrieval_bias: float = EvaluationConfig.retrieval_prior_bias, query: str = "question") -> Evaluation:
     """QA exact match of ``pairs`` in each mode, on the same questions and retrieved references.
 
     ``index`` and ``bank`` cover ``world.references`` in order (built here when not given);
-    ``retrieval_bias`` is the ``memory_prior`` mode's.
+    ``retrieval_bias`` is the ``memory_prior`` mode's; ``query``: search with the question's text
+    (``"question"``) or with the QA prompt the model reads (``"prompt"``, what a decoding chunk sends).
     """
+    if query not in QUERIES:
+        raise ValueError(f"query must be one of {QUERIES}, got {query!r}")
     texts = [r.text for r in world.references]
     index = index or ReferenceIndex(texts)
     if bank is None and set(MEMORY_MODES) & set(modes):
@@ -186,11 +214,14 @@ def evaluate_qa(model, tokenizer, spec, world: World, pairs: Sequence[QAPair], i
         bank_s = 0.0
     questions = [p.question for p in pairs]
     t0 = time.perf_counter()
-    retrieved, scores, dropped = retrieve_for_questions(index, questions, top_k, with_scores=True)
+    query_texts = [format_qa_prompt(q) for q in questions] if query == "prompt" else None
+    retrieved, scores, dropped = retrieve_for_questions(index, questions, top_k, with_scores=True,
+                                                        query_texts=query_texts)
     retrieval_s = time.perf_counter() - t0
     hits = sum(world.references[p.entity_id].id in {world.references[i].id for i in r}
                for p, r in zip(pairs, retrieved))
-    ev = Evaluation(split, top_k, len(pairs), hits / max(1, len(pairs)), dropped, retrieval_s, bank_s, len(texts))
+    ev = Evaluation(split, top_k, len(pairs), hits / max(1, len(pairs)), dropped, retrieval_s, bank_s, len(texts),
+                    retriever=index_space(index), query=query)
     for mode in modes:
         prompts = [prompt_ids(tokenizer, q, mode, [texts[i] for i in r]) for q, r in zip(questions, retrieved)]
         memories = [[bank[i] for i in r] for r in retrieved] if mode in MEMORY_MODES else None
@@ -257,7 +288,8 @@ def report_markdown(evals: Sequence[Evaluation], info: dict) -> str:
             lines.append(f"| {MODE_LABELS[mode]} | {r.exact_match:.1%} ({r.correct}/{r.questions}) | {delta} | "
                          f"{r.tokens_per_s:.0f} | {ratio} |")
         lines.append("")
-        lines.append(f"retrieval {ev.retrieval_s:.2f} s for {ev.questions} questions (MiniLM, shared by RAG and memory); "
+        lines.append(f"retrieval {ev.retrieval_s:.2f} s for {ev.questions} questions ({ev.retriever}, shared by RAG and "
+                     "memory); "
                      f"memory bank: {ev.references} references encoded in {ev.memory_bank_s:.2f} s (once).")
         lines.append("")
     if info.get("memory_by_top_k"):
@@ -352,12 +384,15 @@ class RunUnderTest:
 
 
 def evaluate_run(run_dir: str | Path, evaluation: EvaluationConfig | None = None, out_dir: str | Path | None = None,
-                 num_threads: int | None = None) -> dict:
+                 num_threads: int | None = None, retrieval_head: str | Path | None = None) -> dict:
     """Evaluate a run directory's saved model and write the report; returns its data.
 
-    ``evaluation``: the settings (default: the run's own ``config.evaluation``)."""
+    ``evaluation``: the settings (default: the run's own ``config.evaluation``); ``retrieval_head``:
+    a directory holding the model's retrieval head, to retrieve in the model's space, not MiniLM's."""
     run_dir = Path(run_dir)
     run = RunUnderTest.load(run_dir, num_threads)
+    if retrieval_head is not None:
+        run.index = model_space_index(run, retrieval_head)
     config, model, tokenizer, spec, world, index, bank = (run.config, run.model, run.tokenizer, run.spec, run.world,
                                                           run.index, run.bank)
     settings = evaluation or config.evaluation
@@ -414,12 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--retrieval-prior-bias", type=float, help="the memory_prior mode's bias")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the run's)")
+    parser.add_argument("--retrieval-head", metavar="DIR", help="retrieve in the model's space with the retrieval head "
+                                                                  "saved in DIR (memory3 train-retriever --out DIR)")
     parser.add_argument("--out", default="bench/results", help="where the report, json and plot go")
     args = parser.parse_args(argv)
     given = {"top_k": args.top_k, "train_questions": args.train_questions, "batch_size": args.batch_size,
              "new_tokens": args.new_tokens, "retrieval_prior_bias": args.retrieval_prior_bias}
     evaluation = replace(load_run_config(args.run_dir).evaluation, **{k: v for k, v in given.items() if v is not None})
-    evaluate_run(args.run_dir, evaluation, args.out, args.threads)
+    evaluate_run(args.run_dir, evaluation, args.out, args.threads, args.retrieval_head)
     return 0
 
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from memory3.sdk.memory.encoder import MemoryEncoder
@@ -31,6 +32,7 @@ from memory3.sdk.memory.retrieval_head import HEAD_FILENAME, RetrievalHead
 
 from .corpus import ATTRIBUTES, HELDOUT, QUESTIONS, STATEMENTS, TRAIN, World, _articles, build_world, format_qa_prompt
 from .model import load_reference_model
+from .retrieval_index import ReferenceIndex
 
 METRICS_FILENAME = "retrieval_head.json"
 
@@ -103,6 +105,30 @@ def _keys(head, model, tokens: _Tokens, reference_ids: Sequence[Sequence[int]]) 
     return head.keys_of(model, reference_ids, [prefix] * len(reference_ids))
 
 
+class ModelSpaceIndex(ReferenceIndex):
+    """A :class:`~memory3.trainer.retrieval_index.ReferenceIndex` in a model's space: the references'
+    vectors are the head's keys (as the encoder writes them to a model-space bank), a query's is
+    the head's vector of its token ids (as the supply sends while decoding). Exact cosine search
+    and the overlap rule are the MiniLM index's own (``search_scored``), so the evaluation
+    retrieves through one function whichever space it reads."""
+
+    def __init__(self, texts: Sequence[str], head: RetrievalHead, model, tokenizer, spec,
+                 ids: Sequence[int] | None = None):
+        self.texts = list(texts)
+        self.ids = list(ids) if ids is not None else list(range(len(self.texts)))
+        if len(self.ids) != len(self.texts):
+            raise ValueError("ids and texts differ in length")
+        head.check_model(model)
+        self.head, self.model, self.tokens = head, model, _Tokens(model, tokenizer, spec)
+        self.cache_dir, self.embedder = None, None
+        with torch.no_grad():
+            self.vectors = _keys(head, model, self.tokens, self.tokens.references(self.texts)).cpu().numpy()
+
+    def embed_queries(self, queries: Sequence[str], cache: bool = False) -> np.ndarray:
+        with torch.no_grad():
+            return self.head.keys_of(self.model, self.tokens.queries(list(queries))).cpu().numpy()
+
+
 def recall_at(queries: torch.Tensor, keys: torch.Tensor, positives: Sequence[int], ks=(1, 5)) -> dict[str, float]:
     """recall@k of each query's own reference among the keys (cosine: unit vectors)."""
     top = (queries @ keys.T).topk(max(ks), dim=-1).indices.tolist()
@@ -119,17 +145,14 @@ def heldout_questions(world: World) -> list[tuple[int, str]]:
 def evaluate_head(head: RetrievalHead, model, tokenizer, spec, world: World, compare_minilm: bool = False) -> dict:
     """Held-out questions against every reference of ``world``: recall@1/@5 in the model's space
     (and with MiniLM, the built-in text embedder, when asked)."""
-    tokens = _Tokens(model, tokenizer, spec)
     texts = [r.text for r in world.references]
     questions = heldout_questions(world)
     positives = [p for p, _ in questions]
     out = {"questions": len(questions), "references": len(texts)}
-    keys = _keys(head, model, tokens, tokens.references(texts))
-    queries = head.keys_of(model, tokens.queries([q for _, q in questions]))
-    out["model_space"] = recall_at(queries, keys, positives)
+    space = ModelSpaceIndex(texts, head, model, tokenizer, spec)
+    queries = torch.from_numpy(space.embed_queries([q for _, q in questions]))
+    out["model_space"] = recall_at(queries, torch.from_numpy(space.vectors), positives)
     if compare_minilm:
-        from .retrieval_index import ReferenceIndex
-
         index = ReferenceIndex(texts)
         q = torch.from_numpy(index.embed_queries([q for _, q in questions]))
         out["minilm"] = recall_at(q, torch.from_numpy(index.vectors), positives)

@@ -31,7 +31,8 @@ from memory3.sdk.model.positions import memory_spec_for
 from .config import DrillConfig, StageConfig, TrainConfig, WorldConfig, _build
 from .corpus import build_world
 from .memory_stage import RetrievalMemoryStage, answer_loss, memory_drill
-from .pretrain import Batch, TrainContext, batch_loss, learning_rate, write_curves
+from .figures import caption
+from .pretrain import Batch, TrainContext, batch_loss, learning_rate
 from .rag_stage import rag_stage
 
 READINGS = ("memory", "rag")
@@ -144,6 +145,43 @@ def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters()) - trainable
 
 
+CURVE_FIELDS = ["step", "lr", "loss", "answer_loss_memory", "answer_loss_plain", "elapsed_s", "tokens"]
+
+
+def write_adapter_curves(out_dir: Path, history: list[dict], config: AdaptConfig) -> None:
+    """loss.csv and loss.png: the training loss, and the probe's answer loss on drills about
+    unseen entities with the right memory vs without (the gap is what the adapter learned)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out_dir / "loss.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    if not history:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot([r["step"] for r in history], [r["loss"] for r in history], lw=0.8)
+    left.set(xlabel="step", ylabel="training loss", yscale="log",
+             title=f"LoRA r{config.rank} on {'+'.join(config.target_modules)}, reading {config.reading}")
+    probes = [r for r in history if r.get("answer_loss_memory") is not None]
+    if probes:
+        steps = [r["step"] for r in probes]
+        right.plot(steps, [r["answer_loss_memory"] for r in probes], "o-", ms=3, label="with the right memory")
+        right.plot(steps, [r["answer_loss_plain"] for r in probes], "o--", ms=3, label="without memory")
+        right.legend()
+    right.set(xlabel="step", ylabel="answer loss (nats/token)",
+              title=f"{config.eval_documents} drills about entities no step trains on")
+    caption(fig, f"adapter on {config.base}")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(out_dir / "loss.png", dpi=100)
+    plt.close(fig)
+
+
 @dataclass
 class AdaptResult:
     out_dir: str
@@ -212,7 +250,7 @@ def run_adapt(config: AdaptConfig, stop_at: int | None = None) -> AdaptResult:
         path.with_suffix(".tmp").replace(path)
         for old in sorted((out_dir / "checkpoints").glob("ckpt_*.pt"))[: -max(1, config.keep_checkpoints)]:
             old.unlink()
-        write_curves(out_dir, history)
+        write_adapter_curves(out_dir, history, config)
 
     def probe() -> tuple[float, float]:
         return (answer_loss(model, tokenizer, spec, probe_docs, references=probe_refs),
@@ -250,8 +288,7 @@ def run_adapt(config: AdaptConfig, stop_at: int | None = None) -> AdaptResult:
                 row = {"step": step, "stage": f"adapt ({config.reading})", "lr": lr, "loss": last,
                        "elapsed_s": prior + time.perf_counter() - t0, "tokens": step * config.batch_size * config.seq_len}
                 if config.eval_interval and (step % config.eval_interval == 0 or step == total):
-                    # the curve's QA columns hold the answer loss with / without memory (lower is better)
-                    row["qa_train"], row["qa_heldout"] = probe()
+                    row["answer_loss_memory"], row["answer_loss_plain"] = probe()
                 history.append(row)
             if step % config.checkpoint_interval == 0 or step == end:
                 checkpoint(step)
@@ -270,7 +307,7 @@ def run_adapt(config: AdaptConfig, stop_at: int | None = None) -> AdaptResult:
         save_adapter(peft_model, out_dir, base_fingerprint, spec.to_dict(), reading=config.reading, method="lora",
                      target_modules=list(config.target_modules), rank=config.rank, trainable_parameters=trainable,
                      base_parameters=frozen, steps=step, train_time_s=train_time, base=str(config.base))
-    write_curves(out_dir, history)
+    write_adapter_curves(out_dir, history, config)
     result = AdaptResult(str(out_dir), step, finished, last, trainable, frozen, train_time,
                          train_time / step if step else None, with_memory, without, base_fingerprint)
     (out_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))

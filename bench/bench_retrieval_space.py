@@ -4,7 +4,7 @@ Each figure beside its baseline measured in the same process:
 
 1. Retrieval quality (needs a trained model, ``--model DIR``): recall@1 and recall@5 of each
    held-out question's own reference among every reference of the model's world, with the
-   model's retrieval head (``DIR/retrieval_head.safetensors``; trained here first if missing)
+   model's retrieval head (``retrieval_head.safetensors`` in ``--head`` or DIR; trained here if missing)
    and with all-MiniLM-L6-v2, plus the time to make one batch's query vectors each way; and
    held-out QA exact match with memories retrieved either way (trainer.evaluate's one loop and
    retrieval rule), top-1 and top-5, with and without the retrieval prior.
@@ -15,7 +15,7 @@ Each figure beside its baseline measured in the same process:
    A random model of ``--preset`` serves for speed when no ``--model`` is given (its head is
    untrained: speed does not depend on it).
 
-Usage: python bench/bench_retrieval_space.py [--model DIR | --preset small] [--split-cores]
+Usage: python bench/bench_retrieval_space.py [--model DIR [--head HEAD_DIR] | --preset small] [--split-cores]
 Writes bench/results/NAME.md and NAME.json (``--name``, default ``retrieval_space``).
 """
 
@@ -69,7 +69,8 @@ class Row:
 # ------------------------------------------------------------------ part 1: recall
 
 
-def recall_part(model, tokenizer, spec, head, model_dir: Path, steps: int) -> tuple[dict, RetrievalHead]:
+def recall_part(model, tokenizer, spec, head, model_dir: Path, steps: int,
+                head_dir: Path | None = None) -> tuple[dict, RetrievalHead]:
     """Held-out recall, model space vs MiniLM (trainer.retriever.evaluate_head), and the cost of
     one batch of 8 query vectors each way; and the head (trained here when ``head`` is None)."""
     from memory3.trainer.corpus import build_world
@@ -96,6 +97,11 @@ def recall_part(model, tokenizer, spec, head, model_dir: Path, steps: int) -> tu
         "minilm": _best_ms(lambda: embedder.embed(questions)),
     }
     out["head"] = {"space": head.space, "trained_here_s": trained_here}
+    made = head_dir / "retrieval_head.json" if head_dir is not None and trained_here is None else None
+    if made is not None and made.is_file():  # memory3 train-retriever's record of how the head was trained
+        record = json.loads(made.read_text())
+        out["head"] |= {"directory": str(head_dir), "config": record.get("config"),
+                        "train_seconds": record.get("train_seconds")}
     return out, head
 
 
@@ -214,6 +220,16 @@ def _em(result: dict, mode: str) -> str:
     return f"{result['exact_match'][mode]:.3f} ({result['correct'][mode]}/{result['questions']})"
 
 
+def _made(head: dict) -> str:
+    config = head.get("config")
+    if not config:
+        return ""
+    shown = ", ".join(f"{k} {config[k]}" for k in ("steps", "batch_size", "hard_negatives", "token_codes",
+                                                    "extra_entities", "dim") if k in config)
+    return (f", from `{head['directory']}` (memory3 train-retriever: {shown}; trained in "
+            f"{head.get('train_seconds') or 0:.0f} s)")
+
+
 def qa_lines(qa: dict) -> list[str]:
     modes = ("plain", "rag", "memory", "memory_prior")
     lines = ["## Held-out QA exact match: memories retrieved in the model's space vs by MiniLM", "",
@@ -261,7 +277,8 @@ def report(recall: dict | None, rows: list[Row], header: str, qa: dict | None = 
             f"| all-MiniLM-L6-v2 (baseline, in process) | {mini['recall@1']:.3f} | {mini['recall@5']:.3f} | "
             f"{recall['ms_per_batch_of_8']['minilm']:.2f} |", "",
             f"Head: `{recall['head']['space']}`" + (f", trained in this run ({recall['head']['trained_here_s']:.0f} s)"
-                                                    if recall['head']['trained_here_s'] else "") + ".", "",
+                                                    if recall['head']['trained_here_s'] else "") + _made(recall['head'])
+            + ".", "",
         ]
     if qa:
         lines += qa_lines(qa)
@@ -312,6 +329,8 @@ def target_lines(rows: list[Row]) -> list[str]:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="trained model directory (memory3 train's RUN_DIR/model): recall and speed")
+    parser.add_argument("--head", help="directory of the model's retrieval head (memory3 train-retriever --out DIR; "
+                                       "default: --model)")
     parser.add_argument("--preset", default="small", help="without --model: random model of this preset (speed only)")
     parser.add_argument("--head-steps", type=int, default=300, help="train a head for this many steps when --model has none")
     parser.add_argument("--entities", type=int, default=120, help="references in the decoding banks (one per entity)")
@@ -339,10 +358,11 @@ def main(argv=None) -> str:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, tokenizer, spec, references, prompts = load_model(args)
-    head = load_retrieval_head(args.model, model) if args.model else None
+    head_dir = Path(args.head or args.model) if args.model else None
+    head = load_retrieval_head(head_dir, model) if head_dir else None
     recall = qa = None
     if args.model:
-        recall, head = recall_part(model, tokenizer, spec, head, Path(args.model), args.head_steps)
+        recall, head = recall_part(model, tokenizer, spec, head, Path(args.model), args.head_steps, head_dir)
         if not args.skip_qa:
             qa = qa_part(Path(args.model), head)
     else:

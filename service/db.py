@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from pgvector.psycopg import register_vector, register_vector_async
 from sqlalchemy import create_engine, event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from memory3 import migrations
@@ -22,6 +25,7 @@ from .config import Settings
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
+PING_AFTER_IDLE_SECONDS = 5.0  # a pooled connection idle longer than this is pinged (a round trip) on checkout
 
 
 def alembic_config() -> AlembicConfig:
@@ -52,9 +56,9 @@ def create_engine_for(url: str, settings: Settings, connect_timeout: float | Non
     a new connection may take, e.g. to a replica that may be away)."""
     connect_args = {"connect_timeout": max(1, round(connect_timeout))} if connect_timeout else {}
     engine = create_async_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, pool_pre_ping=True,
-        connect_args=connect_args,
+        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow, connect_args=connect_args,
     )
+    check_on_checkout(engine)
 
     async def prepare(connection) -> None:
         await register_vector_async(connection)
@@ -69,6 +73,46 @@ def create_engine_for(url: str, settings: Settings, connect_timeout: float | Non
         dbapi_connection.run_async(prepare)
 
     return engine
+
+
+def _closed_by_server(driver_connection) -> bool:
+    """Whether the server has spoken on an idle connection: it never does unless it is going away
+    (a terminated backend or a shutdown sends an error and closes; a killed one just closes), so
+    readable input on a connection that sits in the pool means the connection is gone. No round trip."""
+    try:
+        if driver_connection.closed:
+            return True
+        poller = select.poll()
+        poller.register(driver_connection.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    except Exception:  # no socket any more
+        return True
+
+
+def check_on_checkout(engine: AsyncEngine) -> None:
+    """What SQLAlchemy's pool_pre_ping does, without its round trip on every checkout (two per
+    Retrieve before the read path was made lean): a pooled connection is handed out only if the
+    server has not closed it (its socket is polled, see :func:`_closed_by_server`); one idle for
+    more than ``PING_AFTER_IDLE_SECONDS`` is also pinged, for a server that went away silently. A
+    dead one is replaced by a new connection before the call uses it (the pool's own retry on
+    DisconnectionError), so a restarted database costs no call an error."""
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _checkin(_dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _checkout(dbapi_connection, record, _proxy) -> None:
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None:  # a new connection
+            return
+        if _closed_by_server(dbapi_connection.driver_connection):
+            raise DisconnectionError("the server closed the connection while it was in the pool")
+        if time.monotonic() - idle_since > PING_AFTER_IDLE_SECONDS:
+            try:
+                engine.dialect.do_ping(dbapi_connection)
+            except Exception as err:
+                raise DisconnectionError(f"ping failed: {err}") from err
 
 
 STAGING_TABLES = ("reference_staging", "episode_staging", "upload_chunks")

@@ -242,7 +242,11 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         vector = await self._query_vector(bank, request)
         excluding = request.max_overlap > 0
         limit = min(top_k * 4 + 16, self.settings.max_top_k) if excluding else top_k
-        rows = await self.refs.search(bank, vector, limit, conditions)
+        # Without the overlap rule the search statement reads the memories too (one round trip, one
+        # snapshot); with it, memories are read after the rule, only for the references it keeps.
+        inline = request.include_memory and not excluding
+        rows = await self.refs.search(bank, vector, limit, conditions,
+                                      memory_budget=self.settings.read_batch_bytes if inline else None)
         if excluding:
             dropped = await self.cpu.run(overlapping, request.text, [r.text for r in rows], request.max_overlap,
                                          max_words=OVERLAP_MAX_WORDS)
@@ -254,6 +258,13 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
             for message in self._packed(self._all_frames(rows, request.include_text, False, ranked=True)):
                 yield message
             return
+        if inline:  # the nearest references whose memories fit read_batch_bytes came with them
+            ready = next((i for i, row in enumerate(rows) if row.memory is None and row.memory_size), len(rows))
+            for message in self._packed(self._all_frames(rows[:ready], request.include_text, True, ranked=True)):
+                yield message
+            rows = rows[ready:]
+            if not rows:
+                return
         async for message in self._with_memories(bank, rows, request.include_text, ranked=True):
             yield message
 
@@ -366,21 +377,21 @@ class MemoriesServicer(memories_pb2_grpc.MemoriesServicer):
         tenant_id = await self.auth.tenant(context)
         ids = self._check_ids(request.external_ids)
         bank = await self.banks.get(tenant_id, request.bank)
-        sizes = await self.refs.sizes(bank, ids)
         wanted = list(dict.fromkeys(ids))
-        if not request.allow_missing and len(sizes) < len(wanted):
-            missing = [i for i in wanted if i not in sizes]
+        # One statement: the references that fit read_batch_bytes whole, the sizes of the rest.
+        whole, later = await self.refs.fetch(bank, wanted, request.include_memory, self.settings.read_batch_bytes)
+        if not request.allow_missing and len(whole) + len(later) < len(wanted):
+            present = {row.external_id for row in whole}.union(external_id for external_id, _ in later)
+            missing = [i for i in wanted if i not in present]
             shown = ", ".join(repr(i) for i in missing[:10])
             raise NotFound(f"{len(missing)} reference(s) not found in bank {bank.name!r}: {shown}")
-        present = [i for i in wanted if i in sizes]
-
-        def weight(external_id: str) -> int:
-            text_bytes, memory_bytes = sizes[external_id]
-            return text_bytes + (memory_bytes if request.include_memory else 0)
-
-        for group in size_batches(present, self.settings.read_batch_bytes, size_of=weight):
+        for message in self._packed(self._all_frames(whole, True, request.include_memory, ranked=False)):
+            yield message
+        whole = None
+        sizes = dict(later)
+        for group in size_batches(list(sizes), self.settings.read_batch_bytes, size_of=sizes.__getitem__):
             current = await self.refs.load(bank, group, request.include_memory)
-            rows = [current[i] for i in group if i in current]
+            rows = [current[i] for i in group if i in current]  # deleted meanwhile: left out
             for message in self._packed(self._all_frames(rows, True, request.include_memory, ranked=False)):
                 yield message
             current = rows = None  # let this group go before the next one is read

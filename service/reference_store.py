@@ -210,27 +210,50 @@ class ReferenceStore:
         return BankWriter(bank, self.engine)
 
     async def search(
-        self, bank: Bank, vector: np.ndarray, limit: int, conditions: list[Condition] = ()
+        self, bank: Bank, vector: np.ndarray, limit: int, conditions: list[Condition] = (),
+        memory_budget: int | None = None,
     ) -> list[StoredReference]:
-        """Nearest references by the bank's HNSW index (approximate), nearest first, without their
-        memories (:meth:`load` reads those, a bounded group at a time).
+        """Nearest references by the bank's HNSW index (approximate), nearest first.
+
+        Without ``memory_budget`` the rows come without their memories (:meth:`load` reads those,
+        a bounded group at a time). With it (bytes), the same statement also returns the memories
+        of the nearest rows whose memories together fit in the budget — search and payloads in one
+        round trip on one connection, from one snapshot; a row past the budget has ``memory``
+        None while its ``memory_size`` says it has one, for :meth:`load` to read. A window sum
+        decides, so the bytes of a call stay bounded whatever top_k asks for; the memories of rows
+        past the budget are never read (a TOAST pointer is only followed when a value is sent).
 
         The hot path of every Retrieve: the statement goes straight to the psycopg connection
-        (no SQLAlchemy compile per call), where psycopg prepares it after a few executions.
+        (no SQLAlchemy compile per call), where psycopg prepares it after a few executions;
+        results are binary (a memory arrives as its bytes, not as hex text twice its size).
         """
         operator, _, score_sql = METRICS[bank.metric]
         dim = int(bank.embedder_dim)
         distance = f"(embedding::vector({dim}) {operator} %(q)s::vector({dim}))"
+        score = score_sql.format(d=distance)
         params = {"q": vector, "limit": limit}
         where = f"WHERE {filter_sql(conditions, params)}" if conditions else ""
-        sql = (
-            f"SELECT external_id, text, metadata, memory_size, memory_crc32, NULL::bytea,"
-            f" {score_sql.format(d=distance)} FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s"
-        )
+        if memory_budget is None:
+            sql = (
+                f"SELECT external_id, text, metadata, memory_size, memory_crc32, NULL::bytea, {score}"
+                f" FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s"
+            )
+        else:
+            params["budget"] = int(memory_budget)
+            sql = (
+                "SELECT external_id, text, metadata, memory_size, memory_crc32,"
+                " CASE WHEN sum(memory_size) OVER (ORDER BY d ROWS UNBOUNDED PRECEDING) <= %(budget)s"
+                " THEN memory END, score"
+                f" FROM (SELECT external_id, text, metadata, memory_size, memory_crc32, memory, {distance} AS d,"
+                f" {score} AS score FROM {bank.partition} {where} ORDER BY {distance} LIMIT %(limit)s) nearest"
+                " ORDER BY d"
+            )
         async with self._search_connection(bank, limit, conditions) as driver:
-            rows = await (await driver.execute(sql, params, prepare=False if conditions else None)).fetchall()
-            found = [StoredReference(*row[:5], row[5], float(row[6])) for row in rows]
-        if conditions or limit > HNSW_EF_SEARCH_MAX:  # relaxed_order may return slightly out of order
+            async with driver.cursor(binary=True) as cursor:
+                await cursor.execute(sql, params, prepare=False if conditions else None)
+                found = [StoredReference(*row[:6], row[6]) for row in await cursor.fetchall()]
+        # relaxed_order may return slightly out of order; the statement with memories sorts itself
+        if memory_budget is None and (conditions or limit > HNSW_EF_SEARCH_MAX):
             found.sort(key=lambda row: -row.score)
         return found
 
@@ -282,18 +305,6 @@ class ReferenceStore:
             (count,) = await (await driver.execute(sql, params, prepare=False)).fetchone()
         return count <= self.exact_rows
 
-    async def sizes(self, bank: Bank, external_ids: list[str]) -> dict[str, tuple[int, int]]:
-        """(text + metadata bytes, memory bytes) of each existing reference among the ids."""
-        async with _bank_partition(bank), self.reads.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT external_id, octet_length(text) + octet_length(metadata::text) AS size, memory_size"
-                    f" FROM {bank.partition} WHERE external_id = ANY(:ids)"
-                ),
-                {"ids": list(external_ids)},
-            )
-            return {r.external_id: (int(r.size), int(r.memory_size)) for r in rows}
-
     async def load(
         self, bank: Bank, external_ids: list[str], with_memory: bool, conditions: list[Condition] = ()
     ) -> dict[str, StoredReference]:
@@ -301,17 +312,48 @@ class ReferenceStore:
         caller keeps groups bounded). Binary results: a memory arrives as its bytes, not as hex
         text twice its size."""
         memory_column = "memory" if with_memory else "NULL::bytea"
-        params = {"ids": list(external_ids)}
+        params = {"ids": list(external_ids), "bank": bank.id}
         where = f" AND {filter_sql(conditions, params)}" if conditions else ""
-        sql = (
+        sql = (  # bank_id = constant: the primary key (bank_id, external_id) finds each id
             f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column}"
-            f" FROM {bank.partition} WHERE external_id = ANY(%(ids)s){where}"
+            f" FROM {bank.partition} WHERE bank_id = %(bank)s AND external_id = ANY(%(ids)s){where}"
         )
         async with _bank_partition(bank), self.reads.connect() as conn:
             driver = (await conn.get_raw_connection()).driver_connection
             async with driver.cursor(binary=True) as cursor:
                 await cursor.execute(sql, params, prepare=False if conditions else None)
                 return {row[0]: StoredReference(*row[:5], row[5]) async for row in cursor}
+
+    async def fetch(
+        self, bank: Bank, external_ids: list[str], with_memory: bool, budget: int
+    ) -> tuple[list[StoredReference], list[tuple[str, int]]]:
+        """Fetch's read in one statement: the references among the (distinct) ids, in the ids'
+        order. Those whose bytes (text + metadata, + memory when ``with_memory``) fit in ``budget``
+        together, counted in that order, come whole; for each one after them only (id, bytes), for
+        :meth:`load` to read in bounded groups. A missing id is absent from both lists."""
+        memory = "memory" if with_memory else "NULL::bytea"
+        weight = "octet_length(r.text) + octet_length(r.metadata::text)" + (" + r.memory_size" if with_memory else "")
+        sql = (
+            "SELECT external_id, weight, fits, CASE WHEN fits THEN text END, CASE WHEN fits THEN metadata END,"
+            f" memory_size, memory_crc32, CASE WHEN fits THEN {memory} END"
+            " FROM (SELECT r.external_id, r.text, r.metadata, r.memory_size, r.memory_crc32, r.memory, i.n,"
+            f" {weight} AS weight, sum({weight}) OVER (ORDER BY i.n ROWS UNBOUNDED PRECEDING) <= %(budget)s AS fits"
+            " FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS i(id, n)"
+            f" JOIN {bank.partition} r ON r.bank_id = %(bank)s AND r.external_id = i.id) found ORDER BY n"
+        )
+        params = {"ids": list(external_ids), "bank": bank.id, "budget": int(budget)}
+        whole: list[StoredReference] = []
+        later: list[tuple[str, int]] = []
+        async with _bank_partition(bank), self.reads.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            async with driver.cursor(binary=True) as cursor:
+                await cursor.execute(sql, params)
+                async for external_id, size, fits, text_, metadata, memory_size, crc, payload in cursor:
+                    if fits:
+                        whole.append(StoredReference(external_id, text_, metadata, memory_size, crc, payload))
+                    else:
+                        later.append((external_id, int(size)))
+        return whole, later
 
     async def page(
         self, bank: Bank, after: str, limit: int, conditions: list[Condition] = ()

@@ -288,8 +288,8 @@ def report_markdown(evals: Sequence[Evaluation], info: dict) -> str:
             lines.append(f"| {MODE_LABELS[mode]} | {r.exact_match:.1%} ({r.correct}/{r.questions}) | {delta} | "
                          f"{r.tokens_per_s:.0f} | {ratio} |")
         lines.append("")
-        lines.append(f"retrieval {ev.retrieval_s:.2f} s for {ev.questions} questions ({ev.retriever}, shared by RAG and "
-                     "memory); "
+        lines.append(f"retrieval {ev.retrieval_s:.2f} s for {ev.questions} questions ({ev.retriever}, searched with the "
+                     f"{ev.query}, shared by RAG and memory); "
                      f"memory bank: {ev.references} references encoded in {ev.memory_bank_s:.2f} s (once).")
         lines.append("")
     if info.get("memory_by_top_k"):
@@ -384,11 +384,12 @@ class RunUnderTest:
 
 
 def evaluate_run(run_dir: str | Path, evaluation: EvaluationConfig | None = None, out_dir: str | Path | None = None,
-                 num_threads: int | None = None, retrieval_head: str | Path | None = None) -> dict:
+                 num_threads: int | None = None, retrieval_head: str | Path | None = None, query: str = "question") -> dict:
     """Evaluate a run directory's saved model and write the report; returns its data.
 
     ``evaluation``: the settings (default: the run's own ``config.evaluation``); ``retrieval_head``:
-    a directory holding the model's retrieval head, to retrieve in the model's space, not MiniLM's."""
+    a directory holding the model's retrieval head, to retrieve in the model's space, not MiniLM's;
+    ``query``: search with the question (``"question"``) or the QA prompt (``"prompt"``)."""
     run_dir = Path(run_dir)
     run = RunUnderTest.load(run_dir, num_threads)
     if retrieval_head is not None:
@@ -400,18 +401,19 @@ def evaluate_run(run_dir: str | Path, evaluation: EvaluationConfig | None = None
     bias = settings.retrieval_prior_bias
     bank_s = run.bank_seconds
     evals = [evaluate_qa(model, tokenizer, spec, world, world.qa(HELDOUT), index, bank, top_k,
-                         new_tokens=new_tokens, batch_size=batch_size, split=HELDOUT, retrieval_bias=bias)]
+                         new_tokens=new_tokens, batch_size=batch_size, split=HELDOUT, retrieval_bias=bias, query=query)]
     if settings.train_questions:
         pairs = run.train_questions(settings.train_questions)
         evals.append(evaluate_qa(model, tokenizer, spec, world, pairs, index, bank, top_k,
-                                 new_tokens=new_tokens, batch_size=batch_size, split=TRAIN, retrieval_bias=bias))
+                                 new_tokens=new_tokens, batch_size=batch_size, split=TRAIN, retrieval_bias=bias,
+                                 query=query))
     for ev in evals:
         ev.memory_bank_s = bank_s
     held_memory = evals[0].modes["memory"]
     memory_by_top_k = {top_k: [held_memory.correct, held_memory.questions]}  # held-out memory EM by memories read
     for k in sorted({1, 2} - {top_k}):
         r = evaluate_qa(model, tokenizer, spec, world, world.qa(HELDOUT), index, bank, k, modes=("memory",),
-                        new_tokens=new_tokens, batch_size=batch_size).modes["memory"]
+                        new_tokens=new_tokens, batch_size=batch_size, query=query).modes["memory"]
         memory_by_top_k[k] = [r.correct, r.questions]
     drill_entities = None
     if any(s.memory != "none" for s in config.stages):
@@ -451,12 +453,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: the run's)")
     parser.add_argument("--retrieval-head", metavar="DIR", help="retrieve in the model's space with the retrieval head "
                                                                   "saved in DIR (memory3 train-retriever --out DIR)")
+    parser.add_argument("--query", choices=QUERIES, default="question",
+                        help="search with the question's text (default) or the QA prompt the model reads")
     parser.add_argument("--out", default="bench/results", help="where the report, json and plot go")
     args = parser.parse_args(argv)
     given = {"top_k": args.top_k, "train_questions": args.train_questions, "batch_size": args.batch_size,
              "new_tokens": args.new_tokens, "retrieval_prior_bias": args.retrieval_prior_bias}
     evaluation = replace(load_run_config(args.run_dir).evaluation, **{k: v for k, v in given.items() if v is not None})
-    evaluate_run(args.run_dir, evaluation, args.out, args.threads, args.retrieval_head)
+    evaluate_run(args.run_dir, evaluation, args.out, args.threads, args.retrieval_head, args.query)
     return 0
 
 

@@ -18,7 +18,10 @@ from memory3.trainer.model import load_reference_model
 def generate_command(target: str, api_key: str, bank: str, model_dir: str, prompt: str, *, mode: str = "memory",
                      max_new_tokens: int = 128, chunk: int = 64, top_k: int = 5, temperature: float = 0.0,
                      retrieval_bias: float = 0.0, adapter_dir: str | None = None, out=None, err=None) -> None:
+    from transformers.utils import logging as transformers_logging
+
     out, err = out or sys.stdout, err or sys.stderr
+    transformers_logging.disable_progress_bar()  # stderr keeps to the references used and one-line errors
     model, tokenizer, spec = load_reference_model(model_dir)
     if adapter_dir:  # the base's banks serve it: an adapted model keeps its base's fingerprint
         model = load_adapter(model, adapter_dir)

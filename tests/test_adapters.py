@@ -183,3 +183,14 @@ def test_one_bank_encoded_once_serves_the_base_and_two_adapter_versions(server, 
     after = {r.external_id: r.memory for r in blocking.fetch(bank, list(stored))}
     assert after == stored and blocking.stats(bank).with_memory == len(TEXTS)
     assert len(set(answers.values())) > 1  # the adapters do change what is decoded from the same memories
+
+
+def test_generate_refuses_an_adapter_of_another_base_in_one_line(tmp_path):
+    shipped = Path(__file__).resolve().parent.parent / "models" / "reference-tiny"
+    adapter = _random_adapter(tiny_llama(seed=5), tmp_path / "other", 1)
+    run = subprocess.run([sys.executable, "-m", "memory3.cli.main", "generate", "--bank", "kb", "--mode", "plain",
+                          "--model", str(shipped), "--adapter", str(adapter), "--target", "127.0.0.1:9", "Q: x?"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was trained on base model" in lines[0] and "Traceback" not in run.stderr

@@ -106,7 +106,7 @@ def loop(call, seconds: float) -> list[float]:
 def profiled(pid: int, out: Path, call, seconds: float, rate: int) -> tuple[str, float]:
     """Run ``call`` in a loop for ``seconds`` while py-spy samples the server."""
     spy = subprocess.Popen(
-        ["py-spy", "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--nonblocking",
+        ["py-spy", "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--gil",
          "--duration", str(int(seconds)), "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )

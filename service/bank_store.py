@@ -21,6 +21,8 @@ from .errors import AlreadyExists, InvalidArgument, NotFound
 from .invalidation import notify
 from .metrics import CACHE_LOOKUPS
 
+_BANK_HITS = CACHE_LOOKUPS.labels("bank", "hit")  # resolved once: every call looks up
+
 BANK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # whole name: fullmatch
 METRICS = {
     # metric: (pgvector operator, operator class, distance -> score SQL)
@@ -162,7 +164,7 @@ class BankStore:
         check_bank_name(name)
         cached = self._cache.get((tenant_id, name))
         if cached and time.monotonic() - cached[1] < self.cache_seconds:
-            CACHE_LOOKUPS.labels("bank", "hit").inc()
+            _BANK_HITS.inc()
             return cached[0]
         CACHE_LOOKUPS.labels("bank", "miss").inc()
         async with self.reads.connect() as conn:

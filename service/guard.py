@@ -129,8 +129,9 @@ class CallGuard:
         checked_at = [time.monotonic()]
         iterator = raw_iterator.__aiter__()
         while True:
-            try:
-                raw = await asyncio.wait_for(iterator.__anext__(), self.settings.stream_idle_seconds)
+            try:  # a timeout scope, not wait_for: no task per message
+                async with asyncio.timeout(self.settings.stream_idle_seconds):
+                    raw = await iterator.__anext__()
             except StopAsyncIteration:
                 return
             except TimeoutError:
@@ -144,14 +145,18 @@ class CallGuard:
     async def respond(self, context: grpc.aio.ServicerContext, responses, caller: Caller) -> None:
         """Send a response stream; a client that takes no message for the idle deadline is cut off."""
         checked_at = [time.monotonic()]
+        first = True
         async with contextlib.aclosing(responses):
             async for response in responses:
+                if not first:  # a write that did not wait still lets other calls run between messages
+                    await asyncio.sleep(0)
+                first = False
                 await self.recheck(caller, checked_at)
-                try:
-                    await asyncio.wait_for(context.write(response), self.settings.stream_idle_seconds)
+                try:  # a timeout scope, not wait_for: no task per message
+                    async with asyncio.timeout(self.settings.stream_idle_seconds):
+                        await context.write(response)
                 except TimeoutError:
                     raise DeadlineExceeded(
                         f"the client took no response message for {self.settings.stream_idle_seconds:g} s "
                         "(setting stream_idle_seconds)"
                     ) from None
-                await asyncio.sleep(0)  # a write that did not wait still lets other calls run between messages

@@ -83,6 +83,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, guard: CallGuard) -> None:
         self.guard = guard
+        self._series: dict[tuple[str, str], _Series] = {}
+
+    def series(self, call: tuple[str, str]) -> "_Series":
+        """The metric series of one method (labels resolved once, not on every call)."""
+        found = self._series.get(call)
+        if found is None:
+            found = self._series[call] = _Series(*call)
+        return found
 
     @property
     def in_flight(self) -> int:
@@ -110,22 +118,22 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return factory(wrapped, request_deserializer=None, response_serializer=handler.response_serializer)
 
     def _finish(self, call: tuple[str, str], context, started: float, cancelled: bool) -> None:
-        method, kind = call
+        method, _ = call
         code = "CANCELLED" if cancelled else (context.code() or grpc.StatusCode.OK)
         code_name = code if isinstance(code, str) else code.name
         elapsed = time.perf_counter() - started
-        service, _, name = method.strip("/").partition("/")
-        RPC_HANDLED.labels(kind, service, name, code_name).inc()
-        RPC_SECONDS.labels(kind, service, name).observe(elapsed)
-        log.info("%s %s %.1f ms", method, code_name, elapsed * 1000,
-                 extra={"fields": {"method": method, "code": code_name, "ms": round(elapsed * 1000, 2)}})
+        series = self.series(call)
+        series.handled(code_name).inc()
+        series.seconds.observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %.1f ms", method, code_name, elapsed * 1000,
+                     extra={"fields": {"method": method, "code": code_name, "ms": round(elapsed * 1000, 2)}})
 
     @contextlib.asynccontextmanager
     async def _tracked(self, call: tuple[str, str], metadata, context):
         """Request id, caller, admission, deadline, metrics and the access log around one call."""
-        method, kind = call
-        service, _, name = method.strip("/").partition("/")
-        RPC_STARTED.labels(kind, service, name).inc()
+        method, _ = call
+        self.series(call).started.inc()
         request_id = dict(metadata).get("x-request-id") or ""
         if not REQUEST_ID.fullmatch(request_id):  # absent, too long or odd characters: ours instead
             request_id = uuid.uuid4().hex[:16]
@@ -182,6 +190,24 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 await self.guard.respond(context, responses, caller)
 
         return wrapper
+
+
+class _Series:
+    """One method's children of the RPC metrics (``labels()`` takes a lock and hashes its labels:
+    done once per method and status code instead of three times per call)."""
+
+    def __init__(self, method: str, kind: str) -> None:
+        service, _, name = method.strip("/").partition("/")
+        self.labels = (kind, service, name)
+        self.started = RPC_STARTED.labels(*self.labels)
+        self.seconds = RPC_SECONDS.labels(*self.labels)
+        self._handled: dict[str, object] = {}
+
+    def handled(self, code_name: str):
+        child = self._handled.get(code_name)
+        if child is None:
+            child = self._handled[code_name] = RPC_HANDLED.labels(*self.labels, code_name)
+        return child
 
 
 def _parser(deserialize, streaming: bool, guard: CallGuard):

@@ -19,6 +19,8 @@ from .errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
 from .invalidation import notify
 from .metrics import CACHE_LOOKUPS
 
+_KEY_HITS = CACHE_LOOKUPS.labels("api_key", "hit")  # resolved once: every call looks up
+
 KEY_PATTERN = re.compile(r"m3_([0-9a-f]{16})_([A-Za-z0-9_-]{20,100})")  # patterns here fullmatch
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
@@ -111,7 +113,7 @@ class TenantStore:
         """The tenant id a key belongs to; UNAUTHENTICATED for unknown, malformed or revoked keys."""
         cached = self._verified.get(api_key)
         if cached and time.monotonic() - cached[1] < self.key_cache_seconds:
-            CACHE_LOOKUPS.labels("api_key", "hit").inc()
+            _KEY_HITS.inc()
             return cached[0]
         CACHE_LOOKUPS.labels("api_key", "miss").inc()
         match = KEY_PATTERN.fullmatch(api_key)

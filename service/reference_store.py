@@ -23,7 +23,7 @@ from memory3.core.metadata import RANGES, Condition, metadata_to_json
 from memory3.core.references import StoredReference, WriteSummary
 
 from .bank_store import METRICS, Bank
-from .db import autocommit
+from .db import autocommit, driver_reads
 from .errors import NotFound
 
 
@@ -278,8 +278,11 @@ class ReferenceStore:
         """The psycopg connection a search runs on, set up for ``limit`` rows and the conditions."""
         exact = await self._few_pass(bank, conditions)
         transaction = exact or limit > self.ef_search
-        connection = self.engine.begin() if transaction else self.reads.connect()
-        async with _bank_partition(bank), connection as conn:
+        if not transaction:
+            async with _bank_partition(bank), driver_reads(self.engine) as driver:
+                yield driver
+            return
+        async with _bank_partition(bank), self.engine.begin() as conn:
             if exact:  # no HNSW scan: the GIN index's few references, ranked exactly
                 await conn.execute(text("SET LOCAL enable_indexscan = off"))
             elif limit > self.ef_search:  # the connection's default ef_search would cap the results
@@ -300,8 +303,7 @@ class ReferenceStore:
         params: dict = {}
         sql = (f"SELECT count(*) FROM (SELECT 1 FROM {bank.partition} WHERE {filter_sql(indexed, params)}"
                f" LIMIT {int(self.exact_rows) + 1}) passing")
-        async with _bank_partition(bank), self.reads.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
+        async with _bank_partition(bank), driver_reads(self.engine) as driver:
             (count,) = await (await driver.execute(sql, params, prepare=False)).fetchone()
         return count <= self.exact_rows
 
@@ -318,8 +320,7 @@ class ReferenceStore:
             f"SELECT external_id, text, metadata, memory_size, memory_crc32, {memory_column}"
             f" FROM {bank.partition} WHERE bank_id = %(bank)s AND external_id = ANY(%(ids)s){where}"
         )
-        async with _bank_partition(bank), self.reads.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
+        async with _bank_partition(bank), driver_reads(self.engine) as driver:
             async with driver.cursor(binary=True) as cursor:
                 await cursor.execute(sql, params, prepare=False if conditions else None)
                 return {row[0]: StoredReference(*row[:5], row[5]) async for row in cursor}
@@ -344,8 +345,7 @@ class ReferenceStore:
         params = {"ids": list(external_ids), "bank": bank.id, "budget": int(budget)}
         whole: list[StoredReference] = []
         later: list[tuple[str, int]] = []
-        async with _bank_partition(bank), self.reads.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
+        async with _bank_partition(bank), driver_reads(self.engine) as driver:
             async with driver.cursor(binary=True) as cursor:
                 await cursor.execute(sql, params)
                 async for external_id, size, fits, text_, metadata, memory_size, crc, payload in cursor:
@@ -367,8 +367,7 @@ class ReferenceStore:
             f" FROM {bank.partition} WHERE bank_id = %(bank)s AND external_id > %(after)s"
             f" AND {filter_sql(conditions, params)} ORDER BY external_id LIMIT %(limit)s"
         )
-        async with _bank_partition(bank), self.reads.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
+        async with _bank_partition(bank), driver_reads(self.engine) as driver:
             rows = await (await driver.execute(sql, params, prepare=False if conditions else None)).fetchall()
         return [(row[0], int(row[1]), int(row[2])) for row in rows]
 

@@ -114,6 +114,9 @@ class RoutedEngine:
     def begin(self):
         return self._engine().begin()
 
+    def raw_connection(self):
+        return self._engine().raw_connection()
+
     def execution_options(self, **options) -> "RoutedEngine":
         return RoutedEngine(self.primary.execution_options(**options), {**self.options, **options})
 

@@ -194,3 +194,50 @@ def test_connections_closed_by_the_database_are_replaced_before_use(database_url
     finally:
         channel.close()
         server.stop()
+
+
+async def test_read_checkout_returns_connections_as_they_came(server, database_url):
+    """driver_reads: autocommit for the read, off again in the pool; a failed statement leaves the
+    connection usable; a statement cut short by cancellation leaves no statement running and a
+    connection that works (psycopg cancels it on the server; one left in any other state than
+    idle would be discarded)."""
+    import asyncio
+
+    from memory3.service.db import driver_reads
+
+    settings = make_settings(database_url, db_pool_size=1, db_max_overflow=0)
+    engine = create_engine_for(settings.database_url, settings)
+    try:
+        async with driver_reads(engine) as driver:
+            assert driver.autocommit
+            pid = driver.info.backend_pid
+        async with engine.connect() as conn:  # the same pooled connection, as SQLAlchemy expects it
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw.info.backend_pid == pid and not raw.autocommit
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            async with driver_reads(engine) as driver:
+                await driver.execute("SELECT 1 / 0")
+        async with driver_reads(engine) as driver:
+            assert driver.info.backend_pid == pid
+            assert (await (await driver.execute("SELECT 2")).fetchone()) == (2,)
+
+        async def slow() -> None:
+            async with driver_reads(engine) as driver:
+                await driver.execute("SELECT pg_sleep(30)")
+
+        task = asyncio.ensure_future(slow())
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with driver_reads(engine) as driver:
+            assert (await (await driver.execute("SELECT 3")).fetchone()) == (3,)
+            running = await (await driver.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+            )).fetchone()
+            assert running == (0,)
+        async with engine.connect() as conn:
+            assert not (await conn.get_raw_connection()).driver_connection.autocommit
+        assert engine.sync_engine.pool.checkedout() == 0
+    finally:
+        await engine.dispose()

@@ -159,11 +159,21 @@ async def driver_reads(engine: AsyncEngine):
     under load went there: bench/profile_reads.py). The pool's own checkout checks still run
     (:func:`check_on_checkout`); the connection goes back as it came (autocommit off), and one
     left in any other state — broken, a statement cut short by cancellation — is discarded."""
-    fairy = await engine.raw_connection()
+    lost = getattr(engine, "connection_lost", None)  # a RoutedEngine: skips the call's replica at once
+    try:
+        fairy = await engine.raw_connection()
+    except psycopg.OperationalError as err:
+        if lost is not None:
+            lost(err)
+        raise
     driver = fairy.driver_connection
     try:
         await driver.set_autocommit(True)
         yield driver
+    except psycopg.OperationalError as err:
+        if lost is not None and err.sqlstate is None:  # the connection failed, not the statement
+            lost(err)
+        raise
     finally:
         try:
             reusable = not driver.closed and driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE

@@ -117,6 +117,13 @@ class RoutedEngine:
     def raw_connection(self):
         return self._engine().raw_connection()
 
+    def connection_lost(self, error: Exception) -> None:
+        """A hot read (db.driver_reads, which bypasses SQLAlchemy's error hook) lost its connection:
+        the call's replica is skipped at once, as the hook does for the other reads."""
+        replica = _route.get()
+        if replica is not None:
+            replica.skip(f"connection failed ({str(error).strip().splitlines()[0][:200] if str(error) else type(error).__name__})")
+
     def execution_options(self, **options) -> "RoutedEngine":
         return RoutedEngine(self.primary.execution_options(**options), {**self.options, **options})
 

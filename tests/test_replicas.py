@@ -235,6 +235,7 @@ def test_reads_fail_over_to_the_primary_when_the_standby_stops_and_come_back(clu
             for i in range(10):  # every read answers (the SDK retries a call the vanished standby failed)
                 client.write("kb", _references(3 + i, 1))
                 assert client.stats("kb").references == 4 + i  # the primary: it has them all
+                assert [h.external_id for h in client.fetch("kb", [f"r{3 + i}"])] == [f"r{3 + i}"]
             _wait_for(lambda: _metric(cluster, target, "memory3_replica_up", replica="0") == 0, 2, "standby skipped")
             print(f"10 writes and reads with the standby down in {time.monotonic() - stopped:.2f} s")
         finally:

@@ -10,7 +10,7 @@ themselves know nothing of routing. A monitor measures each replica every
 ``replica_check_seconds``: one that is unreachable, promoted, or further behind than
 ``replica_max_lag_seconds`` is skipped, and its reads go to another replica or the primary.
 
-Read-your-writes on request: a Write or Log answer carries a consistency token (the primary's WAL
+Read-your-writes on request: a Write, Log or Publish answer carries a consistency token (the primary's WAL
 insert position after the commit, sealed for the tenant); a read presenting it is served by a
 replica that has replayed past it, else (after at most ``consistency_wait_seconds``) by the
 primary. Without replicas nothing is routed and answers carry no token: the primary serves all.
@@ -52,7 +52,7 @@ READ_METHODS = frozenset(
     )
 )
 # Calls whose answer carries a consistency token (the field `consistency_token` of their response).
-TOKEN_METHODS = frozenset(("/memory3.v1.Memories/Write", "/memory3.v1.Trajectories/Log"))
+TOKEN_METHODS = frozenset(("/memory3.v1.Memories/Write", "/memory3.v1.Trajectories/Log", "/memory3.v1.Proxies/Publish"))
 TOKEN_KIND = "consistency"
 MAX_TOKEN_CHARS = 1024
 WAIT_POLL_SECONDS = 0.005
@@ -248,13 +248,13 @@ class Replicas:
 
     def open_token(self, tenant_id: int, token: str) -> int:
         if len(token) > MAX_TOKEN_CHARS:
-            raise InvalidArgument(f"consistency_token exceeds {MAX_TOKEN_CHARS} characters; pass a Write or Log "
-                                  "answer's token unchanged")
+            raise InvalidArgument(f"consistency_token exceeds {MAX_TOKEN_CHARS} characters; pass a Write, Log or "
+                                  "Publish answer's token unchanged")
         try:
             return int(self.tokens.open(tenant_id, TOKEN_KIND, token, "consistency_token"))
         except (InvalidArgument, ValueError):
-            raise InvalidArgument("consistency_token is not one this service issued to this tenant (pass a Write "
-                                  "or Log answer's token unchanged)") from None
+            raise InvalidArgument("consistency_token is not one this service issued to this tenant (pass a Write, "
+                                  "Log or Publish answer's token unchanged)") from None
 
     async def route(self, request, tenant_id: int | None) -> None:
         """Choose where the current (read) call reads; InvalidArgument for a foreign token."""

@@ -195,6 +195,31 @@ def test_reads_are_served_by_the_standby_and_a_token_reads_your_writes(cluster):
                    reason="token_not_replayed") >= 6
 
 
+def test_a_publish_answer_carries_a_token_that_reads_the_new_version(cluster):
+    """Publish's answer carries a consistency token; Get and List presenting it see the version
+    even while the standby has not replayed it (a tokenless Get there still sees the old one)."""
+    import numpy as np
+    from safetensors.numpy import save as save_safetensors
+
+    def weights(seed: int) -> bytes:
+        return save_safetensors({"w": np.random.default_rng(seed).standard_normal((4, 4)).astype(np.float32)})
+
+    _, _, key = _tenant(cluster.a.target)
+    with Client(cluster.a.target, key) as client:
+        first = client.publish_proxy("p", weights(0), FINGERPRINT)
+        assert first.version == 1 and first.consistency_token
+        _replayed_everything(cluster)
+        with _replay_paused(cluster):
+            second = client.publish_proxy("p", weights(1), FINGERPRINT, parent_version=1)
+            assert second.version == 2 and second.consistency_token
+            assert client.get_proxy("p", FINGERPRINT, include_weights=False).version == 1  # the standby
+            token = second.consistency_token
+            assert client.get_proxy("p", FINGERPRINT, consistency_token=token).weights == weights(1)
+            assert [p.version for p in client.list_proxies("p", consistency_token=token)] == [1, 2]
+        with expect_status(grpc.StatusCode.INVALID_ARGUMENT, "consistency_token"):
+            client.get_proxy("p", FINGERPRINT, consistency_token="not-a-token")
+
+
 def test_a_lagging_standby_is_skipped_and_its_lag_is_exported(cluster, embedder):
     srv = ServerThread(make_settings(cluster.primary.url, replica_urls=[cluster.standby.url],
                                      replica_max_lag_seconds=0.5, replica_check_seconds=0.1), embedder)

@@ -85,6 +85,9 @@ class ProxyInfo:
     weights_sha256: str = ""  # hex
     created_at: datetime | None = None
     weights: bytes | None = None
+    # Publish's answer only: pass to get_proxy / list_proxies (or any read) to see this version even
+    # on a read replica ("" from a service without replicas), as WriteSummary.consistency_token.
+    consistency_token: str = ""
 
 
 # --- conversions -------------------------------------------------------------------------------
@@ -168,6 +171,7 @@ def proxy_info_from_proto(info: proxies_pb2.ProxyInfo) -> ProxyInfo:
         config=json.loads(info.config_json or "{}"), weights_size=info.weights_size,
         weights_sha256=info.weights_sha256.hex(),
         created_at=info.created_at.ToDatetime(tzinfo=timezone.utc) if info.HasField("created_at") else None,
+        consistency_token=info.consistency_token,
     )
 
 
@@ -313,11 +317,14 @@ class TrajectoryMethods:
         return proxy_info_from_proto(reply)
 
     async def get_proxy(
-        self, name: str, model_fingerprint: str, *, version: int = 0, include_weights: bool = True
+        self, name: str, model_fingerprint: str, *, version: int = 0, include_weights: bool = True,
+        consistency_token: str = "",
     ) -> ProxyInfo:
-        """A version (0: latest) for this model; FAILED_PRECONDITION if trained for another model."""
+        """A version (0: latest) for this model; FAILED_PRECONDITION if trained for another model.
+        ``consistency_token`` (a publish_proxy answer's): see at least that version on any replica."""
         request = proxies_pb2.GetProxyRequest(
-            name=name, version=version, model_fingerprint=model_fingerprint, include_weights=include_weights
+            name=name, version=version, model_fingerprint=model_fingerprint, include_weights=include_weights,
+            consistency_token=consistency_token,
         )
         info, weights = None, bytearray()
         async for frame in self.proxies.Get(request, **self._call()):
@@ -332,12 +339,14 @@ class TrajectoryMethods:
             info.weights = bytes(weights)
         return info
 
-    async def list_proxies(self, name: str = "") -> list[ProxyInfo]:
-        """Every version (of ``name``, or of all proxies), by name then version."""
+    async def list_proxies(self, name: str = "", *, consistency_token: str = "") -> list[ProxyInfo]:
+        """Every version (of ``name``, or of all proxies), by name then version (``consistency_token``
+        as for :meth:`get_proxy`)."""
         found, token = [], ""
         while True:
             reply = await self.proxies.List(
-                proxies_pb2.ListProxiesRequest(name=name, page_token=token), **self._call()
+                proxies_pb2.ListProxiesRequest(name=name, page_token=token, consistency_token=consistency_token),
+                **self._call()
             )
             found += [proxy_info_from_proto(p) for p in reply.proxies]
             token = reply.next_page_token

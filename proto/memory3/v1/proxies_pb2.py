@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18memory3/v1/proxies.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb5\x02\n\tProxyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0eparent_version\x18\x04 \x01(\x03\x12\x33\n\x07metrics\x18\x05 \x03(\x0b\x32\".memory3.v1.ProxyInfo.MetricsEntry\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x14\n\x0cweights_size\x18\x07 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x08 \x01(\x0c\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"X\n\x0ePublishRequest\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x15.memory3.v1.ProxyInfoH\x00\x12\x17\n\rweights_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"d\n\x0fGetProxyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0finclude_weights\x18\x04 \x01(\x08\"H\n\nProxyFrame\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.memory3.v1.ProxyInfo\x12\x15\n\rweights_chunk\x18\x02 \x01(\x0c\"I\n\x12ListProxiesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x13ListProxiesResponse\x12&\n\x07proxies\x18\x01 \x03(\x0b\x32\x15.memory3.v1.ProxyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xd0\x01\n\x07Proxies\x12>\n\x07Publish\x12\x1a.memory3.v1.PublishRequest\x1a\x15.memory3.v1.ProxyInfo(\x01\x12<\n\x03Get\x12\x1b.memory3.v1.GetProxyRequest\x1a\x16.memory3.v1.ProxyFrame0\x01\x12G\n\x04List\x12\x1e.memory3.v1.ListProxiesRequest\x1a\x1f.memory3.v1.ListProxiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18memory3/v1/proxies.proto\x12\nmemory3.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd0\x02\n\tProxyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x16\n\x0eparent_version\x18\x04 \x01(\x03\x12\x33\n\x07metrics\x18\x05 \x03(\x0b\x32\".memory3.v1.ProxyInfo.MetricsEntry\x12\x13\n\x0b\x63onfig_json\x18\x06 \x01(\t\x12\x14\n\x0cweights_size\x18\x07 \x01(\x04\x12\x16\n\x0eweights_sha256\x18\x08 \x01(\x0c\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x63onsistency_token\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"X\n\x0ePublishRequest\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x15.memory3.v1.ProxyInfoH\x00\x12\x17\n\rweights_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"\x7f\n\x0fGetProxyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x17\n\x0finclude_weights\x18\x04 \x01(\x08\x12\x19\n\x11\x63onsistency_token\x18\x05 \x01(\t\"H\n\nProxyFrame\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.memory3.v1.ProxyInfo\x12\x15\n\rweights_chunk\x18\x02 \x01(\x0c\"d\n\x12ListProxiesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x04 \x01(\t\"V\n\x13ListProxiesResponse\x12&\n\x07proxies\x18\x01 \x03(\x0b\x32\x15.memory3.v1.ProxyInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xd0\x01\n\x07Proxies\x12>\n\x07Publish\x12\x1a.memory3.v1.PublishRequest\x1a\x15.memory3.v1.ProxyInfo(\x01\x12<\n\x03Get\x12\x1b.memory3.v1.GetProxyRequest\x1a\x16.memory3.v1.ProxyFrame0\x01\x12G\n\x04List\x12\x1e.memory3.v1.ListProxiesRequest\x1a\x1f.memory3.v1.ListProxiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROXYINFO_METRICSENTRY']._loaded_options = None
   _globals['_PROXYINFO_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_PROXYINFO']._serialized_start=74
-  _globals['_PROXYINFO']._serialized_end=383
-  _globals['_PROXYINFO_METRICSENTRY']._serialized_start=337
-  _globals['_PROXYINFO_METRICSENTRY']._serialized_end=383
-  _globals['_PUBLISHREQUEST']._serialized_start=385
-  _globals['_PUBLISHREQUEST']._serialized_end=473
-  _globals['_GETPROXYREQUEST']._serialized_start=475
-  _globals['_GETPROXYREQUEST']._serialized_end=575
-  _globals['_PROXYFRAME']._serialized_start=577
-  _globals['_PROXYFRAME']._serialized_end=649
-  _globals['_LISTPROXIESREQUEST']._serialized_start=651
-  _globals['_LISTPROXIESREQUEST']._serialized_end=724
-  _globals['_LISTPROXIESRESPONSE']._serialized_start=726
-  _globals['_LISTPROXIESRESPONSE']._serialized_end=812
-  _globals['_PROXIES']._serialized_start=815
-  _globals['_PROXIES']._serialized_end=1023
+  _globals['_PROXYINFO']._serialized_end=410
+  _globals['_PROXYINFO_METRICSENTRY']._serialized_start=364
+  _globals['_PROXYINFO_METRICSENTRY']._serialized_end=410
+  _globals['_PUBLISHREQUEST']._serialized_start=412
+  _globals['_PUBLISHREQUEST']._serialized_end=500
+  _globals['_GETPROXYREQUEST']._serialized_start=502
+  _globals['_GETPROXYREQUEST']._serialized_end=629
+  _globals['_PROXYFRAME']._serialized_start=631
+  _globals['_PROXYFRAME']._serialized_end=703
+  _globals['_LISTPROXIESREQUEST']._serialized_start=705
+  _globals['_LISTPROXIESREQUEST']._serialized_end=805
+  _globals['_LISTPROXIESRESPONSE']._serialized_start=807
+  _globals['_LISTPROXIESRESPONSE']._serialized_end=893
+  _globals['_PROXIES']._serialized_start=896
+  _globals['_PROXIES']._serialized_end=1104
 # @@protoc_insertion_point(module_scope)

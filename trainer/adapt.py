@@ -18,12 +18,13 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from memory3.core.memory_spec import SPEC_FILENAME, MemorySpec
+from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.model.adapters import has_adapters, save_adapter
 from memory3.sdk.model.fingerprint import model_fingerprint
 from memory3.sdk.model.positions import memory_spec_for
@@ -49,6 +50,10 @@ class AdaptConfig:
     out_dir: str = "runs/adapter"  # the adapter directory (peft format) and its checkpoints
     base: str = ""  # the frozen base model's directory (transformers format, with its tokenizer)
     reading: str = "memory"  # "memory": chunks read memories; "rag": references as prompt text
+    # "base": memories are the frozen base's (one bank serves every adapter); "adapted": the adapter
+    # is also active, with gradients, while encoding — the other placement, measured against it: the
+    # adapted model is then a new model (load_adapter merges it) whose bank must be re-encoded
+    memories: str = "base"
     # the adapter (peft LoRA): rank, scale alpha/rank, dropout, and the modules it adapts
     rank: int = 8
     alpha: float = 16.0
@@ -81,6 +86,8 @@ class AdaptConfig:
     def validate(self) -> "AdaptConfig":
         if not self.base:
             raise ValueError("give the base model directory (--model)")
+        if self.memories not in ("base", "adapted"):
+            raise ValueError(f"memories must be 'base' or 'adapted', got {self.memories!r}")
         if self.reading not in READINGS:
             raise ValueError(f"reading must be one of {READINGS}, got {self.reading!r}")
         if self.rank < 1 or not self.target_modules:
@@ -197,7 +204,7 @@ class AdaptResult:
     base_fingerprint: str
 
 
-def _probe(config: AdaptConfig, world, tokenizer) -> tuple[list[str], list[list[str]]]:
+def probe_drills(config: AdaptConfig, world, tokenizer) -> tuple[list[str], list[list[str]]]:
     """Drill documents about entities no step trains on, and each one's reference."""
     drill = memory_drill(world, config.drill, n_entities=max(40, config.eval_documents),
                          seed_offset=HELDOUT_DRILL_SEED_OFFSET)
@@ -223,9 +230,17 @@ def run_adapt(config: AdaptConfig, stop_at: int | None = None) -> AdaptResult:
     world = build_world(config.world.seed, config.world.n_entities, config.world.heldout_fraction,
                         passages_per_entity=config.world.passages_per_entity)
     ctx = TrainContext(train_config, world, tokenizer, model, spec, torch.device("cpu"))
-    hooks = (RetrievalMemoryStage(ctx, config.stage).hooks() if config.reading == "memory"
-             else rag_stage(ctx, config.stage))
-    probe_docs, probe_refs = _probe(config, world, tokenizer)
+    probe_encoder = None
+    if config.reading == "memory":
+        adapted_memories = config.memories == "adapted"
+        memory_stage = RetrievalMemoryStage(ctx, replace(config.stage, encode_with_grad=adapted_memories))
+        if adapted_memories:
+            memory_stage.encoder = probe_encoder = MemoryEncoder(model, tokenizer, spec, batch_size=64,
+                                                                 adapters_encode=True)
+        hooks = memory_stage.hooks()
+    else:
+        hooks = rag_stage(ctx, config.stage)
+    probe_docs, probe_refs = probe_drills(config, world, tokenizer)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.stage.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
 
@@ -253,8 +268,13 @@ def run_adapt(config: AdaptConfig, stop_at: int | None = None) -> AdaptResult:
         write_adapter_curves(out_dir, history, config)
 
     def probe() -> tuple[float, float]:
-        return (answer_loss(model, tokenizer, spec, probe_docs, references=probe_refs),
-                answer_loss(model, tokenizer, spec, probe_docs))
+        if probe_encoder is None:
+            with_memory = answer_loss(model, tokenizer, spec, probe_docs, references=probe_refs)
+        else:
+            with torch.no_grad():
+                memories = [[m] for m in probe_encoder.encode([r for (r,) in probe_refs])]
+            with_memory = answer_loss(model, tokenizer, spec, probe_docs, memories=memories)
+        return with_memory, answer_loss(model, tokenizer, spec, probe_docs)
 
     total = config.stage.steps
     end = total if stop_at is None else min(total, stop_at)
@@ -304,7 +324,8 @@ def run_adapt(config: AdaptConfig, stop_at: int | None = None) -> AdaptResult:
     with_memory = without = None
     if finished:
         with_memory, without = probe()
-        save_adapter(peft_model, out_dir, base_fingerprint, spec.to_dict(), reading=config.reading, method="lora",
+        save_adapter(peft_model, out_dir, base_fingerprint, spec.to_dict(), reading=config.reading,
+                     memories=config.memories, method="lora",
                      target_modules=list(config.target_modules), rank=config.rank, trainable_parameters=trainable,
                      base_parameters=frozen, steps=step, train_time_s=train_time, base=str(config.base))
     write_adapter_curves(out_dir, history, config)

@@ -18,6 +18,7 @@ measurements: docs/experiments.md ("Encoder throughput").
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -70,7 +71,12 @@ class MemoryEncoder:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: MemorySpec, batch_size: int = 16,
-                 self_check: bool = True, retrieval_head: RetrievalHead | None = None):
+                 self_check: bool = True, retrieval_head: RetrievalHead | None = None,
+                 adapters_encode: bool = False):
+        # adapters_encode: keep a peft adapter active while encoding (training an adapter that also
+        # encodes, memory3.trainer.adapt's memories="adapted"): such memories are the adapted
+        # model's, not its base's, and belong in a bank of the merged model (load_adapter merges it)
+        self.adapters_encode = adapters_encode
         geometry = probe_geometry(model)
         geometry.check_spec(spec)
         if self_check:
@@ -196,7 +202,8 @@ class MemoryEncoder:
             watch = self.model.get_input_embeddings().register_forward_hook(self._embeddings)
         try:
             grad_mode = torch.enable_grad() if self._differentiable else torch.inference_mode()
-            with grad_mode, adapters_disabled(self.model), float32_compute(self.model), \
+            base_only = contextlib.nullcontext() if self.adapters_encode else adapters_disabled(self.model)
+            with grad_mode, base_only, float32_compute(self.model), \
                     attention_hook(self.model, self._capture):
                 try:
                     self.model(

@@ -94,10 +94,12 @@ def save_adapter(peft_model: torch.nn.Module, directory: str | Path, base_finger
 def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
     """``model`` with the adapter in ``adapter_dir`` injected (peft), after checking it was trained
     on exactly this base. Returns the transformers model (same class, adapter active), whose
-    fingerprint is the base's, so the base's banks and memories serve it unchanged."""
+    fingerprint is the base's, so the base's banks and memories serve it unchanged. An adapter
+    trained to also encode (``memories: adapted``) comes back merged into the weights instead: a
+    new model with its own fingerprint, whose bank must be encoded by it."""
     from peft import PeftModel
 
-    from .fingerprint import model_fingerprint
+    from .fingerprint import forget_fingerprint, model_fingerprint
 
     meta = read_adapter_metadata(adapter_dir)
     if has_adapters(model):
@@ -107,4 +109,9 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Mo
         raise AdapterMismatchError(
             f"adapter {str(adapter_dir)!r} was trained on base model {str(meta.get('base_fingerprint'))[:16]}…, "
             f"this model is {fingerprint[:16]}…: load the base it was trained on (its fingerprint pins it)")
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).get_base_model()
+    adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    if meta.get("memories") == "adapted":  # it also encodes: a new model, whose own bank it needs
+        merged = adapted.merge_and_unload()
+        forget_fingerprint(merged)  # the merge writes through .data: the cached fingerprint would survive it
+        return merged
+    return adapted.get_base_model()

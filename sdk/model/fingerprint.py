@@ -75,6 +75,12 @@ def config_digest_text(config, model: torch.nn.Module | None = None) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def forget_fingerprint(model: torch.nn.Module) -> None:
+    """Drop the cached fingerprint: for weights rewritten where the cache key cannot see it
+    (through ``.data``, as peft's merge does, which keeps storage and version counters)."""
+    _CACHE.pop(model, None)
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hex SHA-256 of a model's config and weights; cached until the config or a tensor changes."""
     tensors = _named_tensors(model)

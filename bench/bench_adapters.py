@@ -8,7 +8,7 @@ saw memory) without memory and reading memories unadapted; the base with each ad
 *same bank* (encoded once by the base); the full stage-2 model reading its own bank; the RAG twin
 (and RAG adapter) reading the top-k texts. Columns: own-reference, top-1 and top-5 exact match
 (memory rows also top-5 under the retrieval prior), tok/s at top-5, trainable parameters and
-training time. ``--time-steps N`` also times N steps of stage-2 training and of adapter training on
+training time. An adapter trained to also encode (``memories: adapted``) reads its own bank. ``--time-steps N`` also times N steps of stage-2 training and of adapter training on
 the same batches in this run (the training-cost ratio). Writes bench/results/adapters.{md,json}.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -79,7 +80,8 @@ def stage_time(run_dir: Path, stage: str) -> tuple[float, int]:
 
 def time_training_steps(reference: Path, base_dir: Path, adapter_dir: Path, steps: int) -> dict:
     """Seconds per step of stage 2 (all weights, memories encoded with grad) and of the adapter
-    (LoRA only, memories encoded by the frozen base), on the same batches, one after the other."""
+    (LoRA only, memories encoded by the frozen base), on the same batches, steps alternating so a
+    shared machine's load falls on both alike."""
     from memory3.trainer.adapt import AdaptConfig, add_adapter
     from memory3.trainer.memory_stage import RetrievalMemoryStage
     from memory3.trainer.pretrain import Batch, TrainContext, batch_loss
@@ -89,7 +91,7 @@ def time_training_steps(reference: Path, base_dir: Path, adapter_dir: Path, step
     world = build_world(config.world.seed, config.world.n_entities, config.world.heldout_fraction,
                         passages_per_entity=config.world.passages_per_entity)
     meta = read_adapter_metadata(adapter_dir)
-    out = {}
+    runners = {}
     for name in ("stage 2", "adapter"):
         model, tokenizer, spec = load_reference_model(base_dir)
         model.train()
@@ -97,24 +99,24 @@ def time_training_steps(reference: Path, base_dir: Path, adapter_dir: Path, step
             peft_model = add_adapter(model, AdaptConfig(base=str(base_dir), rank=meta["rank"],
                                                         target_modules=meta["target_modules"]))
             params = [p for p in peft_model.parameters() if p.requires_grad]
-            hooks = RetrievalMemoryStage(TrainContext(config, world, tokenizer, model, spec, torch.device("cpu")),
-                                         type(stage)(**{**stage.__dict__, "encode_with_grad": False})).hooks()
+            stage_config = replace(stage, encode_with_grad=False)
         else:
-            params = list(model.parameters())
-            hooks = RetrievalMemoryStage(TrainContext(config, world, tokenizer, model, spec, torch.device("cpu")),
-                                         stage).hooks()
-        optimizer = torch.optim.AdamW(params, lr=1e-4)
-        seconds = []
-        for step in range(steps + 1):  # the first step (allocation, caches) is not counted
+            params, stage_config = list(model.parameters()), stage
+        hooks = RetrievalMemoryStage(TrainContext(config, world, tokenizer, model, spec, torch.device("cpu")),
+                                     stage_config).hooks()
+        runners[name] = (model, hooks, torch.optim.AdamW(params, lr=1e-4))
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    for step in range(steps + 1):  # the first step (allocation, caches) is not counted
+        for name, (model, hooks, optimizer) in runners.items():
             batch = hooks.stream.batch(800 + step, config.batch_size)
             t0 = time.perf_counter()
             loss = batch_loss(model, Batch(batch.input_ids, batch.labels, step, batch.preceding), hooks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            seconds.append(time.perf_counter() - t0)
-        out[name] = sum(seconds[1:]) / steps
-    return out
+            if step:
+                seconds[name].append(time.perf_counter() - t0)
+    return {name: sum(values) / len(values) for name, values in seconds.items()}
 
 
 def report(rows, info) -> str:
@@ -163,8 +165,12 @@ def main(argv=None) -> int:
                          settings, {})]
     for directory in args.adapter:
         model = load_adapter(load_reference_model(args.base)[0], directory)
-        rows.append(evaluate_row(f"base + adapter {Path(directory).name}", model, tokenizer, spec, world, pairs, index,
-                                 base_bank, "memory", settings, adapter_facts(directory)))
+        bank, label = base_bank, f"base + adapter {Path(directory).name}"
+        if read_adapter_metadata(directory).get("memories") == "adapted":  # it encodes too: its own bank
+            bank, _ = encode_memory_bank(model, tokenizer, spec, texts)
+            label += " (own bank)"
+        rows.append(evaluate_row(label, model, tokenizer, spec, world, pairs, index, bank, "memory", settings,
+                                 adapter_facts(directory)))
     full, full_tokenizer, full_spec = load_reference_model(reference / "model")
     full_bank, _ = encode_memory_bank(full, full_tokenizer, full_spec, texts)
     rows.append(evaluate_row("full stage-2 model", full, full_tokenizer, full_spec, world, pairs, index, full_bank,

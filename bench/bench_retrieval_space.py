@@ -182,9 +182,48 @@ def decode_all(model, tokenizer, supply, bank, prompts, batch: int, mode: str, n
     return time.perf_counter() - start, tokens
 
 
+def rpc_profile(target, api_key, model, tokenizer, head, banks, prompts, repeats: int = 30) -> dict[str, float]:
+    """Median milliseconds of single RPCs as the supply makes them (one decoding step's search,
+    the 8 rows' first chunks, top-5), beside a Stats call (the round trip's floor): where a
+    model-space step's search time goes."""
+    import statistics
+
+    chunks = [p[:CHUNK] for p in prompts[:8]]
+    vectors = head.vectors(model, chunks, tokenizer.all_special_ids)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in chunks]
+    calls = {
+        "Stats (round-trip floor)": (lambda c: c.stats(banks["model"]), repeats),
+        "RetrieveBatch, 1 vector": (lambda c: c.retrieve_batch(banks["model"], vectors[:1], top_k=TOP_K,
+                                                              include_text=False), repeats),
+        "RetrieveBatch, 8 vectors": (lambda c: c.retrieve_batch(banks["model"], vectors, top_k=TOP_K,
+                                                               include_text=False), repeats),
+        "RetrieveBatch, 8 vectors + memories": (lambda c: c.retrieve_batch(banks["model"], vectors, top_k=TOP_K,
+                                                                          include_text=False, include_memory=True),
+                                                repeats),
+        "RetrieveBatch, 8 texts (MiniLM)": (lambda c: c.retrieve_batch(banks["text"], texts, top_k=TOP_K,
+                                                                      include_text=False), max(3, repeats // 6)),
+    }
+    out = {}
+    with Client(target, api_key) as client:
+        for name, (call, n) in calls.items():
+            call(client)  # warm (connection, server caches)
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                call(client)
+                times.append(1000 * (time.perf_counter() - t0))
+            out[name] = statistics.median(times)
+    return out
+
+
 def decoding_part(target, api_key, model, tokenizer, spec, head, references, prompts, *, batches=(1, 8),
-                  prompts_b1: int = 4, repeats: int = 2, new_tokens: int = 128) -> list[Row]:
+                  prompts_b1: int = 4, repeats: int = 2, new_tokens: int = 128,
+                  profile_out: dict | None = None) -> list[Row]:
+    """Every variant at every batch size (rounds interleave them; best of ``repeats``); with
+    ``profile_out``, also :func:`rpc_profile` into it."""
     banks = prepare_banks(target, api_key, model, tokenizer, spec, head, references)
+    if profile_out is not None:
+        profile_out.update(rpc_profile(target, api_key, model, tokenizer, head, banks, prompts))
     rows: list[Row] = []
     with MemorySupply(target, api_key, model, spec, tokenizer=tokenizer, retrieval_head=head) as supply:
         warm = DecodingOptions(max_new_tokens=8, chunk=CHUNK, stop_at_eos=False)
@@ -265,7 +304,8 @@ def qa_lines(qa: dict) -> list[str]:
     return lines + [""]
 
 
-def report(recall: dict | None, rows: list[Row], header: str, qa: dict | None = None) -> str:
+def report(recall: dict | None, rows: list[Row], header: str, qa: dict | None = None,
+           profile: dict | None = None) -> str:
     lines = ["# Retrieval in the model's space vs the text embedder", "", header, ""]
     if recall:
         ms, mini = recall["model_space"], recall["minilm"]
@@ -302,6 +342,10 @@ def report(recall: dict | None, rows: list[Row], header: str, qa: dict | None = 
             if b:
                 lines.append(f"| {r.batch} | {r.name} | {b['steps']} | {b['search']:.1f} | {b['fetch']:.1f} | "
                              f"{b['decode']:.1f} | {b['inject']:.2f} | {b['wait']:.1f} | {b['total'] + b['inject']:.1f} |")
+        if profile:
+            lines += ["", "Single RPCs as a step makes them (8 rows' first chunks, top-5, no texts back), median ms, "
+                      "the same server before the decoding runs:", "", "| call | ms |", "|---|---|"]
+            lines += [f"| {name} | {ms:.2f} |" for name, ms in profile.items()]
         lines += ["", "Targets (issue 17), memory with a model-space bank:", ""] + target_lines(rows)
     return "\n".join(lines) + "\n"
 
@@ -324,6 +368,20 @@ def target_lines(rows: list[Row]) -> list[str]:
             out.append(f"- batch 8 cold retrieval step {step:.1f} ms (target on large ≤ {TARGET_STEP_MS:g} ms: "
                        f"{'met' if step <= TARGET_STEP_MS else 'NOT met'})")
     return out
+
+
+def _commit() -> str:
+    """The checkout's commit (``+`` when tracked files differ from it), or ``unknown``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
 
 
 def main(argv=None) -> str:
@@ -369,6 +427,7 @@ def main(argv=None) -> str:
         head = RetrievalHead.for_model(model, seed=0)  # a random model: speed only, the head's weights do not matter
     rows: list[Row] = []
     query_ms = None
+    profile: dict[str, float] = {}
     if not args.skip_decoding:
         chunks = [p[:CHUNK] for p in prompts[:8]]
         query_ms = _best_ms(lambda: head.vectors(model, chunks, tokenizer.all_special_ids), repeats=20)
@@ -383,7 +442,7 @@ def main(argv=None) -> str:
             admin.close()
             rows = decoding_part(server.target, api_key, model, tokenizer, spec, head, references, prompts,
                                  batches=tuple(int(b) for b in args.batches.split(",")), prompts_b1=args.prompts_b1,
-                                 repeats=args.repeats, new_tokens=args.new_tokens)
+                                 repeats=args.repeats, new_tokens=args.new_tokens, profile_out=profile)
         finally:
             server.stop()
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -397,16 +456,16 @@ def main(argv=None) -> str:
                    f"{', service and PostgreSQL pinned to their own core' if args.split_cores else ''}; best of "
                    f"{args.repeats}. Model-space query vectors of 8 chunks of {CHUNK} tokens on the model's device: "
                    f"{query_ms:.2f} ms (before each request, not in the step). ")
-    header += (f"CPU, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; load average (1, 5, 15 min) "
+    header += (f"Code at commit {_commit()}. CPU, torch threads {torch.get_num_threads()}, {os.cpu_count()} cores; load average (1, 5, 15 min) "
                f"{', '.join(f'{x:.2f}' for x in load_before)} at the start, {', '.join(f'{x:.2f}' for x in load_after)} "
                f"at the end; started {started}.\n\nReproduce: `{command}`")
-    text = report(recall, rows, header, qa)
+    text = report(recall, rows, header, qa, profile)
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(text)
     data = {"command": command, "started": started, "load_before": load_before, "load_after": load_after,
             "model": args.model or f"random:{args.preset}", "parameters": params, "torch_threads": torch.get_num_threads(),
-            "recall": recall, "qa": qa, "query_vectors_ms_batch8": query_ms,
+            "recall": recall, "qa": qa, "query_vectors_ms_batch8": query_ms, "rpc_profile_ms": profile,
             "decoding": [{"name": r.name, "batch": r.batch, "tokens_per_s": r.tokens_per_s,
                           "steps": step_breakdown(r.steps), "step_timings": [asdict(t) for t in r.steps]} for r in rows]}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(data, indent=1) + "\n")

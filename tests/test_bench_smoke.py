@@ -63,13 +63,17 @@ def test_bench_retrieval_space_parts_run_at_a_toy_size(setup, server, api_key):
     head = RetrievalHead.for_model(model, dim=32, seed=0)
     recall, same = bench_retrieval_space.recall_part(model, tokenizer, spec, head, model_dir, steps=0)
     assert same is head and set(recall["model_space"]) == set(recall["minilm"]) == {"recall@1", "recall@5"}
+    profile: dict = {}
     rows = bench_retrieval_space.decoding_part(server.target, api_key, model, tokenizer, spec, head, references,
-                                               prompts[:2], batches=(1, 2), prompts_b1=1, repeats=1, new_tokens=66)
+                                               prompts[:2], batches=(1, 2), prompts_b1=1, repeats=1, new_tokens=66,
+                                               profile_out=profile)
     assert {(r.name, r.batch) for r in rows} == {(name, b) for name, *_ in bench_retrieval_space.VARIANTS for b in (1, 2)}
     model_rows = [r for r in rows if "model space" in r.name]
     assert all(r.tokens_per_s > 0 for r in rows) and all(r.steps for r in model_rows)
-    text = bench_retrieval_space.report(recall, rows, "toy run")
+    assert len(profile) == 5 and all(ms > 0 for ms in profile.values())
+    text = bench_retrieval_space.report(recall, rows, "toy run", profile=profile)
     assert "recall@5" in text and "memory, model space, warm" in text and "× memory MiniLM" in text
+    assert "| RetrieveBatch, 8 vectors + memories |" in text and "Targets (issue 17)" in text
 
 
 def test_qa_part_and_the_evaluation_retrieve_in_the_model_space_as_a_bank_does(setup, blocking, tmp_path):

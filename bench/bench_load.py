@@ -160,7 +160,12 @@ class CpuMeter:
                 return 0.0
 
         loop_thread = next((t for t in self.service.threads() if t.id == self.service.pid), None)
-        pg = {self.postgres.pid: cpu(self.postgres)} | {c.pid: cpu(c) for c in self.postgres.children(recursive=True)}
+        # the postmaster's own CPU and that of the backends it has reaped (connections closed during
+        # the phase: the pool's overflow), plus its live children's
+        times = self.postgres.cpu_times()
+        reaped = times.children_user + times.children_system
+        pg = {self.postgres.pid: cpu(self.postgres) + reaped} | {
+            c.pid: cpu(c) for c in self.postgres.children(recursive=True)}
         return {"service": cpu(self.service), "loop": loop_thread.user_time + loop_thread.system_time,
                 "clients": cpu(self.me), "pg": pg}
 

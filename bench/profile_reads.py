@@ -3,6 +3,7 @@ process) while one client calls in a loop, and the samples are summed by layer.
 
     python bench/profile_reads.py                       # 3,000 references, 20 s per call kind
     python bench/profile_reads.py --seconds 30 --out /tmp/profile
+    python bench/profile_reads.py --service-from 9ec7ade      # the server as it was at that commit
 
 For each call kind (Retrieve top-5 by vector with payloads; Fetch of those 5 with payloads) it
 prints the share of the server's samples per layer (gRPC/asyncio internals, psycopg, SQLAlchemy's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import secrets
 import shutil
 import subprocess
@@ -118,7 +120,11 @@ def profiled(pid: int, out: Path, call, seconds: float, rate: int) -> tuple[str,
     spy.wait(60)
     if spy.returncode != 0:
         raise RuntimeError(f"py-spy failed: {spy.stderr.read()}")
-    return summarise(out), float(np.percentile(result[0], 50) * 1000)
+    calls = len(result[0])
+    summary = summarise(out)
+    samples = int(summary.split()[0])
+    held = f"{calls} calls; the server held the GIL {1000 * samples / rate / calls:.2f} ms a call (sampled)\n\n"
+    return held + summary, float(np.percentile(result[0], 50) * 1000)
 
 
 def compare(server, pg, client, queries, n: int) -> str:
@@ -161,6 +167,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare", type=int, default=300,
                         help="first time this many Retrieves beside the same SQL through psycopg, interleaved (0: skip)")
     parser.add_argument("--only-compare", action="store_true", help="stop after the comparison (no py-spy)")
+    parser.add_argument("--service-from", metavar="REV",
+                        help="profile the service package of this git revision instead of the working tree's")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "memory3-profile")
     args = parser.parse_args(argv)
     if shutil.which("py-spy") is None:
@@ -169,7 +177,19 @@ def main(argv=None) -> None:
     root = Path(tempfile.mkdtemp(prefix="m3prof-"))
     admin_key = "profile-admin-" + secrets.token_hex(16)
     pg = EmbeddedPostgres(root / "db")
-    server = ServiceProcess(pg.url, root, admin_key, log_level="WARNING")
+    previous = os.environ.get("PYTHONPATH")
+    if args.service_from:  # the child imports memory3.service from the revision (bench_read_path.py)
+        from bench_read_path import earlier_service
+
+        old = earlier_service(args.service_from, root / "before")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(old), previous]))
+    try:
+        server = ServiceProcess(pg.url, root, admin_key, log_level="WARNING")
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
     try:
         with Client(server.target, admin_key) as admin:
             admin.create_tenant("profile")

@@ -44,7 +44,7 @@ from helpers import two_stage_config
 
 torch.set_num_threads(1)
 
-ADAPT_STEPS = 1200
+ADAPT_STEPS = 600
 TEXTS = [f"Notes on {t}: the {t} of the northern valley were recorded in the year {1800 + i}."
          for i, t in enumerate(["rivers", "bread", "comets", "glaciers", "tea", "owls"])]
 
@@ -77,10 +77,10 @@ def adapted(base_dir, tmp_path_factory):
 def test_adapter_trains_on_the_frozen_base_and_lowers_the_answer_loss(base_dir, adapted):
     """The probe: answer loss on drills about entities no step trains on, with the right
     reference's memory (encoded by the frozen base) vs without. Measured on this config: the base
-    8.87 / 9.04 nats; the adapter after 1200 steps 5.35–5.39 / 5.37–5.57 over two runs. It learns
-    the answers (asserted), but its gap with vs without memory stays at or below the base's own
-    (0.02–0.19 vs 0.17): an adapter reading the frozen base's memories barely learns to read them,
-    so no margin on that gap is asserted here (docs/adapters.md has the measurement and why)."""
+    8.87 / 9.04 nats; the adapter after 600 steps 5.52 / 5.61, after 1200 steps 5.35–5.39 /
+    5.37–5.57 over two runs. It learns the answers (asserted), but its gap with vs without memory
+    stays near the base's own (0.02–0.19 vs 0.17): an adapter reading the frozen base's memories
+    barely learns to read them, so no margin on that gap is asserted (docs/adapters.md: why)."""
     base, tokenizer, spec = load_reference_model(base_dir)
     assert adapted.finished and adapted.base_fingerprint == model_fingerprint(base)
     assert adapted.trainable_parameters <= 0.02 * adapted.base_parameters

@@ -84,7 +84,7 @@ def time_training_steps(reference: Path, base_dir: Path, adapter_dir: Path, step
     shared machine's load falls on both alike."""
     from memory3.trainer.adapt import AdaptConfig, add_adapter
     from memory3.trainer.memory_stage import RetrievalMemoryStage
-    from memory3.trainer.pretrain import Batch, TrainContext, batch_loss
+    from memory3.trainer.pretrain import Batch, TrainContext, batch_loss, optimizer_step
 
     config = load_run_config(reference)
     stage = config.stages[-1]
@@ -111,9 +111,7 @@ def time_training_steps(reference: Path, base_dir: Path, adapter_dir: Path, step
             batch = hooks.stream.batch(800 + step, config.batch_size)
             t0 = time.perf_counter()
             loss = batch_loss(model, Batch(batch.input_ids, batch.labels, step, batch.preceding), hooks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(loss, optimizer, [], grad_clip=0.0)
             if step:
                 seconds[name].append(time.perf_counter() - t0)
     return {name: sum(values) / len(values) for name, values in seconds.items()}

@@ -33,7 +33,7 @@ from .config import DrillConfig, StageConfig, TrainConfig, WorldConfig, _build
 from .corpus import build_world
 from .memory_stage import RetrievalMemoryStage, answer_loss, memory_drill
 from .figures import caption
-from .pretrain import Batch, TrainContext, batch_loss, learning_rate
+from .pretrain import Batch, TrainContext, batch_loss, learning_rate, optimizer_step
 from .rag_stage import rag_stage
 
 READINGS = ("memory", "rag")
@@ -294,13 +294,8 @@ def run_adapt(config: AdaptConfig, stop_at: int | None = None) -> AdaptResult:
                 group["lr"] = lr
             batch = hooks.stream.batch(step, config.batch_size)
             loss = batch_loss(model, Batch(batch.input_ids, batch.labels, step, batch.preceding), hooks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
+            last = optimizer_step(loss, optimizer, params, config.grad_clip)
             step += 1
-            last = float(loss.detach())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last:.3f}", lr=f"{lr:.2e}")

@@ -203,6 +203,17 @@ def learning_rate(stage: StageConfig, stage_step: int) -> float:
     return stage.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (stage.lr - stage.min_lr)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, grad_clip: float) -> float:
+    """Backward, clip the global gradient norm of ``params`` to ``grad_clip`` (0: off), step;
+    returns the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
 def stage_at(config: TrainConfig, global_step: int) -> tuple[int, int]:
     """(stage index, step inside that stage) of a global step."""
     for i, s in enumerate(config.stages):
@@ -455,13 +466,8 @@ def run_training(config: TrainConfig, stop_at: int | None = None) -> TrainResult
             batch = Batch(batch.input_ids.to(device), batch.labels.to(device), step, batch.preceding)
             with autocast:
                 loss = batch_loss(model, batch, hooks)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            last_loss = optimizer_step(loss, optimizer, model.parameters(), config.grad_clip)
             step += 1
-            last_loss = float(loss.detach())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}")

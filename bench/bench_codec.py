@@ -9,16 +9,18 @@ synthetic structured KV (indicative only); ``--model`` adds real memories encode
 PQ codebooks are trained on other memories than those evaluated.
 
 Usage: python bench/bench_codec.py [--model DIR --texts FILE] [--train N (150)] [--eval N]
-Writes bench/results/codec.md and bench/results/codec_bytes_vs_fidelity.png.
+Writes bench/results/codec.md, codec.json (every row) and codec_bytes_vs_fidelity.png (drawn from the
+JSON; ``--replot`` redraws it).
 Measurements: docs/experiments.md ("Codec storage", "Codec speed", "PQ codebooks").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -206,6 +208,9 @@ def queries_from(pool: list[ExplicitMemory]) -> torch.Tensor:
 
 
 def plot(results: dict[str, list[Row]], path: Path) -> None:
+    """Per section (synthetic Memory3 shape, the model's real memories): each scheme's attention-output
+    error against its bytes per memory, one marker per scheme named in the legend (PQ variants share
+    a size, so labels beside the points would overlap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,22 +218,28 @@ def plot(results: dict[str, list[Row]], path: Path) -> None:
 
     from memory3.trainer.figures import caption
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for title, rows in results.items():
-        xs = [r.bytes for r in rows]
-        a1.plot(xs, [1 - r.cos_k for r in rows], "o-", label=f"{title}: 1 - cos K")
-        a1.plot(xs, [1 - r.cos_v for r in rows], "s--", label=f"{title}: 1 - cos V")
-        a2.plot(xs, [r.attn_err for r in rows], "o-", label=title)
-        for k, r in enumerate(rows):  # labels alternate above and below their points: PQ points sit close
-            a2.annotate(f"{r.scheme} {r.ratio:.0f}x", (r.bytes, r.attn_err), fontsize=6,
-                        xytext=(0, 6 if k % 2 else -10), textcoords="offset points", ha="center")
-    for ax, ylabel in ((a1, "1 - mean cosine"), (a2, "attention-output relative error")):
-        ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("bytes per memory (all counted)")
-        ax.set_ylabel(ylabel), ax.grid(alpha=0.3), ax.legend(fontsize=7)
-    fig.suptitle("memory3 codec: bytes per memory vs fidelity, per scheme (" + ", ".join(results) + ")", fontsize=10)
+    from matplotlib.ticker import FuncFormatter
+
+    def kilo(x, _):
+        return f"{x / 1000:g}k" if x >= 1000 else f"{x:g}"
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.8 * len(results), 5.6), squeeze=False)
+    markers = "osD^v<>Ph*X"
+    for ax, (title, rows) in zip(axes[0], results.items()):
+        for k, r in enumerate(rows):
+            ax.scatter(r.bytes, r.attn_err, marker=markers[k % len(markers)], s=46, zorder=3,
+                       label=f"{r.scheme}: {r.ratio:.0f}x smaller, cos K {r.cos_k:.3f}, cos V {r.cos_v:.3f}")
+        ax.set_xscale("log"), ax.set_yscale("log"), ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel("bytes per memory (everything counted)"), ax.set_ylabel("attention-output relative error")
+        ax.xaxis.set_major_formatter(FuncFormatter(kilo))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, pos: kilo(x, pos) if f"{x:.0e}"[0] in "25" else ""))
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    fig.suptitle("memory3 codec: bytes per memory vs fidelity, per scheme (ratios vs dense bf16 KV)", fontsize=10)
     fig.tight_layout()
     caption(fig, " / ".join(results))
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -241,7 +252,12 @@ def main(argv=None) -> None:
     ap.add_argument("--kmeans-iters", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--replot", action="store_true", help="only redraw the figure from bench/results/codec.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        saved = json.loads((RESULTS / "codec.json").read_text())
+        return plot({title: [Row(**row) for row in rows] for title, rows in saved.items()},
+                    RESULTS / "codec_bytes_vs_fidelity.png")
     torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -255,7 +271,7 @@ def main(argv=None) -> None:
         dense, args.kmeans_iters, args.repeats, gen.inv_freq,
     )
     sections.append(text), print(text)
-    results["Memory3 synthetic"] = rows
+    results["Memory3 shape, synthetic KV"] = rows
 
     if args.model:
         mems, dense_m, spec, rotary, throughput = model_memories(args.model, args.texts, args.train + args.eval + 2)
@@ -272,12 +288,14 @@ def main(argv=None) -> None:
             )
             text += "\n" + throughput + "\n"
             sections.append(text), print(text)
-            results["model"] = rows
+            results[f"{args.model}, real KV"] = rows
 
     (RESULTS / "codec.md").write_text(
         "# Memory codec benchmark\n\nGenerated by `python bench/bench_codec.py`; see its docstring for "
         "what each column means.\n\n" + "\n".join(sections)
     )
+    (RESULTS / "codec.json").write_text(json.dumps({t: [asdict(r) for r in rows] for t, rows in results.items()},
+                                                   indent=1) + "\n")
     plot(results, RESULTS / "codec_bytes_vs_fidelity.png")
     print(f"wrote {RESULTS / 'codec.md'} and {RESULTS / 'codec_bytes_vs_fidelity.png'}")
 

@@ -8,7 +8,8 @@ proposed tokens); log episodes with v0 (through a service with ``--target``); tr
 (:mod:`memory3.trainer.proxy_rl`) and, for comparison, fine-tune the LLM by reward-weighted regression
 on the same episodes, each at its best of a few learning rates; pool the gains over ``--seeds``.
 
-Run: ``python bench/proxy_demo.py [--model runs/tiny-measure/model]``; writes bench/results/proxy_demo.md.
+Run: ``python bench/proxy_demo.py [--model runs/tiny-measure/model]``; writes bench/results/proxy_demo.md,
+proxy_demo.json (every seed's figures) and proxy_demo.png (drawn from the JSON; ``--replot`` redraws it).
 Measurements: docs/experiments.md ("Proxy vs fine-tuning the LLM").
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import random
 import time
@@ -138,15 +140,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--seeds", type=int, default=3,
                         help="run the whole demonstration this many times (seeds SEED, SEED+1, ...) and pool the gains")
+    parser.add_argument("--replot", action="store_true", help="only redraw proxy_demo.png from --out's proxy_demo.json")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
+    if args.replot:
+        return plot(json.loads((out_dir / "proxy_demo.json").read_text()), out_dir / "proxy_demo.png")
+    torch.set_num_threads(args.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [run_seed(args, args.seed + k) for k in range(args.seeds)]
     report = "\n\n".join([summary(runs), *(r["report"] for r in runs)]) + "\n"
     print(report)
     (out_dir / "proxy_demo.md").write_text(report)
-    plot(runs[0]["rows"], runs[0]["result"], out_dir / "proxy_demo.png", args.model or "a random tiny Llama")
+    figures = {"model": args.model or "a random tiny Llama",
+               "seeds": [{"seed": r["seed"], "methods": [{"method": name, "reward": reward, "gain": gain}
+                                                         for name, reward, gain, _, _ in r["rows"]]} for r in runs]}
+    (out_dir / "proxy_demo.json").write_text(json.dumps(figures, indent=1) + "\n")
+    plot(figures, out_dir / "proxy_demo.png")
     return runs
 
 
@@ -308,7 +317,9 @@ def run_seed(args, seed: int) -> dict:
             "report": "\n".join(lines)}
 
 
-def plot(rows, result, path: Path, model_name: str) -> None:
+def plot(figures: dict, path: Path) -> None:
+    """Held-out mean reward of each method, and its gain over the plain LLM, for every seed; both axes
+    from zero, so the bars compare honestly (``figures``: what proxy_demo.json holds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,24 +327,33 @@ def plot(rows, result, path: Path, model_name: str) -> None:
 
     from memory3.trainer.figures import caption
 
-    fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r[0].split(" (")[0] if "deterministic" not in r[0] else "proxy v1 (determ.)" for r in rows]
-    ax_bar.barh(names, [r[1] for r in rows], color=["grey", "tab:blue", "tab:green", "tab:olive", "tab:red"])
-    ax_bar.set_xlabel("held-out mean reward")
-    ax_bar.invert_yaxis()
-    lo, hi = min(0.0, *(r[1] for r in rows)), max(0.0, *(r[1] for r in rows))
-    ax_bar.set_xlim(lo * 1.05, hi * 1.05 + 0.01)  # from zero: the bars compare rewards, gaps stay honest
-    points = [(0, result.metrics["eval_reward_before"])] + [(h["epoch"], h["eval_reward"]) for h in result.history if "eval_reward" in h]
-    ax_curve.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:green", label="proxy (held-out)")
-    ax_curve.axhline(rows[0][1], color="grey", ls="--", label="plain LLM")
-    ax_curve.axhline(rows[-1][1], color="tab:red", ls=":", label="fine-tuned LLM")
-    ax_curve.set_xlabel("proxy training epoch")
-    ax_curve.set_ylabel("held-out mean reward")
-    ax_curve.legend()
-    fig.suptitle(f"Proxy RL vs fine-tuning the LLM: held-out mean reward (seed {result.metrics.get('config', {}).get('seed', '?')})",
-                 fontsize=10)
-    fig.tight_layout()
-    caption(fig, model_name)
+    seeds = figures["seeds"]
+    methods = [m["method"] for m in seeds[0]["methods"]]
+    short = [name.split(" (")[0].replace("verdicts", "").replace(",", "").strip() for name in methods]
+    colours = ["grey", "tab:blue", "tab:green", "tab:olive", "tab:red"]
+    fig, (ax_reward, ax_gain) = plt.subplots(1, 2, figsize=(12, 4.4))
+    width = 0.8 / len(methods)
+    for k, name in enumerate(short):
+        xs = [i + (k - (len(methods) - 1) / 2) * width for i in range(len(seeds))]
+        ax_reward.bar(xs, [s["methods"][k]["reward"] for s in seeds], width, label=name, color=colours[k % 5])
+    gained = [k for k, name in enumerate(methods) if not name.startswith(("plain", "proxy v0"))]
+    width_gain = 0.8 / len(gained)
+    for j, k in enumerate(gained):
+        xs = [i + (j - (len(gained) - 1) / 2) * width_gain for i in range(len(seeds))]
+        ax_gain.bar(xs, [s["methods"][k]["gain"] for s in seeds], width_gain, label=short[k], color=colours[k % 5])
+    pooled = sum(s["methods"][gained[0]]["gain"] for s in seeds) / sum(s["methods"][gained[-1]]["gain"] for s in seeds)
+    for ax, ylabel, key in ((ax_reward, "held-out mean reward", "reward"), (ax_gain, "gain over the plain LLM", "gain")):
+        ax.set_xticks(range(len(seeds)), [f"seed {s['seed']}" for s in seeds])
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=min(0.0, *(m[key] for s in seeds for m in s["methods"])) * 1.1)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.grid(axis="y", alpha=0.3)
+    fig.legend(*ax_reward.get_legend_handles_labels(), loc="lower center", ncol=len(methods), fontsize=8,
+               bbox_to_anchor=(0.5, 0.06))
+    ax_gain.set_title(f"proxy v1 gain / fine-tuned gain, pooled: {pooled:.0%}", fontsize=9)
+    fig.suptitle(f"Proxy RL (< 1% of the parameters) vs fine-tuning the whole LLM, {len(seeds)} seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    caption(fig, figures["model"])
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -123,6 +123,8 @@ def run(target: Target, workdir: Path, sandbox: Path) -> tuple[int, int, list[tu
     if not probe.stdout.startswith(str(sandbox)):
         sys.exit(f"the sandbox is not what the tests import: {probe.stdout or probe.stderr}")
     cosmic = [sys.executable, "-m", "cosmic_ray.cli"]
+    if session.exists():  # cosmic-ray refuses to init over a session; the last one stays for --recheck
+        session.replace(session.with_suffix(".previous.sqlite"))
     subprocess.run([*cosmic, "init", str(config), str(session)], cwd=sandbox, check=True, capture_output=True)
     lines, signatures = scope_lines(sandbox / target.module, target.scope)
     with use_db(str(session), WorkDB.Mode.open) as db:

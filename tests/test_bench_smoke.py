@@ -1,7 +1,8 @@
 """The decoding benchmarks' code paths run (issue 17: a bench that broke on main went unnoticed):
 bench_decoding's injection-only source through the decode loop, and bench_retrieval_space's
 recall, held-out QA and strict-schedule decoding parts at a toy size against the test server; the
-evaluation's model-space retrieval finds what a model-space bank on the server answers."""
+evaluation's model-space retrieval finds what a model-space bank on the server answers; the codec
+and proxy figures redraw from the JSON their benches recorded."""
 
 from __future__ import annotations
 
@@ -102,3 +103,21 @@ def test_qa_part_and_the_evaluation_retrieve_in_the_model_space_as_a_bank_does(s
     torch.testing.assert_close(torch.from_numpy(vectors), torch.tensor(sent), atol=1e-5, rtol=0)  # as decoding sends
     answered = blocking.retrieve_batch(bank, [v.tolist() for v in vectors], top_k=1, include_text=False)
     assert [[int(r.external_id) for r in row] for row in answered] == index.search(prompts, 1, query_vectors=vectors)
+
+
+def test_recorded_bench_figures_redraw_from_their_json(tmp_path):
+    """codec_bytes_vs_fidelity.png and proxy_demo.png are drawn from the JSON their benches record
+    (``--replot``): the committed JSON must still load into the plotting code, one point or bar per row."""
+    import bench_codec
+    import proxy_demo
+
+    results = Path(bench_codec.RESULTS)
+    codec = json.loads((results / "codec.json").read_text())
+    rows = {title: [bench_codec.Row(**row) for row in section] for title, section in codec.items()}
+    assert rows and all(len(section) >= 4 for section in rows.values())
+    bench_codec.plot(rows, tmp_path / "codec.png")
+    demo = json.loads((results / "proxy_demo.json").read_text())
+    assert len(demo["seeds"]) >= 3 and {len(s["methods"]) for s in demo["seeds"]} == {5}
+    proxy_demo.plot(demo, tmp_path / "proxy.png")
+    for name in ("codec.png", "proxy.png"):
+        assert (tmp_path / name).stat().st_size > 20_000

@@ -7,7 +7,8 @@ of this environment first on PATH; the Python block runs next, against the same 
 background server is stopped, and then the block that answers a held-out question with the shipped
 model from memory. What the blocks' comments promise is asserted on their output. The
 install blocks are what CI itself runs; training and benchmark blocks take minutes to hours and are
-run by hand (docs/experiments.md records them).
+run by hand (docs/experiments.md records them), so each of their 40-odd commands is run only up to its
+command line's parsing: the program exists, imports, and accepts every flag as written.
 """
 
 from __future__ import annotations
@@ -71,3 +72,67 @@ def test_quick_tour_and_python_blocks_run_as_written(tmp_path):
     assert [line.split()[0] for line in tour_out.splitlines() if line.startswith(("t1 {", "t2 {"))] == ["t1"]  # scroll
     assert python_out.strip().splitlines()[-1] == "['0', '1']"
     assert shipped_out.strip().splitlines()[-2].strip() == "Vamdra"  # the answer, read from memory
+
+
+class _Accepted(Exception):
+    """Raised by the patched ``parse_args`` once a program has accepted its command line."""
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every `memory3 …` and `python path.py …` line of the README's bash blocks, comments removed."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        for line in block.splitlines():
+            line = line.strip()
+            if line.startswith(("memory3 ", "python ")) and " -c " not in line and "$(" not in line:
+                commands.append(line)
+    return commands
+
+
+def test_every_readme_command_is_accepted_by_its_program(monkeypatch):
+    """The README's other blocks (training, adapters, benchmarks, development) take minutes to hours
+    to run; each of their commands must still name a program that exists and accept every flag as
+    written. Each runs in this process up to its first ``parse_args`` (which then stops it), so
+    a renamed flag, a removed script or a broken import fails here."""
+    import argparse
+    import runpy
+    import shlex
+
+    original = argparse.ArgumentParser.parse_args
+
+    def accept(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Accepted
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", accept)
+    commands = readme_commands(README.read_text())
+    assert len(commands) >= 25, commands
+    refused = []
+    for command in commands:
+        words = shlex.split(command, comments=True) if "$'" not in command else None
+        if words is None:
+            continue  # ANSI-C quoting: that line is in a block test_quick_tour_and_python_blocks_run_as_written runs
+        operators = [k for k, word in enumerate(words) if word in ("&", "&&", "|", ";", ">")]
+        words = words[: operators[0]] if operators else words
+        if words[0] == "python":
+            if not words[1].endswith(".py"):
+                continue
+            path = README.parent / words[1]
+            if not path.exists():
+                refused.append(f"{command}: no {words[1]}")
+                continue
+            monkeypatch.setattr(sys, "argv", [str(path), *words[2:]])
+            monkeypatch.syspath_prepend(str(path.parent))
+            run = lambda: runpy.run_path(str(path), run_name="__main__")  # noqa: E731
+        else:
+            monkeypatch.setattr(sys, "argv", ["memory3", *words[1:]])
+            run = lambda: runpy.run_module("memory3.cli.main", run_name="__main__", alter_sys=False)  # noqa: E731
+        try:
+            run()
+            refused.append(f"{command}: ran without parsing a command line")
+        except _Accepted:
+            pass
+        except SystemExit as exit_:  # --help exits 0 from inside parse_args; a refused flag exits 2
+            if exit_.code not in (0, None):
+                refused.append(f"{command}: exit {exit_.code}")
+    assert not refused, "\n".join(refused)

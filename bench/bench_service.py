@@ -6,6 +6,8 @@
 * recall@5 of the HNSW path vs exact search at N references (target >= 0.95), real texts embedded
   by the built-in embedder (generated reference texts; queries are the corpus's questions)
 * bulk write MB/s through the service vs raw binary COPY of the same rows (target >= 0.5)
+* the floor: a bare Python gRPC server (bench/grpc_floor.py) answering the same bytes with no work,
+  timed in the same loop, so (SQL + floor) / SQL shows how low any Python gRPC service could go here
 
 Payloads are real codec blobs (int8) of a memory shape of ~40 KB: random values, so zstd cannot
 shrink them, like a deployment's worst case.
@@ -43,6 +45,10 @@ from memory3.service.config import load_settings
 from memory3.service.embedded_pg import EmbeddedPostgres, libpq_url
 from memory3.service.reference_store import ReferenceRow
 from memory3.trainer.corpus import build_world
+from memory3.v1 import memories_pb2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpc_floor import FloorServer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / "runs" / "bench_cache"
@@ -93,6 +99,13 @@ def raw_copy(conn: psycopg.Connection, partition: str, bank_id: int, refs: list[
             row = ReferenceRow(r.external_id, r.text, r.metadata, np.asarray(r.embedding, np.float32), r.memory)
             copy.write_row((bank_id, r.external_id, r.text, Jsonb(r.metadata), row.embedding, r.memory,
                             row.memory_size, row.memory_crc32, row.content_hash()))
+
+
+def floor_request(q: np.ndarray) -> memories_pb2.RetrieveRequest:
+    """The request Retrieve gets, sent to the floor server (which ignores it) so both carry the same bytes."""
+    request = memories_pb2.RetrieveRequest(bank="recall", top_k=5, include_memory=True)
+    request.vector.values.extend(q.tolist())
+    return request
 
 
 def percentile(values, q):
@@ -159,8 +172,13 @@ def main(argv=None) -> None:
             client.fetch("recall", [h.external_id for h in client.retrieve("recall", vector=q.tolist(), top_k=5,
                                                                            include_memory=True)])
             raw.execute(search_sql, (q, q)).fetchall()
+        answer_bytes = sum(len(r.memory) for r in client.retrieve("recall", vector=queries[0].tolist(), top_k=5,
+                                                                  include_memory=True))
+        floor = FloorServer(answer_bytes).__enter__()
+        for q in queries[:20]:
+            floor.call(floor_request(q))
         recalls = []
-        lat: dict[str, list[float]] = {k: [] for k in ("retrieve", "sql", "sql_binary", "fetch", "fetch_sql")}
+        lat: dict[str, list[float]] = {k: [] for k in ("retrieve", "sql", "sql_binary", "fetch", "fetch_sql", "floor")}
         load_before = os.getloadavg()[0]
         for round_ in range(args.rounds):  # each query through every path in turn: all see the same load
             for q, truth in zip(queries, exact):
@@ -185,7 +203,11 @@ def main(argv=None) -> None:
                 rows = raw.execute(fetch_sql, (ids,)).fetchall()
                 lat["fetch_sql"].append(time.perf_counter() - t0)
                 assert len(rows) == 5
+                t0 = time.perf_counter()
+                floor.call(floor_request(q))
+                lat["floor"].append(time.perf_counter() - t0)
         load_after = os.getloadavg()[0]
+        floor.__exit__(None, None, None)
         server.stop()
         raw.close()
         pg.stop()  # before the temporary directory goes
@@ -208,6 +230,8 @@ def main(argv=None) -> None:
         f"{p50['sql_binary']:.2f} | {p50['retrieve'] / p50['sql_binary']:.2f} | |",
         f"| Retrieve top-5 + payloads p99 (ms) | {p99['retrieve']:.2f} | raw SQL {p99['sql']:.2f} | "
         f"{p99['retrieve'] / p99['sql']:.2f} | |",
+        f"| floor: bare Python gRPC, same {answer_bytes / 1024:.0f} KiB answer, no work, p50 (ms) | {p50['floor']:.2f} | "
+        f"raw SQL {p50['sql']:.2f} | (SQL + floor) / SQL = {(p50['sql'] + p50['floor']) / p50['sql']:.2f} | |",
         f"| Fetch 5 + payloads p50 (ms) | {p50['fetch']:.2f} | raw SQL {p50['fetch_sql']:.2f} | "
         f"{p50['fetch'] / p50['fetch_sql']:.2f} | |",
         f"| recall@5, HNSW vs exact | {recall:.3f} | exact 1.000 | {recall:.3f} | >= 0.95 "

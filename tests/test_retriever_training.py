@@ -1,6 +1,7 @@
 """`memory3 train-retriever`: InfoNCE on a frozen model trains only the head (the model's
 fingerprint is unchanged), lifts held-out recall far above the untrained head's, and saves the head
-beside the model where loading checks it against the model; hard negatives are of the same kind."""
+beside the model where loading checks it against the model; hard negatives are of the same kind;
+a validation world no step trains on picks the head kept and stops training."""
 
 import json
 from pathlib import Path
@@ -14,7 +15,14 @@ from memory3.sdk.memory.retrieval_head import HEAD_FILENAME, RetrievalHead, Retr
 from memory3.sdk.model.fingerprint import model_fingerprint
 from memory3.trainer.corpus import HELDOUT, build_world
 from memory3.trainer.model import build_model, default_memory_spec, load_reference_model, save_reference_model
-from memory3.trainer.retriever import RetrieverConfig, evaluate_head, train_head, training_pairs
+from memory3.trainer.retriever import (
+    RetrieverConfig,
+    Validation,
+    evaluate_head,
+    train_head,
+    training_pairs,
+    validation_world,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +64,34 @@ def test_only_the_head_trains_and_recall_rises(run_dir):
     assert trained["recall@5"] >= 0.9 and trained["recall@1"] > base["recall@1"] + 0.3, (base, trained)
 
 
+def test_validation_keeps_the_best_head_and_stops_after_patience(run_dir):
+    """The head returned is the one with the lowest validation loss seen (not the last), and training
+    ends ``patience`` validations after it unless the step budget ends first."""
+    model, tokenizer, spec = load_reference_model(run_dir / "model")
+    world = build_world(0, 40, 0.2)
+    extra = build_world(7919, 60, 0.2, passages_per_entity=0, qa_docs=0, filler_docs=0)
+    config = RetrieverConfig(dim=16, steps=400, batch_size=32, hard_negatives=4, lr=0.03, eval_every=5, patience=2,
+                             validation_entities=30)
+    held_apart = validation_world(0, config)
+    assert not {e.name for e in held_apart.entities} & {e.name for e in world.entities + extra.entities}
+    validation = Validation(model, tokenizer, spec, held_apart)
+    head, history = train_head(model, tokenizer, spec, training_pairs(world, extra), config, validation=validation)
+    losses = [(h["step"], h["validation"]["loss"]) for h in history if "validation" in h]
+    best_step, best_loss = min(losses, key=lambda pair: pair[1])
+    assert validation(head)["loss"] == pytest.approx(best_loss, rel=1e-5)
+    after_best = [step for step, _ in losses if step > best_step]
+    assert len(history) == config.steps or len(after_best) == config.patience
+    assert len(history) < config.steps, "lr 0.03 on a tiny world overfits within 400 steps: validation stops it"
+
+
 def test_cli_saves_the_head_beside_the_model(run_dir, tmp_path):
     model_dir = run_dir / "model"
     cli_main(["train-retriever", "--model", str(model_dir), "--steps", "5", "--dim", "16", "--extra-entities", "20",
-              "--batch-size", "16", "--threads", "1"])
+              "--batch-size", "16", "--threads", "1", "--validation-entities", "20"])
     metrics = json.loads((model_dir / "retrieval_head.json").read_text())
     assert (model_dir / HEAD_FILENAME).is_file() and metrics["world"]["entities"] == 40
     assert set(metrics["heldout"]["model_space"]) == {"recall@1", "recall@5"} and len(metrics["loss"]) == 5
+    assert [v["step"] for v in metrics["validation"]] == [5] and metrics["kept_step"] == 5
     model, _, _ = load_reference_model(model_dir)
     assert RetrievalHead.load(model_dir, model).space == metrics["space"]
     with torch.no_grad():

@@ -9,8 +9,10 @@ second generated world (stage 2's drill world: names the model never saw, so the
 which tokens make a name rather than the names themselves), each paired with its entity's
 reference. Negatives: the batch's other references and ``hard_negatives`` references of entities
 of the same kind per query. Recall@1/@5 is measured on the held-out entities' questions against
-every reference of the world (MiniLM beside it with ``--compare-minilm``). Seconds to minutes on
-a CPU. The head is saved beside the model (``retrieval_head.safetensors``). Design and figures:
+every reference of the world (MiniLM beside it with ``--compare-minilm``). How long to train is
+chosen on a third generated world no step trains on and no report scores (its questions' InfoNCE
+over all its references, every ``eval_every`` steps; the best head is kept, training stops after
+``patience`` evaluations without a better one), never on the held-out questions. Minutes on a CPU. The head is saved beside the model (``retrieval_head.safetensors``). Design and figures:
 docs/design.md ("Retrieval in the model's space").
 """
 
@@ -40,7 +42,7 @@ METRICS_FILENAME = "retrieval_head.json"
 @dataclass
 class RetrieverConfig:
     dim: int = 128  # key/query dimension (the bank's vectors)
-    steps: int = 300
+    steps: int = 3000  # at most: validation stops it earlier
     batch_size: int = 128  # queries per step; their references are each other's negatives
     hard_negatives: int = 8  # per query: references of other entities of the same kind
     lr: float = 3e-3
@@ -48,6 +50,10 @@ class RetrieverConfig:
     extra_entities: int = 2000  # entities of the second (drill) world; 0: the model's world only
     extra_seed_offset: int = 7919  # as stage 2's drill world (DrillConfig.seed_offset)
     token_codes: int = 64  # width of the fixed per-token codes beside the embeddings (0: none)
+    validation_entities: int = 200  # entities of the validation world (0: no validation, train all steps)
+    validation_seed_offset: int = 15485863  # a world neither the model's nor the drill world
+    eval_every: int = 100  # steps between validations
+    patience: int = 3  # validations without a better loss before stopping
 
 
 @dataclass
@@ -159,6 +165,39 @@ def evaluate_head(head: RetrievalHead, model, tokenizer, spec, world: World, com
     return out
 
 
+def validation_world(seed: int, config: RetrieverConfig) -> World | None:
+    """The world that decides when training stops: generated from its own seed, no step trains on it."""
+    if not config.validation_entities:
+        return None
+    return build_world(seed + config.validation_seed_offset, config.validation_entities, 0.2, passages_per_entity=0,
+                       qa_docs=0, filler_docs=0)
+
+
+class Validation:
+    """``validation(head)``: the mean InfoNCE of every canonical question of ``world`` over all of
+    its references (lower is better); model and references are tokenized once."""
+
+    def __init__(self, model, tokenizer, spec, world: World) -> None:
+        self.model = model
+        tokens = _Tokens(model, tokenizer, spec)
+        self.tokens = tokens
+        self.reference_ids = tokens.references([r.text for r in world.references])
+        questions = [(e.id, format_qa_prompt(QUESTIONS[a][0].format(n=e.name)))
+                     for e in world.entities for a in ATTRIBUTES[e.kind]]
+        self.positives = torch.tensor([p for p, _ in questions])
+        self.query_ids = tokens.queries([q for _, q in questions])
+
+    @torch.no_grad()
+    def __call__(self, head: RetrievalHead) -> dict[str, float]:
+        was_training = head.training
+        head.eval()
+        keys = _keys(head, self.model, self.tokens, self.reference_ids)
+        queries = head.keys_of(self.model, self.query_ids)
+        head.train(was_training)
+        loss = float(info_nce(head, queries, keys, self.positives.to(queries.device)))
+        return {"loss": loss, **recall_at(queries, keys, self.positives.tolist())}
+
+
 def info_nce(head: RetrievalHead, queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each query over the candidate keys, the right one at ``targets``; logits
     are cosines times the head's learned scale (capped at 100, as CLIP's)."""
@@ -167,19 +206,22 @@ def info_nce(head: RetrievalHead, queries: torch.Tensor, keys: torch.Tensor, tar
 
 
 def train_head(model, tokenizer, spec, pairs: RetrievalPairs, config: RetrieverConfig,
-               head: RetrievalHead | None = None, progress=None) -> tuple[RetrievalHead, list[dict]]:
-    """Train a head (new, or ``head``) on ``pairs`` with the model frozen; (head, loss history)."""
+               head: RetrievalHead | None = None, progress=None,
+               validation: Validation | None = None) -> tuple[RetrievalHead, list[dict]]:
+    """Train a head (new, or ``head``) on ``pairs`` with the model frozen; (head, history: each
+    step's loss, and each validation's figures). With ``validation`` the head returned is the one
+    with the best validation loss, and training stops after ``config.patience`` worse validations."""
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        return _train(model, tokenizer, spec, pairs, config, head, progress)
+        return _train(model, tokenizer, spec, pairs, config, head, progress, validation)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
 
 
-def _train(model, tokenizer, spec, pairs, config, head, progress):
+def _train(model, tokenizer, spec, pairs, config, head, progress, validation=None):
     head = head or RetrievalHead.for_model(model, config.dim, config.seed, config.token_codes)
     head.train()
     tokens = _Tokens(model, tokenizer, spec)
@@ -192,6 +234,7 @@ def _train(model, tokenizer, spec, pairs, config, head, progress):
     rng = random.Random(config.seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
     history = []
+    best, best_state, worse = float("inf"), None, 0
     for step in range(config.steps):
         batch = rng.sample(kept, min(config.batch_size, len(kept)))
         positives = [pairs.queries[i][0] for i in batch]
@@ -210,6 +253,18 @@ def _train(model, tokenizer, spec, pairs, config, head, progress):
         history.append({"step": step + 1, "loss": float(loss.detach())})
         if progress is not None:
             progress(step + 1, float(loss.detach()))
+        if validation is not None and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+            figures = validation(head)
+            history[-1]["validation"] = figures
+            if figures["loss"] < best:
+                best, worse = figures["loss"], 0
+                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            else:
+                worse += 1
+                if worse >= config.patience:
+                    break
+    if best_state is not None:
+        head.load_state_dict(best_state)
     head.eval()
     return head, history
 
@@ -233,7 +288,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", help="where retrieval_head.safetensors and retrieval_head.json go (default: --model: "
                                       "beside the model, where MemorySupply and `memory3 generate` look for it)")
     parser.add_argument("--dim", type=int, default=defaults.dim, help="vector dimension of the space")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="at most this many steps; a validation world no step trains on stops it earlier")
+    parser.add_argument("--validation-entities", type=int, default=defaults.validation_entities,
+                        help="entities of the world that chooses when to stop (0: none, train --steps)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--hard-negatives", type=int, default=defaults.hard_negatives,
                         help="per query: references of other entities of the same kind")
@@ -253,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model_dir = Path(args.model)
     out_dir = Path(args.out) if args.out else model_dir
     config = RetrieverConfig(args.dim, args.steps, args.batch_size, args.hard_negatives, args.lr, args.seed,
-                             args.extra_entities, token_codes=args.token_codes)
+                             args.extra_entities, token_codes=args.token_codes,
+                             validation_entities=args.validation_entities)
     seed, entities, heldout = _world_settings(model_dir)
     seed = args.world_seed if args.world_seed is not None else seed
     entities = args.entities or entities
@@ -264,15 +323,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
         extra = build_world(seed + config.extra_seed_offset, config.extra_entities, 0.2, passages_per_entity=0,
                             qa_docs=0, filler_docs=0)
     pairs = training_pairs(world, extra)
+    held_apart = validation_world(seed, config)
+    validation = Validation(model, tokenizer, spec, held_apart) if held_apart else None
     t0 = time.perf_counter()
-    head, history = train_head(model, tokenizer, spec, pairs, config)
+    head, history = train_head(model, tokenizer, spec, pairs, config, validation=validation)
     seconds = time.perf_counter() - t0
+    validations = [{"step": h["step"], **h["validation"]} for h in history if "validation" in h]
+    kept = min(validations, key=lambda v: v["loss"]) if validations else None
     path = head.save(out_dir)
     metrics = {
         "space": head.space, "model_fingerprint": head.config.model_fingerprint, "config": asdict(config),
         "world": {"seed": seed, "entities": entities, "heldout_fraction": heldout},
         "pairs": len(pairs.queries), "references": len(pairs.references), "train_seconds": round(seconds, 2),
         "final_loss": history[-1]["loss"] if history else None,
+        "steps_run": len(history), "kept_step": kept["step"] if kept else len(history),
+        "validation": validations,
         "heldout": evaluate_head(head, model, tokenizer, spec, world, args.compare_minilm),
         "loss": [h["loss"] for h in history],
     }

@@ -37,7 +37,7 @@ PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider"
 class Target:
     name: str
     module: str
-    scope: tuple[str, ...]  # top-level functions or classes (a class: all its methods)
+    scope: tuple[str, ...]  # top-level functions or classes (a class: all its methods), or "Class.method"
     tests: str  # pytest arguments
 
 
@@ -49,13 +49,17 @@ TARGETS = [
     Target("auth", "service/auth.py", ("presented_key", "Authenticator", "check_admin_key_strength"),
            "tests/test_isolation.py tests/test_hostile_inputs.py tests/test_hostile_clients.py "
            "-k 'key or admin or bearer or tenant or authorization'"),
-    Target("tenant-store", "service/tenant_store.py", ("TenantStore", "_hash_secret"), "tests/test_isolation.py"),
+    Target("tenant-store", "service/tenant_store.py", ("TenantStore", "_hash_secret"),
+           "tests/test_tenant_store.py tests/test_isolation.py"),
     Target("call-guard", "service/guard.py", ("AdminAttempts", "CallGuard"),
            "tests/test_hostile_clients.py -k 'keyless or idle or concurrency or revok or admin or slow_reader'"),
     Target("injection", "sdk/memory/injection.py", ("_sdpa_would_be_causal", "_context_mask", "extend_mask",
                                                     "MemoryInjector"),
            "tests/test_injection.py tests/test_conformance.py -k 'not bfloat16 and (llama or cohere or smollm3 "
            "or gpt_neox or gemma2 or beams or prior or batch or cache or zero or hand or broadcast)'"),
+    Target("decoding-schedule", "sdk/generation.py", ("_Run.prefill", "_Run.run", "_Run.inject", "chunk_queries",
+                                                       "submit_prompt_queries"),
+           "tests/test_decoding.py"),
     Target("positions", "sdk/model/positions.py", ("LayerRotation", "ModelGeometry", "_pair_angles", "_fit",
                                                    "_classify", "probe_geometry"),
            "tests/test_conformance.py tests/test_injection.py -k 'not bfloat16 and (llama or cohere or smollm3 "
@@ -74,13 +78,16 @@ def scope_lines(module: Path, names: tuple[str, ...]) -> tuple[list[range], set[
     (annotations are not evaluated here — ``from __future__ import annotations`` — so mutants there
     are equivalent by construction)."""
     tree = ast.parse(module.read_text())
-    chosen = [node for node in tree.body
-              if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in names]
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    chosen = [node for node in tree.body if isinstance(node, defs) and node.name in names]
+    chosen += [method for node in tree.body if isinstance(node, ast.ClassDef) for method in node.body
+               if isinstance(method, defs) and f"{node.name}.{method.name}" in names]  # "Class.method"
     ranges = [range(node.lineno, node.end_lineno + 1) for node in chosen]
     signatures = {line for top in chosen for node in ast.walk(top)
                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                   for line in range(node.lineno, node.body[0].lineno)}
-    missing = set(names) - {n.name for n in tree.body if hasattr(n, "name")}
+    missing = set(names) - {n.name for n in tree.body if hasattr(n, "name")} - {
+        f"{n.name}.{m.name}" for n in tree.body if isinstance(n, ast.ClassDef) for m in n.body if hasattr(m, "name")}
     if missing:
         sys.exit(f"{module}: no {', '.join(sorted(missing))} at top level (scripts/mutation.py TARGETS)")
     return ranges, signatures

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import os
 import re
 import shutil
@@ -130,9 +131,10 @@ def run(target: Target, workdir: Path, sandbox: Path) -> tuple[int, int, list[tu
     if not probe.stdout.startswith(str(sandbox)):
         sys.exit(f"the sandbox is not what the tests import: {probe.stdout or probe.stderr}")
     cosmic = [sys.executable, "-m", "cosmic_ray.cli"]
-    if session.exists():  # cosmic-ray refuses to init over a session; the last one stays for --recheck
+    if session.exists():  # cosmic-ray refuses to init over a session; the last one is kept beside it
         session.replace(session.with_suffix(".previous.sqlite"))
     subprocess.run([*cosmic, "init", str(config), str(session)], cwd=sandbox, check=True, capture_output=True)
+    module_digest(session).write_text(digest_of(sandbox / target.module))  # --recheck applies positions to it
     lines, signatures = scope_lines(sandbox / target.module, target.scope)
     with use_db(str(session), WorkDB.Mode.open) as db:
         for item in list(db.pending_work_items):
@@ -161,10 +163,25 @@ def summarize(session: Path) -> tuple[int, int, list[tuple[int, str, str]]]:
     return killed, len(survivors), sorted(survivors)
 
 
+def digest_of(module: Path) -> str:
+    return hashlib.sha256(module.read_bytes()).hexdigest()
+
+
+def module_digest(session: Path) -> Path:
+    """Where a session records the SHA-256 of the module it mutated."""
+    return session.with_suffix(".module-sha256")
+
+
 def recheck(session: Path, target: Target) -> tuple[int, list[str]]:
     """Run a finished session's survivors again against today's tests (after tests were added to
-    kill them): (how many are killed now, the ones that still survive)."""
+    kill them): (how many are killed now, the ones that still survive). Mutations are recorded as
+    positions in the module, so the module must be the one the session mutated."""
     from cosmic_ray.mutating import mutate_and_test
+
+    recorded = module_digest(session)
+    if not recorded.exists() or recorded.read_text() != digest_of(ROOT / target.module):
+        sys.exit(f"{target.module} is not the module {session.name} mutated (it changed since, or the session "
+                 f"predates the check): run `python scripts/mutation.py {target.name}` again instead")
 
     with use_db(str(session), WorkDB.Mode.open) as db:
         survivors = [item for item, result in db.completed_work_items

@@ -29,7 +29,7 @@ from memory3.sdk.model.adapters import has_adapters, save_adapter
 from memory3.sdk.model.fingerprint import model_fingerprint
 from memory3.sdk.model.positions import memory_spec_for
 
-from .config import DrillConfig, StageConfig, TrainConfig, WorldConfig, _build
+from .config import DrillConfig, StageConfig, TrainConfig, WorldConfig, apply_overrides, build_dataclass
 from .corpus import build_world
 from .memory_stage import RetrievalMemoryStage, answer_loss, memory_drill
 from .figures import caption
@@ -107,15 +107,8 @@ def load_adapt_config(path: str | None, overrides: Sequence[str] = ()) -> AdaptC
     """Defaults, then a YAML file, then ``key=value`` overrides (values parsed as YAML)."""
     import yaml
 
-    from .config import _set_dotted
-
     data = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return _build(AdaptConfig, data, "").validate()
+    return build_dataclass(AdaptConfig, apply_overrides(data, overrides)).validate()
 
 
 def load_base(directory: str | Path, config: AdaptConfig):

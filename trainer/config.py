@@ -144,7 +144,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        return _build(cls, data or {}, "")
+        return build_dataclass(cls, data or {})
 
     def validate(self) -> "TrainConfig":
         if not self.stages:
@@ -172,7 +172,9 @@ class TrainConfig:
         return self
 
 
-def _build(cls, data: dict, where: str):
+def build_dataclass(cls, data: dict, where: str = ""):
+    """An instance of the config dataclass ``cls`` from a mapping (nested dataclasses, lists and
+    Optional fields coerced); an unknown key or a wrong shape names its dotted place."""
     if not isinstance(data, dict):
         raise TypeError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
@@ -188,7 +190,7 @@ def _build(cls, data: dict, where: str):
 
 def _coerce(tp, value, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where + ".")
+        return build_dataclass(tp, value, where + ".")
     origin = get_origin(tp)
     if origin is list:
         (item,) = get_args(tp)
@@ -220,12 +222,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise ValueError(f"config {str(path)!r}: no such file and no such preset; give a YAML path or one of: {presets}")
     data = yaml.safe_load(path.read_text()) or {}
-    for item in overrides or []:
+    apply_overrides(data, overrides or [])
+    return TrainConfig.from_dict(data).validate()
+
+
+def apply_overrides(data: dict, overrides) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML; list items by index) to ``data``."""
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return TrainConfig.from_dict(data).validate()
+    return data
 
 
 def _set_dotted(data: dict, key: str, value) -> None:

@@ -72,14 +72,16 @@ def logits(model, batch, **kwargs):
 # ----------------------------------------------------------------------------- slow reference
 
 
-def reference_logits(model, spec, ids: list[int], memories: list[ExplicitMemory]) -> torch.Tensor:
+def reference_logits(model, spec, ids: list[int], memories: list[ExplicitMemory],
+                     sees: torch.Tensor | None = None) -> torch.Tensor:
     """Hand-written float64 forward of one unpadded sequence with memories.
 
     Uses the layers' own norms/projections/MLP but does attention by hand: in memory layers the
     memories' stored keys (rotated at their reference positions, untouched) and values are
     concatenated in front of the context's, the context sits at positions
     ``context_position_offset + t`` (the convention stated directly, not via key rotation),
-    queries see all memories and the causal context.
+    queries see all memories (or, with ``sees`` (queries, memories) bool, query t sees memory i
+    where ``sees[t, i]``) and the causal context.
     """
     ref = _double(model)
     cfg = ref.config
@@ -103,7 +105,9 @@ def reference_logits(model, spec, ids: list[int], memories: list[ExplicitMemory]
                 mem_k = torch.cat([m.kv[slot, 0].double() for m in memories], dim=1)  # (kv heads, n*k, dim)
                 mem_v = torch.cat([m.kv[slot, 1].double() for m in memories], dim=1)
                 k, v = torch.cat((mem_k, k), dim=1), torch.cat((mem_v, v), dim=1)
-                visible = torch.cat((torch.ones(length, mem_k.shape[1], dtype=torch.bool), causal), dim=1)
+                tokens = mem_k.shape[1] // len(memories)
+                reads = (torch.ones(length, len(memories), dtype=torch.bool) if sees is None else sees)
+                visible = torch.cat((reads.repeat_interleave(tokens, dim=1), causal), dim=1)
             outs = []
             for head in range(heads):
                 g = head // (heads // kv_heads)
@@ -190,6 +194,63 @@ def test_injection_equals_hand_written_reference(model, tokenizer, spec, memorie
             got = logits(model, {"input_ids": torch.tensor([ids])})[0]
             expected = reference_logits(model, spec, ids, row)
             torch.testing.assert_close(got.double(), expected, atol=5e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_per_query_visibility_equals_hand_written_reference(impl, tokenizer, spec, memories):
+    """``visible`` (stage 2's chunk-local reading): query t of row b reads memory i only where
+    visible[b, t, i]; each row matches the reference forward with that row's pattern, a row whose
+    pattern hides everything reads as without memories, and a forward of another length is refused."""
+    model = tiny_llama(seed=2, attn_implementation=impl)
+    ids = [tokenizer(p)["input_ids"][:10] for p in PROMPTS[:2]]
+    width = min(len(i) for i in ids)
+    ids = [i[:width] for i in ids]
+    rows = [memories[:3], memories[1:4]]
+    visible = torch.zeros(2, width, 3, dtype=torch.bool)
+    visible[0, : width // 2, 0] = True  # first half reads memory 0, second half memories 1 and 2
+    visible[0, width // 2 :, 1:] = True
+    visible[1, :, 2] = True  # row 1 reads only its last memory, everywhere
+    _double(model)
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories(rows, visible=visible)
+        got = logits(model, {"input_ids": torch.tensor(ids)})
+        for b in range(2):
+            expected = reference_logits(model, spec, ids[b], rows[b], sees=visible[b])
+            torch.testing.assert_close(got[b].double(), expected, atol=5e-5, rtol=0)
+        injector.set_memories(rows, visible=torch.zeros(2, width, 3, dtype=torch.bool))
+        hidden = logits(model, {"input_ids": torch.tensor(ids)})
+        injector.clear()
+        torch.testing.assert_close(hidden, logits(model, {"input_ids": torch.tensor(ids)}), atol=1e-5, rtol=0)
+        injector.set_memories(rows, visible=visible)
+        with pytest.raises(ValueError, match=f"covers {width} queries, the forward has {width - 1}"):
+            logits(model, {"input_ids": torch.tensor(ids)[:, :-1]})
+
+
+def test_visible_must_be_bool_batch_by_queries_by_memories(model, spec, memories):
+    rows = [memories[:2], memories[2:3]]
+    good = torch.ones(2, 5, 2, dtype=torch.bool)
+    bad = {"float": good.float(), "2-d": good[:, :, 0], "4-d": good[..., None], "batch": good[:1],
+           "memories": torch.ones(2, 5, 3, dtype=torch.bool)}
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories(rows, visible=good)
+        for name, visible in bad.items():
+            with pytest.raises(ValueError, match=r"visible must be a bool tensor \(batch, queries, memories\) = \(2, q, 2\)"):
+                injector.set_memories(rows, visible=visible)
+
+
+def test_a_row_without_memories_before_rows_with_them(model, tokenizer, spec, memories):
+    """An empty first row leaves the following rows' memories in place (each row is read alone)."""
+    rows = [[], memories[:2], [], [memories[3]]]
+    prompts = PROMPTS + PROMPTS[:1]
+    batch = left_padded(tokenizer, prompts)
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories(rows)
+        batched = logits(model, batch)
+        for b, (prompt, row) in enumerate(zip(prompts, rows)):
+            ids = tokenizer(prompt, return_tensors="pt")
+            injector.set_memories([row])
+            n = ids["input_ids"].shape[1]
+            torch.testing.assert_close(batched[b, -n:], logits(model, ids)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_batch_equals_single_sequences(model, tokenizer, spec, memories):
@@ -303,6 +364,34 @@ def test_retrieval_prior_weighs_memories_by_their_scores(impl, tokenizer, spec, 
         assert torch.equal(logits(model, batch), unbiased)
 
 
+def test_a_small_retrieval_bias_still_weighs_and_follows_beams(tokenizer, spec, memories):
+    """A bias below 1 is still a prior (0.5 moves the logits); with beam search each beam of a row
+    reads that row's memories under that row's prior, as if they had been set per beam."""
+    model = tiny_llama(seed=2)
+    batch = left_padded(tokenizer, PROMPTS[:2])
+    rows, scores = [memories[:2], memories[2:4]], [[0.9, -3.0], [-2.0, 0.8]]
+    with MemoryInjector(model, spec) as injector:
+        injector.set_memories(rows)
+        unbiased = logits(model, batch)
+    with MemoryInjector(model, spec, retrieval_bias=0.5) as injector:
+        injector.set_memories(rows, scores)
+        assert not torch.allclose(real(batch, logits(model, batch)), real(batch, unbiased), atol=1e-4)
+        runs = []
+        for per_beam in (False, True):
+            if per_beam:  # generate lays the beams of row b out at rows 2b, 2b+1
+                injector.set_memories([r for r in rows for _ in range(2)], [s for s in scores for _ in range(2)])
+            else:
+                injector.set_memories(rows, scores)
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=5, num_beams=2, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, output_scores=True,
+                                     return_dict_in_generate=True)
+            runs.append(out)
+        assert torch.equal(runs[0].sequences, runs[1].sequences)
+        for a, b in zip(runs[0].scores, runs[1].scores):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_retrieval_prior_refuses_bad_scores(model, spec, memories):
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="retrieval_bias must be finite and >= 0"):
@@ -323,8 +412,11 @@ def test_refuses_foreign_or_misshapen_memories(model, tokenizer, spec, memories)
         with pytest.raises(ValueError, match="belongs to model ffffffff"):
             injector.set_memories([[memories[1], foreign]])
         small = ExplicitMemory(memories[0].kv[:1], memories[0].positions[:1], memories[0].fingerprint)
-        with pytest.raises(ValueError, match="spec needs"):
-            injector.set_memories([[small]])
+        large = ExplicitMemory(torch.cat((memories[0].kv, memories[0].kv[:1])),
+                               torch.cat((memories[0].positions, memories[0].positions[:1])), memories[0].fingerprint)
+        for misshapen in (small, large):
+            with pytest.raises(ValueError, match="spec needs"):
+                injector.set_memories([[misshapen]])
     with MemoryInjector(model, spec, verify_fingerprint=False) as injector:
         injector.set_memories([[foreign]])
 

@@ -238,28 +238,18 @@ def test_visible_must_be_bool_batch_by_queries_by_memories(model, spec, memories
                 injector.set_memories(rows, visible=visible)
 
 
-def test_a_row_without_memories_before_rows_with_them(model, tokenizer, spec, memories):
-    """An empty first row leaves the following rows' memories in place (each row is read alone)."""
-    rows = [[], memories[:2], [], [memories[3]]]
-    prompts = PROMPTS + PROMPTS[:1]
+@pytest.mark.parametrize("layout", [(0, 1, 2), (None, 0, None, 3)], ids=["last-row-empty", "empty-rows-first"])
+def test_batch_equals_single_sequences(model, tokenizer, spec, memories, layout):
+    """Each row of a batch reads its own memories as if it ran alone; rows without memories (also
+    before rows with them) read none. ``layout``: per row, which memory group it gets (None: none)."""
+    groups = [memories[:3], [memories[3]], [], memories[:2]]
+    rows = [groups[g] if g is not None else [] for g in layout]
+    prompts = (PROMPTS * 2)[: len(rows)]
     batch = left_padded(tokenizer, prompts)
     with MemoryInjector(model, spec) as injector:
         injector.set_memories(rows)
         batched = logits(model, batch)
         for b, (prompt, row) in enumerate(zip(prompts, rows)):
-            ids = tokenizer(prompt, return_tensors="pt")
-            injector.set_memories([row])
-            n = ids["input_ids"].shape[1]
-            torch.testing.assert_close(batched[b, -n:], logits(model, ids)[0], atol=1e-5, rtol=1e-5)
-
-
-def test_batch_equals_single_sequences(model, tokenizer, spec, memories):
-    rows = [memories[:3], [memories[3]], []]
-    batch = left_padded(tokenizer, PROMPTS)
-    with MemoryInjector(model, spec) as injector:
-        injector.set_memories(rows)
-        batched = logits(model, batch)
-        for b, (prompt, row) in enumerate(zip(PROMPTS, rows)):
             ids = tokenizer(prompt, return_tensors="pt")
             injector.set_memories([row])
             single = logits(model, ids)[0]

@@ -3,9 +3,9 @@ isolation tests: what a key is made of, what is stored of it, and how revocation
 
 Written against the survivors of the mutation run on ``service/tenant_store.py`` (docs/mutation.md):
 the secret's length (a shorter secret is a weaker key), the label's bound, the revoke answer the
-admin RPC returns, and ``revoked_here`` — the check that ends a running stream whose key this
+admin RPC returns, ``revoked_here`` — the check that ends a running stream whose key this
 process revoked — which must name exactly the revoked key and forget none of the keys revoked
-before it.
+before it, the notice that tells other processes, and a key cache that holds more than one key.
 """
 
 from __future__ import annotations
@@ -60,3 +60,36 @@ async def test_revoked_here_names_exactly_the_revoked_keys(store):
         with pytest.raises(Unauthenticated):
             await store.tenant_for_key(key)
     assert await store.tenant_for_key(issued[2][1]) > 0
+
+
+async def test_a_revoke_tells_every_other_process_and_a_failed_one_tells_none(store, database_url):
+    """Other service processes learn of a revocation from the notice its transaction sends
+    (service/invalidation.py); a revoke of an unknown key sends nothing."""
+    from memory3.service.invalidation import CHANNEL
+
+    name = "ts-" + secrets.token_hex(4)
+    await store.create(name)
+    key_id, _ = await store.issue_key(name)
+    async with await psycopg.AsyncConnection.connect(libpq_url(database_url), autocommit=True) as listener:
+        await listener.execute(f"LISTEN {CHANNEL}")
+        with pytest.raises(NotFound):
+            await store.revoke_key("0" * 16)
+        await store.revoke_key(key_id)
+        heard = [n.payload async for n in listener.notifies(timeout=2.0)]
+    assert [p for p in heard if p.startswith("key:")] == [f"key:{key_id}"]
+
+
+async def test_the_key_cache_holds_every_recent_key(store, database_url):
+    """Verified keys are cached for key_cache_seconds each, not only the last one: two keys
+    revoked straight in the database (as another process's revocation whose notice was missed)
+    both still resolve from the cache."""
+    name = "ts-" + secrets.token_hex(4)
+    await store.create(name)
+    issued = [await store.issue_key(name) for _ in range(3)]
+    tenant = [await store.tenant_for_key(key) for _, key in issued]
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = ANY(%s)", ([k for k, _ in issued],))
+    assert [await store.tenant_for_key(key) for _, key in issued] == tenant
+    store.forget_all()
+    with pytest.raises(Unauthenticated):
+        await store.tenant_for_key(issued[0][1])

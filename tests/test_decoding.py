@@ -10,7 +10,7 @@ from decoding_helpers import generate_flat, option_groups, replay
 
 from memory3.sdk.model.positions import memory_spec_for
 from memory3.sdk.client import BankInfo
-from memory3.sdk.generation import stream
+from memory3.sdk.generation import prefetch, stream
 from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.memory.supply import FingerprintMismatchError, MemorySupply
 from memory3.sdk.memory.writer import MemoryWriter
@@ -107,16 +107,37 @@ def test_retrieval_every_chunk_with_the_expected_query(model, tokenizer, supply,
     assert second.segments[6].start == n + CHUNK
 
 
+@pytest.mark.parametrize("new_tokens,lag", [(40, 0), (2 * CHUNK + 2, 0), (2 * CHUNK + 5, 3)],
+                         ids=["mid-chunk", "switch-at-the-last-fed-token", "lagged-switch-at-the-last-fed-token"])
 def test_what_generate_computed_is_what_the_recorded_memories_give_when_replayed(model, tokenizer, supply,
-                                                                                blocking, spec, chunk_bank):
+                                                                                blocking, spec, chunk_bank,
+                                                                                new_tokens, lag):
     """Replay: each segment's memories, fetched from the service by the ids the segment records,
     set on an injector of our own, and the segment's tokens fed to the model with the cache of the
     segments before; every generated token's logits must equal what ``generate`` returned. A
-    memory switch that is recorded but not read (or read at the wrong positions) fails here."""
-    [result] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], top_k=2, output_scores=True)
+    memory switch that is recorded but not read (or read at the wrong positions) fails here. The
+    other lengths put a switch on the last token that is fed: its chunk's query must still be made."""
+    [result] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], top_k=2, output_scores=True,
+                         max_new_tokens=new_tokens, lag=lag)
     assert len({tuple(s.reference_ids) for s in result.segments}) > 2  # memories switch along the way
+    assert result.segments[-1].start == len(result.prompt_ids) + 2 * CHUNK + lag  # the last switch happened,
+    last_chunk = tokenizer.decode(result.token_ids[CHUNK : 2 * CHUNK], skip_special_tokens=True)
+    assert result.segments[-1].query == last_chunk  # with the memories of the chunk just generated
     replayed = replay(model, spec, blocking, chunk_bank, result)
     torch.testing.assert_close(replayed, result.scores, atol=1e-4, rtol=1e-4)
+
+
+def test_prefetch_asks_once_per_prompt_chunk_and_decodes_as_without_it(model, tokenizer, supply, chunk_bank):
+    prompts = [PROMPT, SHORT]
+    handle = prefetch(tokenizer, supply, chunk_bank, prompts, chunk=CHUNK, top_k=1)
+    longest = max(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert len(handle.futures) == -(-longest // CHUNK)  # one retrieval per prompt chunk, none past the prompt
+    ahead = generate_flat(model, tokenizer, prompts, supply=supply, bank=chunk_bank, max_new_tokens=20, chunk=CHUNK,
+                          top_k=1, stop_at_eos=False, prefetch=handle)
+    plain = _generate(model, tokenizer, supply, chunk_bank, prompts, max_new_tokens=20)
+    assert [r.token_ids for r in ahead] == [r.token_ids for r in plain]
+    assert [[(s.start, s.end, s.reference_ids) for s in r.segments] for r in ahead] == \
+        [[(s.start, s.end, s.reference_ids) for s in r.segments] for r in plain]
 
 
 def test_zero_memories_is_plain_generation(model, tokenizer, supply, blocking, spec):

@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from memory3.sdk.memory.encoder import MemoryEncoder
 from memory3.sdk.memory.injection import MemoryInjector
 from memory3.sdk.memory.tensors import ExplicitMemory
+from memory3.sdk.model.fingerprint import model_fingerprint
 from memory3.sdk.model.positions import memory_spec_for, probe_geometry
 from tiny_models import byte_tokenizer, tiny_llama
 
@@ -146,6 +147,8 @@ def test_zero_memories_is_the_plain_model_bit_for_bit(impl, tokenizer, spec, mem
         assert not torch.equal(logits(model, batch), plain)
         injector.clear()
         assert torch.equal(logits(model, batch), plain)
+        injector.set_memories([])  # no rows at all: as cleared
+        assert torch.equal(logits(model, batch), plain)
     assert model.config._attn_implementation == impl
     assert torch.equal(logits(model, batch), plain)
 
@@ -185,10 +188,10 @@ def test_non_memory_layer_of_a_memory_is_ignored(model, tokenizer, spec, memorie
 
 
 def test_injection_equals_hand_written_reference(model, tokenizer, spec, memories):
-    rows = [memories[:2], memories[2:], []]
+    rows = [memories[:2], memories[2:], [], memories[1:2]]
     _double(model)  # copied before the injector hooks the model
     with MemoryInjector(model, spec) as injector:
-        for prompt, row in zip(PROMPTS, rows):
+        for prompt, row in zip(PROMPTS + ["Hi"], rows):  # "Hi": two tokens, the shortest causal prefill
             ids = tokenizer(prompt)["input_ids"]
             injector.set_memories([row])
             got = logits(model, {"input_ids": torch.tensor([ids])})[0]
@@ -227,14 +230,14 @@ def test_per_query_visibility_equals_hand_written_reference(impl, tokenizer, spe
 
 
 def test_visible_must_be_bool_batch_by_queries_by_memories(model, spec, memories):
-    rows = [memories[:2], memories[2:3]]
-    good = torch.ones(2, 5, 2, dtype=torch.bool)
+    rows = [memories[:3], memories[2:3]]
+    good = torch.ones(2, 5, 3, dtype=torch.bool)
     bad = {"float": good.float(), "2-d": good[:, :, 0], "4-d": good[..., None], "batch": good[:1],
-           "memories": torch.ones(2, 5, 3, dtype=torch.bool)}
+           "memories": torch.ones(2, 5, 2, dtype=torch.bool)}
     with MemoryInjector(model, spec) as injector:
         injector.set_memories(rows, visible=good)
         for name, visible in bad.items():
-            with pytest.raises(ValueError, match=r"visible must be a bool tensor \(batch, queries, memories\) = \(2, q, 2\)"):
+            with pytest.raises(ValueError, match=r"visible must be a bool tensor \(batch, queries, memories\) = \(2, q, 3\)"):
                 injector.set_memories(rows, visible=visible)
 
 
@@ -267,12 +270,20 @@ def test_one_memory_list_broadcasts_to_the_batch(model, tokenizer, spec, memorie
         injector.set_memories([memories[:2]] * 2)
         with pytest.raises(ValueError, match="2 rows but the batch has 3"):
             logits(model, batch)
+        injector.set_memories([memories[:2]] * 4)
+        with pytest.raises(ValueError, match="4 rows but the batch has 3"):
+            logits(model, batch)
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "same-length"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_generate_with_cache_equals_full_recompute(impl, tokenizer, spec, memories):
+def test_generate_with_cache_equals_full_recompute(impl, padded, tokenizer, spec, memories):
+    """Cached generation equals recomputing everything each step — also for prompts of one length,
+    where the model passes no mask of its own and the injector builds (and caches) one per step
+    for the row with fewer memories."""
     model = tiny_llama(seed=2, attn_implementation=impl)
-    batch = left_padded(tokenizer, PROMPTS[:2])
+    batch = left_padded(tokenizer, PROMPTS[:2] if padded else [PROMPTS[0], "Llamas live in the"])
+    assert padded or bool(batch["attention_mask"].all())
     steps = 6
     with MemoryInjector(model, spec) as injector:
         injector.set_memories([memories[:2], memories[2:3]])
@@ -387,8 +398,9 @@ def test_retrieval_prior_refuses_bad_scores(model, spec, memories):
         with pytest.raises(ValueError, match="retrieval_bias must be finite and >= 0"):
             MemoryInjector(model, spec, retrieval_bias=bad)
     with MemoryInjector(model, spec, retrieval_bias=1.0) as injector:
-        with pytest.raises(ValueError, match=r"scores per row \[1\] do not match memories per row \[2\]"):
-            injector.set_memories([memories[:2]], [[0.5]])
+        for scores in ([[0.5]], [[0.5, 0.4, 0.3]]):
+            with pytest.raises(ValueError, match=r"scores per row \[\d\] do not match memories per row \[2\]"):
+                injector.set_memories([memories[:2]], scores)
         injector.set_memories([memories[:1]], [[0.5]])
         before = injector.counts
         with pytest.raises(ValueError, match="scores of row 0 are not all finite"):
@@ -399,7 +411,8 @@ def test_retrieval_prior_refuses_bad_scores(model, spec, memories):
 def test_refuses_foreign_or_misshapen_memories(model, tokenizer, spec, memories):
     foreign = dataclasses.replace(memories[0], fingerprint="f" * 64)
     with MemoryInjector(model, spec) as injector:
-        with pytest.raises(ValueError, match="belongs to model ffffffff"):
+        running = model_fingerprint(model)[:16]
+        with pytest.raises(ValueError, match=f"belongs to model f{{16}}…, the running model is {running}…;"):
             injector.set_memories([[memories[1], foreign]])
         small = ExplicitMemory(memories[0].kv[:1], memories[0].positions[:1], memories[0].fingerprint)
         large = ExplicitMemory(torch.cat((memories[0].kv, memories[0].kv[:1])),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import grpc
 import numpy as np
@@ -318,6 +319,54 @@ def test_failed_admin_attempts_are_limited_per_address(database_url, embedder):
             right.list_tenants()  # refused unchecked, even with the right key, for the rest of the minute
     finally:
         srv.stop()
+
+
+def test_failed_admin_attempts_count_per_host_across_connections(database_url, embedder):
+    """An attacker who reconnects gets a new source port each time: the limit is per host, not per
+    connection. Each channel here has its own subchannel pool, so each attempt is its own TCP
+    connection (gRPC otherwise shares one connection between channels to the same target)."""
+    srv = ServerThread(make_settings(database_url, admin_failures_per_minute=3), embedder)
+    from memory3.v1 import tenants_pb2, tenants_pb2_grpc
+
+    def list_tenants(key: str) -> grpc.RpcError:
+        with grpc.insecure_channel(srv.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                tenants_pb2_grpc.TenantsStub(channel).ListTenants(
+                    tenants_pb2.ListTenantsRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=10)
+            return refused.value
+
+    try:
+        for _ in range(3):
+            assert list_tenants("m3_0123456789abcdef_" + "x" * 43).code() == grpc.StatusCode.UNAUTHENTICATED
+        refused = list_tenants(ADMIN_KEY)
+        assert refused.code() == grpc.StatusCode.UNAUTHENTICATED and "too many" in refused.details()
+    finally:
+        srv.stop()
+
+
+def test_admin_attempts_slide_over_a_minute_and_name_the_wait(monkeypatch):
+    """The refusal says when the oldest failure leaves the minute, and then the address is served
+    again; addresses are hosts (the port is dropped, IPv6 brackets kept)."""
+    from memory3.service import guard
+
+    clock = [100.0]
+    monkeypatch.setattr(guard, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    attempts = guard.AdminAttempts(per_minute=3)
+    assert attempts.address("ipv4:127.0.0.1:5301") == "ipv4:127.0.0.1"
+    assert attempts.address("ipv6:[::1]:40000") == "ipv6:[::1]"
+    for t, port in ((100.0, 5301), (110.0, 5302), (120.0, 5303)):
+        clock[0] = t
+        attempts.check(f"ipv4:10.0.0.7:{port}")
+        attempts.fail(f"ipv4:10.0.0.7:{port}")
+    attempts.check("ipv4:10.0.0.8:5301")  # another host is not limited
+    clock[0] = 125.0
+    with pytest.raises(guard.Unauthenticated, match=r"retry in 36 s"):  # the failure at 100 leaves at 160
+        attempts.check("ipv4:10.0.0.7:6000")
+    clock[0] = 160.5
+    attempts.check("ipv4:10.0.0.7:6001")  # two failures left in the minute
+    attempts.fail("ipv4:10.0.0.7:6001")
+    with pytest.raises(guard.Unauthenticated, match=r"retry in 10 s"):  # the failure at 110 leaves at 170
+        attempts.check("ipv4:10.0.0.7:6002")
 
 
 def test_a_weak_admin_key_is_refused_at_start(database_url):

@@ -23,7 +23,7 @@ from memory3.core.episodes import Episode
 from memory3.sdk.client import BankInfo, Client, MemorySpec, Reference
 from memory3.sdk.client.trajectories import episode_to_record
 from memory3.service.embedded_pg import libpq_url
-from memory3.v1 import memories_pb2, trajectories_pb2
+from memory3.v1 import memories_pb2, tenants_pb2, tenants_pb2_grpc, trajectories_pb2
 
 SPEC = MemorySpec((0,), 1, 4, 2)
 IDLE = 1.0
@@ -326,7 +326,6 @@ def test_failed_admin_attempts_count_per_host_across_connections(database_url, e
     connection. Each channel here has its own subchannel pool, so each attempt is its own TCP
     connection (gRPC otherwise shares one connection between channels to the same target)."""
     srv = ServerThread(make_settings(database_url, admin_failures_per_minute=3), embedder)
-    from memory3.v1 import tenants_pb2, tenants_pb2_grpc
 
     def list_tenants(key: str) -> grpc.RpcError:
         with grpc.insecure_channel(srv.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:

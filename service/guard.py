@@ -87,13 +87,15 @@ class CallGuard:
     @contextlib.asynccontextmanager
     async def admitted(self, caller: Caller):
         """Hold one server slot and one of the tenant's slots for the call, or RESOURCE_EXHAUSTED."""
+        tenant = caller.tenant_id
+        # The quota is read first: from the checks below to the increments nothing awaits, so calls
+        # arriving together cannot all pass a check before any of them is counted.
+        limit = await self.quotas.limit(tenant, "concurrent_calls") if tenant is not None else None
         if self.in_flight >= self.settings.max_in_flight:
             raise ResourceExhausted(
                 f"server busy ({self.in_flight} calls in flight); retry after {PUSHBACK_MS} ms"
             )
-        tenant = caller.tenant_id
         if tenant is not None:
-            limit = await self.quotas.limit(tenant, "concurrent_calls")
             if self.by_tenant[tenant] >= limit:
                 raise ResourceExhausted(
                     f"quota 'concurrent_calls' reached: the tenant has {self.by_tenant[tenant]} calls in flight "

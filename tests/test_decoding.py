@@ -120,7 +120,7 @@ def test_what_generate_computed_is_what_the_recorded_memories_give_when_replayed
     [result] = _generate(model, tokenizer, supply, chunk_bank, [PROMPT], top_k=2, output_scores=True,
                          max_new_tokens=new_tokens, lag=lag)
     assert len({tuple(s.reference_ids) for s in result.segments}) > 2  # memories switch along the way
-    assert result.segments[-1].start == len(result.prompt_ids) + 2 * CHUNK + lag  # the last switch happened,
+    assert result.segments[-1].start == len(result.prompt_ids) + 2 * CHUNK + lag  # the last switch happened
     last_chunk = tokenizer.decode(result.token_ids[CHUNK : 2 * CHUNK], skip_special_tokens=True)
     assert result.segments[-1].query == last_chunk  # with the memories of the chunk just generated
     replayed = replay(model, spec, blocking, chunk_bank, result)

@@ -55,6 +55,13 @@ def _bank(client: Client, name: str) -> None:
     client.create_bank(BankInfo(name, "f" * 16, SPEC, "client", 4, "l2"))
 
 
+def _write_stream(channel):
+    """The raw Memories.Write client stream, for tests that pace or stall its messages."""
+    return channel.stream_unary("/memory3.v1.Memories/Write",
+                                request_serializer=memories_pb2.WriteRequest.SerializeToString,
+                                response_deserializer=memories_pb2.WriteSummary.FromString)
+
+
 def _metadata(key: str):
     return (("authorization", f"Bearer {key}"),)
 
@@ -92,9 +99,7 @@ def tenants(tight, admin_client):
 def test_keyless_idle_streams_take_no_slot_and_are_refused_at_once(tight, tenants):
     """Finding 1: 256 key-less Write streams that never sent anything locked every tenant out."""
     with grpc.insecure_channel(tight.target) as channel:
-        write = channel.stream_unary("/memory3.v1.Memories/Write",
-                                     request_serializer=memories_pb2.WriteRequest.SerializeToString,
-                                     response_deserializer=memories_pb2.WriteSummary.FromString)
+        write = _write_stream(channel)
         gates, futures = _idle_streams(channel, write, "nope", [], 40)  # more than max_in_flight
         try:
             for future in futures:
@@ -124,9 +129,7 @@ def test_idle_streams_hold_no_transaction_and_end_at_the_idle_deadline(tight, te
         log_method = channel.stream_unary("/memory3.v1.Trajectories/Log",
                                           request_serializer=trajectories_pb2.LogRequest.SerializeToString,
                                           response_deserializer=trajectories_pb2.LogSummary.FromString)
-        write = channel.stream_unary("/memory3.v1.Memories/Write",
-                                     request_serializer=memories_pb2.WriteRequest.SerializeToString,
-                                     response_deserializer=memories_pb2.WriteSummary.FromString)
+        write = _write_stream(channel)
         first_ref = memories_pb2.WriteRequest(
             bank="kb", reference=memories_pb2.ReferenceRecord(external_id="x", text="t", embedding=[1, 0, 0, 0]))
         gates, futures = _idle_streams(channel, log_method, key, [trajectories_pb2.LogRequest(episodes=[episode])], 2)
@@ -156,9 +159,7 @@ def test_a_tenant_at_its_concurrency_quota_leaves_the_others_served(tight, tenan
     admin_client.set_quota("hostile-a", "concurrent_calls", 2)
     try:
         with grpc.insecure_channel(tight.target) as channel:
-            write = channel.stream_unary("/memory3.v1.Memories/Write",
-                                         request_serializer=memories_pb2.WriteRequest.SerializeToString,
-                                         response_deserializer=memories_pb2.WriteSummary.FromString)
+            write = _write_stream(channel)
             gates, futures = _idle_streams(channel, write, key, [memories_pb2.WriteRequest(bank="kb")], 2)
             try:
                 time.sleep(IDLE / 3)
@@ -185,9 +186,7 @@ def test_revoking_a_key_ends_its_running_streams(tight, admin_client):
     with Client(tight.target, key) as client:
         _bank(client, "kb")
     with grpc.insecure_channel(tight.target) as channel:
-        write = channel.stream_unary("/memory3.v1.Memories/Write",
-                                     request_serializer=memories_pb2.WriteRequest.SerializeToString,
-                                     response_deserializer=memories_pb2.WriteSummary.FromString)
+        write = _write_stream(channel)
         revoked = threading.Event()
 
         def requests():
@@ -222,7 +221,7 @@ def test_a_revocation_this_process_never_hears_of_ends_its_streams_within_the_ke
             key_id, key = _tenant(admin, "hostile-unheard-revoke")
         with Client(srv.target, key) as client:
             _bank(client, "kb")
-        revoked_at = []
+        revoked = threading.Event()
 
         def requests():
             yield memories_pb2.WriteRequest(bank="kb")
@@ -230,18 +229,16 @@ def test_a_revocation_this_process_never_hears_of_ends_its_streams_within_the_ke
                 if i == 50:  # after at least one periodic re-check that found the key valid
                     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
                         conn.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = %s", (key_id,))
-                    revoked_at.append(time.monotonic())
+                    revoked.set()
                 yield memories_pb2.WriteRequest(reference=memories_pb2.ReferenceRecord(
                     external_id=f"r{i}", text="t", embedding=[1, 0, 0, 0]))
                 time.sleep(0.02)
 
         with grpc.insecure_channel(srv.target) as channel:
-            write = channel.stream_unary("/memory3.v1.Memories/Write",
-                                         request_serializer=memories_pb2.WriteRequest.SerializeToString,
-                                         response_deserializer=memories_pb2.WriteSummary.FromString)
+            write = _write_stream(channel)
             with expect_status(grpc.StatusCode.UNAUTHENTICATED, "revoked while the call was running"):
                 write(requests(), metadata=_metadata(key), timeout=30)
-        assert revoked_at  # the stream was still running when the key was revoked
+        assert revoked.is_set()  # the stream was still running when the key was revoked
     finally:
         srv.stop()
 
@@ -367,7 +364,7 @@ def test_failed_admin_attempts_count_per_host_across_connections(database_url, e
         with grpc.insecure_channel(srv.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             with pytest.raises(grpc.RpcError) as refused:
                 tenants_pb2_grpc.TenantsStub(channel).ListTenants(
-                    tenants_pb2.ListTenantsRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=10)
+                    tenants_pb2.ListTenantsRequest(), metadata=_metadata(key), timeout=10)
             return refused.value
 
     try:
